@@ -1,0 +1,363 @@
+"""The multi-sensor archive: one zarr group, one array per modality (see docs/DESIGN.md).
+
+Everything downstream (sharder, loader, model) trusts what `open_archive` has checked, so every
+check lives here and every failure names the array and what is wrong with it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+import zarr
+
+FORMAT = "colearn-archive"
+VERSION = 1
+TASKS = ("binary", "multiclass", "multilabel", "regression")
+KINDS = ("series", "static", "categorical")
+SPLITS = ("train", "val", "test")
+SPLIT_CODES = {name: code for code, name in enumerate(SPLITS)}
+
+
+class ArchiveError(ValueError):
+    """An archive that cannot be used; the message names the file, the array and the problem."""
+
+
+@dataclass(frozen=True)
+class ModalitySpec:
+    """What a modality's array holds; stored as the array's attributes."""
+
+    name: str
+    kind: str
+    bands: tuple[str, ...]
+    units: tuple[str, ...] = ()
+    time_step: str | None = None
+    num_classes: int | None = None
+    missing_value: int | None = None
+
+    def attrs(self) -> dict[str, Any]:
+        return {
+            "kind": self.kind,
+            "bands": list(self.bands),
+            "units": list(self.units) if self.units else [""] * len(self.bands),
+            "time_step": self.time_step,
+            "num_classes": self.num_classes,
+            "missing_value": self.missing_value,
+        }
+
+    @classmethod
+    def from_attrs(cls, name: str, attrs: Mapping[str, Any]) -> "ModalitySpec":
+        return cls(
+            name=name,
+            kind=attrs.get("kind", ""),
+            bands=tuple(attrs.get("bands", ())),
+            units=tuple(attrs.get("units", ())),
+            time_step=attrs.get("time_step"),
+            num_classes=attrs.get("num_classes"),
+            missing_value=attrs.get("missing_value"),
+        )
+
+
+@dataclass
+class Archive:
+    """An opened, validated archive. Arrays stay lazy (zarr) except the small per-sample vectors."""
+
+    path: Path
+    root: zarr.Group
+    task: str
+    class_names: tuple[str, ...]
+    target_name: str
+    target_unit: str
+    modalities: dict[str, ModalitySpec]
+    split: np.ndarray
+    ids: np.ndarray
+    group: np.ndarray | None = None
+    attrs: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def num_samples(self) -> int:
+        return int(self.split.shape[0])
+
+    def array(self, modality: str) -> zarr.Array:
+        return self.root[f"modalities/{modality}"]
+
+    @property
+    def target(self) -> zarr.Array:
+        return self.root["target"]
+
+    @property
+    def month(self) -> zarr.Array | None:
+        return self.root["month"] if "month" in self.root else None
+
+    @property
+    def latlon(self) -> zarr.Array | None:
+        return self.root["latlon"] if "latlon" in self.root else None
+
+    def split_indices(self, split: str) -> np.ndarray:
+        return np.flatnonzero(self.split == SPLIT_CODES[split])
+
+    def split_counts(self) -> dict[str, int]:
+        return {name: int((self.split == code).sum()) for name, code in SPLIT_CODES.items()}
+
+
+def _chunks(shape: tuple[int, ...], chunk_size: int) -> tuple[int, ...]:
+    return (max(1, min(chunk_size, shape[0])),) + tuple(shape[1:])
+
+
+def _write_strings(root: zarr.Group, key: str, values: Any) -> None:
+    """Variable-length UTF-8: the one string type with a zarr v3 specification."""
+    values = np.asarray(values).astype(str)
+    arr = root.create_array(key, shape=values.shape, dtype=str, chunks=_chunks(values.shape, 1 << 20))
+    arr[:] = values
+
+
+def _read_strings(arr: zarr.Array) -> np.ndarray:
+    return np.array([str(v) for v in arr[:].tolist()])
+
+
+def write_archive(
+    path: str | Path,
+    modalities: Mapping[str, tuple[np.ndarray, ModalitySpec]],
+    *,
+    target: np.ndarray,
+    task: str,
+    split: np.ndarray,
+    ids: np.ndarray,
+    class_names: tuple[str, ...] | list[str] = (),
+    group: np.ndarray | None = None,
+    latlon: np.ndarray | None = None,
+    month: np.ndarray | None = None,
+    target_name: str = "target",
+    target_unit: str = "",
+    description: str = "",
+    chunk_size: int = 4096,
+    overwrite: bool = False,
+) -> Path:
+    """Write an archive and validate it by opening it again, so a bad archive is never left behind silently.
+
+    `split` may hold codes (0/1/2) or the names train/val/test.
+    """
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise ArchiveError(f"{path}: already exists (pass overwrite=True / --overwrite to replace it)")
+    split = np.asarray(split)
+    if split.dtype.kind in "US":
+        unknown = sorted(set(split.tolist()) - set(SPLITS))
+        if unknown:
+            raise ArchiveError(f"{path}: array 'split' has unknown values {unknown}; expected {list(SPLITS)}")
+        split = np.array([SPLIT_CODES[s] for s in split.tolist()], dtype=np.uint8)
+    root = zarr.open_group(str(path), mode="w")
+    root.attrs.update(
+        {
+            "format": FORMAT,
+            "version": VERSION,
+            "task": task,
+            "class_names": list(class_names),
+            "target_name": target_name,
+            "target_unit": target_unit,
+            "modalities": list(modalities),
+            "description": description,
+        }
+    )
+    for name, (data, spec) in modalities.items():
+        data = np.asarray(data)
+        if spec.kind != "categorical":
+            data = data.astype(np.float32, copy=False)
+        arr = root.create_array(f"modalities/{name}", data=data, chunks=_chunks(data.shape, chunk_size))
+        arr.attrs.update(spec.attrs())
+    target = np.asarray(target)
+    if task == "regression":
+        target = target.astype(np.float32)
+    elif task == "multilabel":
+        target = target.astype(np.uint8)
+    else:
+        target = target.astype(np.int64)
+    root.create_array("target", data=target, chunks=_chunks(target.shape, chunk_size))
+    root.create_array("split", data=split.astype(np.uint8), chunks=_chunks(split.shape, 1 << 20)).attrs[
+        "codes"
+    ] = SPLIT_CODES
+    _write_strings(root, "ids", ids)
+    if group is not None:
+        _write_strings(root, "group", group)
+    if latlon is not None:
+        root.create_array("latlon", data=np.asarray(latlon, dtype=np.float64), chunks=_chunks(np.shape(latlon), chunk_size))
+    if month is not None:
+        root.create_array("month", data=np.asarray(month, dtype=np.int64), chunks=_chunks(np.shape(month), chunk_size))
+    open_archive(path)
+    return path
+
+
+def open_archive(path: str | Path, *, check_values: bool = True) -> Archive:
+    """Open and validate an archive. `check_values` also scans float modalities for all-NaN bands
+    (one pass over the data, chunk by chunk); switch it off for a quick look at a huge archive."""
+    path = Path(path)
+    if not path.exists():
+        raise ArchiveError(f"{path}: no such archive")
+    try:
+        root = zarr.open_group(str(path), mode="r")
+    except Exception as exc:  # zarr raises several types for "not a group"
+        raise ArchiveError(f"{path}: not a zarr group ({exc})") from exc
+    attrs = dict(root.attrs)
+    where = str(path)
+    if attrs.get("format") != FORMAT:
+        raise ArchiveError(f"{where}: attribute 'format' is {attrs.get('format')!r}, expected {FORMAT!r}")
+    task = attrs.get("task")
+    if task not in TASKS:
+        raise ArchiveError(f"{where}: attribute 'task' is {task!r}, expected one of {list(TASKS)}")
+    class_names = tuple(attrs.get("class_names") or ())
+    names = list(attrs.get("modalities") or [])
+    if len(names) < 1:
+        raise ArchiveError(f"{where}: attribute 'modalities' lists no modality")
+
+    for required in ("target", "split", "ids"):
+        if required not in root:
+            raise ArchiveError(f"{where}: array {required!r} is missing")
+    n = root["split"].shape[0]
+
+    def expect_n(key: str, arr: Any) -> None:
+        if arr.shape[0] != n:
+            raise ArchiveError(f"{where}: array {key!r} has {arr.shape[0]} samples, 'split' has {n}")
+
+    specs: dict[str, ModalitySpec] = {}
+    for name in names:
+        key = f"modalities/{name}"
+        if key not in root:
+            raise ArchiveError(f"{where}: array {key!r} is missing (listed in attribute 'modalities')")
+        arr = root[key]
+        spec = ModalitySpec.from_attrs(name, arr.attrs)
+        expect_n(key, arr)
+        expected_ndim = {"series": 3, "static": 2, "categorical": 2}.get(spec.kind)
+        if expected_ndim is None:
+            raise ArchiveError(f"{where}: array {key!r} has kind {spec.kind!r}, expected one of {list(KINDS)}")
+        if arr.ndim != expected_ndim:
+            layout = {"series": "[N, T, C]", "static": "[N, C]", "categorical": "[N, T]"}[spec.kind]
+            raise ArchiveError(f"{where}: array {key!r} ({spec.kind}) has shape {arr.shape}, expected {layout}")
+        if spec.kind == "categorical":
+            if np.dtype(arr.dtype).kind not in "iu":
+                raise ArchiveError(f"{where}: array {key!r} (categorical) has dtype {arr.dtype}, expected an integer dtype")
+            if not spec.num_classes or spec.num_classes < 1:
+                raise ArchiveError(f"{where}: array {key!r} (categorical) needs attribute 'num_classes'")
+            if len(spec.bands) != 1:
+                raise ArchiveError(f"{where}: array {key!r} (categorical) needs exactly one band name, got {list(spec.bands)}")
+        else:
+            if np.dtype(arr.dtype) != np.float32:
+                raise ArchiveError(f"{where}: array {key!r} has dtype {arr.dtype}, expected float32")
+            if len(spec.bands) != arr.shape[-1]:
+                raise ArchiveError(
+                    f"{where}: array {key!r} has {arr.shape[-1]} bands but attribute 'bands' names {len(spec.bands)}"
+                )
+        specs[name] = spec
+
+    target = root["target"]
+    expect_n("target", target)
+    if task == "regression":
+        if target.ndim != 1 or np.dtype(target.dtype).kind != "f":
+            raise ArchiveError(f"{where}: array 'target' must be float [N] for regression, got {target.dtype} {target.shape}")
+    elif task == "multilabel":
+        if target.ndim != 2 or (class_names and target.shape[1] != len(class_names)):
+            raise ArchiveError(
+                f"{where}: array 'target' must be [N, K] with K = {len(class_names)} class names for multilabel, got {target.shape}"
+            )
+    else:
+        if target.ndim != 1 or np.dtype(target.dtype).kind not in "iu":
+            raise ArchiveError(f"{where}: array 'target' must be integer [N] for {task}, got {target.dtype} {target.shape}")
+        values = target[:]
+        k = len(class_names) or (2 if task == "binary" else int(values.max()) + 1)
+        if values.min() < 0 or values.max() >= k:
+            raise ArchiveError(f"{where}: array 'target' has class ids outside [0, {k - 1}] ({len(class_names)} class names)")
+
+    split = np.asarray(root["split"][:])
+    bad = sorted(set(np.unique(split).tolist()) - set(SPLIT_CODES.values()))
+    if bad:
+        raise ArchiveError(f"{where}: array 'split' has unknown codes {bad}; expected {SPLIT_CODES}")
+    if not (split == SPLIT_CODES["train"]).any():
+        raise ArchiveError(f"{where}: array 'split' has no train sample")
+    ids = _read_strings(root["ids"])
+    expect_n("ids", ids)
+    if len(np.unique(ids)) != n:
+        raise ArchiveError(f"{where}: array 'ids' has duplicate sample ids")
+    group = None
+    if "group" in root:
+        group = _read_strings(root["group"])
+        expect_n("group", group)
+    for key in ("latlon", "month"):
+        if key in root:
+            expect_n(key, root[key])
+    if "month" in root:
+        months = root["month"][:]
+        if months.min() < 1 or months.max() > 12:
+            raise ArchiveError(f"{where}: array 'month' has values outside 1..12")
+
+    if check_values:
+        for name, spec in specs.items():
+            if spec.kind == "categorical":
+                continue
+            _check_bands(where, name, spec, root[f"modalities/{name}"])
+
+    return Archive(
+        path=path,
+        root=root,
+        task=task,
+        class_names=class_names,
+        target_name=attrs.get("target_name", "target"),
+        target_unit=attrs.get("target_unit", ""),
+        modalities=specs,
+        split=split,
+        ids=ids,
+        group=group,
+        attrs=attrs,
+    )
+
+
+def _check_bands(where: str, name: str, spec: ModalitySpec, arr: zarr.Array) -> None:
+    """Fail on an all-NaN band or an infinite value, reading one chunk at a time."""
+    chunk = arr.chunks[0]
+    finite_count = np.zeros(arr.shape[-1], dtype=np.int64)
+    for start in range(0, arr.shape[0], chunk):
+        block = np.asarray(arr[start : start + chunk])
+        if np.isinf(block).any():
+            raise ArchiveError(f"{where}: array 'modalities/{name}' has infinite values (use NaN for missing)")
+        finite_count += np.isfinite(block).reshape(-1, block.shape[-1]).sum(axis=0)
+    empty = [spec.bands[i] for i in np.flatnonzero(finite_count == 0)]
+    if empty:
+        raise ArchiveError(f"{where}: array 'modalities/{name}' has all-NaN band(s) {empty}")
+
+
+def describe(archive: Archive) -> str:
+    """A short human summary, for `colearn-dist import` and `colearn-dist archive info`."""
+    lines = [f"{archive.path}: {archive.num_samples} samples, task {archive.task}"]
+    counts = archive.split_counts()
+    lines.append("  splits: " + ", ".join(f"{k} {v}" for k, v in counts.items() if v))
+    for name, spec in archive.modalities.items():
+        shape = archive.array(name).shape[1:]
+        lines.append(f"  {name:<8} {spec.kind:<11} {str(list(shape)):<10} {', '.join(spec.bands)}")
+    if archive.class_names:
+        lines.append("  classes: " + ", ".join(archive.class_names))
+    return "\n".join(lines)
+
+
+def nan_safe_mean_std(sum_: np.ndarray, sumsq: np.ndarray, count: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and std from running sums (float64), std floored so constant bands do not divide by 0."""
+    count = np.maximum(count, 1)
+    mean = sum_ / count
+    var = np.maximum(sumsq / count - mean**2, 0.0)
+    std = np.sqrt(var)
+    std = np.where(std < 1e-6 * np.maximum(1.0, np.abs(mean)), 1.0, std)
+    return mean, std
+
+
+__all__ = [
+    "Archive",
+    "ArchiveError",
+    "ModalitySpec",
+    "SPLITS",
+    "SPLIT_CODES",
+    "TASKS",
+    "describe",
+    "open_archive",
+    "write_archive",
+    "nan_safe_mean_std",
+]
+

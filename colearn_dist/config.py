@@ -1,0 +1,258 @@
+"""Typed run configuration, loaded from YAML and validated with errors that name the key.
+
+One `RunConfig` describes one training run (one method, one seed). The YAML mirrors the dataclasses
+exactly; unknown keys are errors, so a typo never silently falls back to a default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Mapping
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot run; the message names the file and the key."""
+
+
+Method = Literal["mdico", "single", "fusion", "dropout", "distill"]
+EncoderType = Literal["tempcnn", "attention", "gru", "lstm", "mlp"]
+
+
+@dataclass
+class EncoderConfig:
+    """One encoder. `depth` is honoured by every type (number of conv / attention / recurrent / hidden layers)."""
+
+    type: EncoderType = "tempcnn"
+    hidden: int = 64
+    depth: int = 3
+    kernel_size: int = 5
+    dropout: float = 0.2
+    heads: int = 4
+    categorical_dim: int = 8
+
+
+@dataclass
+class ModelConfig:
+    method: Method = "mdico"
+    # z_sha, z_spe and z_unu each have embedding_dim // 2 features; the unique encoder outputs
+    # embedding_dim (split in halves), the common encoder embedding_dim before its projection.
+    embedding_dim: int = 128
+    # "default" applies to every modality; a modality's name overrides it (e.g. a static layer → mlp).
+    encoders: dict[str, EncoderConfig] = field(default_factory=lambda: {"default": EncoderConfig()})
+    head_hidden: int = 0
+    # single / distill: the one sensor the model sees.
+    modality: str | None = None
+    # dropout: probability of dropping each sensor in a training sample (at least one always kept).
+    sensor_dropout: float = 0.5
+    # distill: the fusion run that teaches, and the weight and temperature of the distillation term.
+    teacher: str | None = None
+    distill_weight: float = 1.0
+    distill_temperature: float = 2.0
+
+    def encoder_for(self, modality: str) -> EncoderConfig:
+        return self.encoders.get(modality, self.encoders.get("default", EncoderConfig()))
+
+
+@dataclass
+class ObjectiveConfig:
+    main: float = 1.0
+    aux: float = 1.0
+    con: float = 1.0
+    mod: float = 1.0
+    temperature: float = 0.1
+    # "normalised": each cross-modal pair counted once (the paper); "reference": the public code's double count.
+    contrastive_pairs: Literal["normalised", "reference"] = "normalised"
+    # "unused": the second modality classifier sees z_unu (the paper); "shared": the public code's z_sha.
+    modality_classifier_on: Literal["unused", "shared"] = "unused"
+
+
+@dataclass
+class DataConfig:
+    shards: str = "shards/fuel_moisture"
+    # the modalities the run uses, in order; empty = every modality of the shards.
+    modalities: list[str] = field(default_factory=list)
+    batch_size: int = 32
+    workers: int = 1
+    shuffle_buffer: int = 1000
+    on_corrupt: Literal["error", "skip"] = "error"
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 100
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    schedule: Literal["constant", "cosine"] = "constant"
+    grad_clip: float = 0.0
+    grad_accum: int = 1
+    # early stopping on the validation split (never the test split); 0 = off.
+    patience: int = 5
+    seed: int = 0
+    checkpoint_every_steps: int = 0
+    keep_checkpoints: int = 2
+    # torch intra-op threads per rank; 0 = cores available / local ranks / (1 + loader workers).
+    threads: int = 0
+    compile: bool = False
+    log_every_steps: int = 20
+
+
+@dataclass
+class EngineConfig:
+    zero_stage: Literal[0, 1, 2] = 0
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+
+
+@dataclass
+class RunConfig:
+    name: str = "run"
+    run_dir: str = "runs/run"
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def hash(self) -> str:
+        """Hash of what changes the result; run_dir and name are where, not what."""
+        content = self.to_dict()
+        content.pop("run_dir")
+        content.pop("name")
+        return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _convert(tp: Any, value: Any, where: str) -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if dataclasses.is_dataclass(tp):
+        return from_dict(tp, value, where)
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{where}: {value!r} is not one of {list(args)}")
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _convert(arg, value, where)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError(errors[0] if errors else f"{where}: invalid value {value!r}")
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        return [_convert(args[0], v, f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        return {str(k): _convert(args[1], v, f"{where}.{k}") for k, v in value.items()}
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        return float(value)
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: expected true or false, got {value!r}")
+        return value
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: expected a string, got {value!r}")
+        return value
+    return value
+
+
+def from_dict(cls: type, data: Any, where: str = "config") -> Any:
+    """Build dataclass `cls` from a mapping, rejecting unknown keys and wrong types by name."""
+    if data is None:
+        data = {}
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{where}: expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {unknown}; known: {sorted(names)}")
+    kwargs = {k: _convert(hints[k], v, f"{where}.{k}") for k, v in data.items()}
+    return cls(**kwargs)
+
+
+def validate(cfg: RunConfig, where: str = "config") -> RunConfig:
+    """Checks between fields that types alone cannot express."""
+    positive = {
+        "data.batch_size": cfg.data.batch_size,
+        "train.epochs": cfg.train.epochs,
+        "train.grad_accum": cfg.train.grad_accum,
+        "model.embedding_dim": cfg.model.embedding_dim,
+    }
+    for key, value in positive.items():
+        if value < 1:
+            raise ConfigError(f"{where}: {key} must be ≥ 1, got {value}")
+    if cfg.model.embedding_dim % 2:
+        raise ConfigError(f"{where}: model.embedding_dim must be even (it is split in halves), got {cfg.model.embedding_dim}")
+    if cfg.data.batch_size < 2:
+        raise ConfigError(f"{where}: data.batch_size must be ≥ 2 (BatchNorm and the contrastive term need pairs)")
+    if cfg.data.workers < 0:
+        raise ConfigError(f"{where}: data.workers must be ≥ 0")
+    if cfg.train.lr <= 0:
+        raise ConfigError(f"{where}: train.lr must be > 0, got {cfg.train.lr}")
+    if cfg.objective.temperature <= 0:
+        raise ConfigError(f"{where}: objective.temperature must be > 0")
+    if not 0.0 <= cfg.model.sensor_dropout < 1.0:
+        raise ConfigError(f"{where}: model.sensor_dropout must be in [0, 1)")
+    if cfg.model.method in ("single", "distill") and not cfg.model.modality:
+        raise ConfigError(f"{where}: model.modality must name the sensor for method {cfg.model.method!r}")
+    if cfg.model.method == "distill" and not cfg.model.teacher:
+        raise ConfigError(f"{where}: model.teacher must name the fusion run directory for method 'distill'")
+    if cfg.model.method == "mdico" and cfg.data.modalities and len(cfg.data.modalities) < 2:
+        raise ConfigError(f"{where}: method 'mdico' needs at least 2 modalities, data.modalities has {cfg.data.modalities}")
+    return cfg
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
+    """Load a YAML config; `overrides` are `key.sub=value` strings (YAML values), applied in order."""
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"{path}: no such config file")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML ({exc})") from exc
+    for item in overrides or []:
+        apply_override(data, item, str(path))
+    return validate(from_dict(RunConfig, data, str(path)), str(path))
+
+
+def apply_override(data: dict[str, Any], item: str, where: str = "override") -> None:
+    if "=" not in item:
+        raise ConfigError(f"{where}: override {item!r} is not key=value")
+    key, raw = item.split("=", 1)
+    node = data
+    parts = key.split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"{where}: override {item!r}: {part!r} is not a mapping")
+    node[parts[-1]] = yaml.safe_load(raw)
+
+
+def dump_config(cfg: RunConfig) -> str:
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
