@@ -99,7 +99,7 @@ class TrainConfig:
     seed: int = 0
     checkpoint_every_steps: int = 0
     keep_checkpoints: int = 2
-    # torch intra-op threads per rank; 0 = cores available / local ranks / (1 + loader workers).
+    # torch intra-op threads per rank; 0 = cores available // local ranks − loader workers (at least 1).
     threads: int = 0
     compile: bool = False
     log_every_steps: int = 20
@@ -112,6 +112,29 @@ class EngineConfig:
 
 
 @dataclass
+class SlurmConfig:
+    """Where a run goes on a cluster (`colearn-dist submit`); not part of the config hash."""
+
+    nodes: int = 1
+    gpus_per_node: int = 0
+    # 0 = one task per GPU (or 1 without GPUs)
+    tasks_per_node: int = 0
+    cpus_per_task: int = 2
+    mem_gb: float = 8.0
+    time_min: int = 60
+    partition: str | None = None
+    account: str | None = None
+    qos: str | None = None
+    constraint: str | None = None
+    job_name: str = "colearn"
+    # seconds before the time limit at which Slurm warns the job (USR2): time to checkpoint
+    signal_delay_s: int = 120
+    max_requeues: int = 20
+    # any other sbatch option, e.g. {"exclusive": ""} or {"reservation": "eo"}
+    extra: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
 class RunConfig:
     name: str = "run"
     run_dir: str = "runs/run"
@@ -120,15 +143,16 @@ class RunConfig:
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
+    slurm: SlurmConfig = field(default_factory=SlurmConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
     def hash(self) -> str:
-        """Hash of what changes the result; run_dir and name are where, not what."""
+        """Hash of what changes the result; run_dir, name and slurm say where, not what."""
         content = self.to_dict()
-        content.pop("run_dir")
-        content.pop("name")
+        for where in ("run_dir", "name", "slurm"):
+            content.pop(where)
         return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:16]
 
 

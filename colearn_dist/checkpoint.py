@@ -1,0 +1,132 @@
+"""Checkpoints that survive preemption: atomic, a `latest` pointer, keep the last K.
+
+DeepSpeed writes the model and optimizer state of a tag directory; we add what is needed to continue
+*exactly* (step, epoch, loader position, every rank's RNG states, the config and its hash), then a
+`complete` marker, and only then move the `latest` pointer. A job killed while writing leaves a
+directory without the marker, which is never loaded and is removed by the next save.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+COMPLETE = "complete"
+LATEST = "latest"
+
+
+class CheckpointError(RuntimeError):
+    pass
+
+
+def rng_state() -> dict[str, Any]:
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "numpy": np.random.get_state(),
+        "python": random.getstate(),
+    }
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _barrier() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+@dataclass
+class Checkpointer:
+    """Saves and finds checkpoints under `run_dir/checkpoints`."""
+
+    run_dir: Path
+    keep: int = 2
+
+    @property
+    def root(self) -> Path:
+        return Path(self.run_dir) / "checkpoints"
+
+    def latest(self) -> Path | None:
+        """The newest complete checkpoint, or None. Only the pointer is trusted, and only if complete."""
+        pointer = self.root / LATEST
+        if not pointer.exists():
+            return None
+        tag_dir = self.root / pointer.read_text().strip()
+        return tag_dir if (tag_dir / COMPLETE).exists() else None
+
+    def save(self, engine: Any, step: int, state: dict[str, Any]) -> Path:
+        """Collective: every rank calls it. `state` is the same on every rank (step, epoch, loader, config)."""
+        tag = f"step{step:09d}"
+        tag_dir = self.root / tag
+        rank = _rank()
+        if rank == 0 and tag_dir.exists():
+            shutil.rmtree(tag_dir)  # a half-written earlier attempt at the same step
+        _barrier()
+        engine.save_checkpoint(str(self.root), tag=tag, client_state={"colearn": state}, save_latest=False)
+        torch.save(rng_state(), tag_dir / f"rng_rank{rank:05d}.pt")
+        _barrier()
+        if rank == 0:
+            (tag_dir / "state.json").write_text(json.dumps(_jsonable(state), indent=1))
+            (tag_dir / COMPLETE).write_text("")
+            _write_atomic(self.root / LATEST, tag)
+            self._prune(keep_tag=tag)
+        _barrier()
+        return tag_dir
+
+    def load(self, engine: Any, tag_dir: Path, *, load_optimizer: bool = True) -> dict[str, Any]:
+        """Restore model/optimizer/scheduler into `engine`; returns the saved state. RNG states are
+        restored for ranks that existed when it was saved (a new rank keeps its fresh seed)."""
+        load_path, client = engine.load_checkpoint(
+            str(tag_dir.parent),
+            tag=tag_dir.name,
+            load_optimizer_states=load_optimizer,
+            load_lr_scheduler_states=load_optimizer,
+        )
+        if load_path is None:
+            raise CheckpointError(f"{tag_dir}: DeepSpeed could not load this checkpoint")
+        rng_file = tag_dir / f"rng_rank{_rank():05d}.pt"
+        if rng_file.exists():
+            set_rng_state(torch.load(rng_file, weights_only=False))
+        return client["colearn"]
+
+    def _prune(self, keep_tag: str) -> None:
+        tags = sorted(p for p in self.root.glob("step*") if p.is_dir())
+        complete = [p for p in tags if (p / COMPLETE).exists()]
+        for p in tags:
+            if p.name != keep_tag and (p not in complete or p in complete[: -self.keep]):
+                shutil.rmtree(p, ignore_errors=True)
+
+
+def _jsonable(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, (int, float, str, bool)) or obj is None:
+        return obj
+    return repr(obj)

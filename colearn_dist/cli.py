@@ -1,0 +1,294 @@
+"""`colearn-dist`: the command line. Each sub-command is a thin layer over one module."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+
+def _import(args: argparse.Namespace) -> int:
+    from .archive import describe, open_archive
+
+    if args.format == "presto":
+        from .importers.presto import BUNDLED, import_presto
+
+        src = BUNDLED.get(args.src, args.src)
+        path = import_presto(src, args.out, overwrite=args.overwrite)
+    else:
+        from .importers.generic import import_generic
+
+        path = import_generic(
+            args.src,
+            args.out,
+            modalities=args.modalities.split(",") if args.modalities else None,
+            task=args.task,
+            class_names=tuple(args.class_names.split(",")) if args.class_names else (),
+            overwrite=args.overwrite,
+        )
+    print(describe(open_archive(path)))
+    return 0
+
+
+def _archive_info(args: argparse.Namespace) -> int:
+    from .archive import describe, open_archive
+
+    print(describe(open_archive(args.path)))
+    return 0
+
+
+def _shard(args: argparse.Namespace) -> int:
+    from .shards import write_shards
+
+    out = args.out or str(Path("shards") / Path(args.archive).name.removesuffix(".zarr"))
+    manifest = write_shards(
+        args.archive,
+        out,
+        samples_per_shard=args.samples_per_shard,
+        seed=args.seed,
+        workers=args.workers,
+        val_fraction=args.val_fraction,
+        overwrite=args.overwrite,
+    )
+    for split, info in manifest.splits.items():
+        print(f"{out}: {split:<5} {info['num_samples']:>8} samples in {len(info['shards'])} shard(s)")
+    return 0
+
+
+def _shards_verify(args: argparse.Namespace) -> int:
+    from .shards import verify_shards
+
+    problems = verify_shards(args.out)
+    for p in problems:
+        print(p, file=sys.stderr)
+    print(f"{args.out}: {'OK' if not problems else f'{len(problems)} problem(s)'}")
+    return 1 if problems else 0
+
+
+def _train(args: argparse.Namespace) -> int:
+    from .config import load_config
+    from .engine import train
+
+    cfg = load_config(args.config, args.set)
+    result = train(cfg, allow_config_change=args.allow_config_change)
+    return 0 if result["status"] == "finished" else 3
+
+
+def _launch(args: argparse.Namespace) -> int:
+    from .launch import launch_local
+
+    argv = ["train", args.config] + [a for s in args.set for a in ("--set", s)]
+    if args.allow_config_change:
+        argv.append("--allow-config-change")
+    return launch_local(args.nproc, argv)
+
+
+def _sweep(args: argparse.Namespace) -> int:
+    from .sweep import plan_sweep, run_sweep
+
+    runs = plan_sweep(args.config, methods=args.methods.split(","), seeds=args.seeds, overrides=args.set, root=args.root)
+    return run_sweep(runs, nproc=args.nproc, out=args.out, reference=args.reference)
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from .evaluate import evaluate_runs
+    from .sweep import load_reference
+
+    text = evaluate_runs(args.runs, args.out, split=args.split, reference=load_reference(args.reference))
+    print(text)
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from .export import export_sensor
+
+    path = export_sensor(args.run, args.modality, args.out)
+    print(path)
+    return 0
+
+
+def _predict(args: argparse.Namespace) -> int:
+    import csv
+
+    from .export import predict_archive
+
+    ids, preds = predict_archive(args.model, args.archive, split=args.split)
+    out = open(args.out, "w", newline="") if args.out else sys.stdout
+    writer = csv.writer(out)
+    width = 1 if preds.ndim == 1 else preds.shape[1]
+    writer.writerow(["id"] + (["prediction"] if width == 1 else [f"p{k}" for k in range(width)]))
+    for i, p in zip(ids, preds):
+        writer.writerow([i] + ([f"{float(p):.6g}"] if width == 1 else [f"{float(v):.6g}" for v in p]))
+    if args.out:
+        out.close()
+        print(f"{len(ids)} predictions → {args.out}", file=sys.stderr)
+    return 0
+
+
+def _submit(args: argparse.Namespace) -> int:
+    from .config import load_config
+    from .slurm import TrainJob, resume_config, submit_runs
+    from .sweep import PlannedRun, plan_sweep
+
+    if args.resume:
+        config = resume_config(args.resume)[0]
+    elif args.config:
+        config = args.config
+    else:
+        raise ValueError("submit needs CONFIG or --resume RUN_DIR")
+    base = load_config(config, args.set)
+    if args.methods or args.seeds:
+        methods = (args.methods or base.model.method).split(",")
+        planned = plan_sweep(config, methods, args.seeds or [base.train.seed], args.set, args.root)
+        # Distillation students wait for their fusion teachers: a second array after the first.
+        groups = [[r for r in planned if r.method != "distill"], [r for r in planned if r.method == "distill"]]
+    else:
+        groups = [[PlannedRun(config, Path(base.run_dir), base.model.method, base.train.seed, overrides=list(args.set))]]
+    after = list(args.after)
+    submitted = []
+    for group in (g for g in groups if g):
+        jobs = submit_runs([TrainJob(r.config, r.overrides) for r in group], [r.run_dir for r in group], base.slurm, local=args.local, after=after)
+        after = [jobs[0].job_id.split("_")[0]]
+        submitted += list(zip(jobs, group))
+    for job, run in submitted:
+        print(f"submitted {job.job_id} → {run.run_dir}")
+    if args.wait:
+        for job, run in submitted:
+            print(f"{job.job_id}: {job.result().get('status')}")
+    return 0
+
+
+def _status(args: argparse.Namespace) -> int:
+    from .slurm import status
+
+    for run in args.runs:
+        print(status(run))
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from .sweep import demo
+
+    return demo(datasets=args.datasets.split(","), seeds=args.seeds, methods=args.methods.split(","), quick=args.quick)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="colearn-dist", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("import", help="import a dataset into a zarr archive")
+    s.add_argument("format", choices=["presto", "generic"])
+    s.add_argument("src", help="presto: fuel_moisture | algae_blooms (bundled) or a folder; generic: a folder of .npy or an .npz")
+    s.add_argument("out", help="archive path (.zarr)")
+    s.add_argument("--task", default="regression", choices=["binary", "multiclass", "multilabel", "regression"])
+    s.add_argument("--modalities", help="generic: comma-separated array names to use as modalities")
+    s.add_argument("--class-names", help="generic: comma-separated class names")
+    s.add_argument("--overwrite", action="store_true")
+    s.set_defaults(fn=_import)
+
+    s = sub.add_parser("archive", help="archive tools")
+    ss = s.add_subparsers(dest="archive_command", required=True)
+    a = ss.add_parser("info", help="validate an archive and describe it")
+    a.add_argument("path")
+    a.set_defaults(fn=_archive_info)
+
+    s = sub.add_parser("shard", help="write WebDataset shards and a manifest from an archive")
+    s.add_argument("archive")
+    s.add_argument("out", nargs="?", help="output folder (default shards/<archive name>)")
+    s.add_argument("--samples-per-shard", type=int, default=512)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--workers", type=int, default=max(1, min(4, (os.cpu_count() or 2))))
+    s.add_argument("--val-fraction", type=float, default=0.15, help="carved out of train (by group) when the archive has no val split")
+    s.add_argument("--overwrite", action="store_true")
+    s.set_defaults(fn=_shard)
+
+    s = sub.add_parser("shards", help="shard tools")
+    ss = s.add_subparsers(dest="shards_command", required=True)
+    v = ss.add_parser("verify", help="check every shard against the manifest")
+    v.add_argument("out")
+    v.set_defaults(fn=_shards_verify)
+
+    def config_args(s: argparse.ArgumentParser) -> None:
+        s.add_argument("config", help="experiment YAML (see configs/)")
+        s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key, e.g. train.seed=1")
+        s.add_argument("--allow-config-change", action="store_true", help="resume even if the config changed")
+
+    s = sub.add_parser("train", help="train one run (one process, or one rank of a launched job)")
+    config_args(s)
+    s.set_defaults(fn=_train)
+
+    s = sub.add_parser("launch", help="train one run with N local processes (torchrun)")
+    s.add_argument("--nproc", type=int, default=2)
+    config_args(s)
+    s.set_defaults(fn=_launch)
+
+    s = sub.add_parser("sweep", help="train methods × seeds from one config, then evaluate them together")
+    s.add_argument("config")
+    s.add_argument("--methods", default="mdico,single,fusion,dropout,distill")
+    s.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    s.add_argument("--root", help="runs go under ROOT/<method>/seed<k> (default: the config's run_dir)")
+    s.add_argument("--nproc", type=int, default=1)
+    s.add_argument("--out", help="where the tables and figures go (default ROOT/results)")
+    s.add_argument("--reference", help="YAML of reference scores per dataset and sensor set")
+    s.set_defaults(fn=_sweep)
+
+    s = sub.add_parser("evaluate", help="score runs on the test split: per method × inference sensor, mean ± std over seeds")
+    s.add_argument("runs", nargs="+")
+    s.add_argument("--out", default="results")
+    s.add_argument("--split", default="test")
+    s.add_argument("--reference", help="YAML of reference scores per dataset and sensor set")
+    s.set_defaults(fn=_evaluate)
+
+    s = sub.add_parser("export", help="write a self-contained TorchScript model for one sensor")
+    s.add_argument("run")
+    s.add_argument("--modality", required=True)
+    s.add_argument("--out")
+    s.set_defaults(fn=_export)
+
+    s = sub.add_parser("predict", help="apply an exported sensor model to an archive's raw arrays")
+    s.add_argument("model")
+    s.add_argument("archive")
+    s.add_argument("--split")
+    s.add_argument("--out", help="CSV file (default: stdout)")
+    s.set_defaults(fn=_predict)
+
+    s = sub.add_parser("submit", help="submit a run (or methods × seeds as array jobs) to Slurm through Submitit")
+    s.add_argument("config", nargs="?")
+    s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="e.g. slurm.nodes=2 slurm.gpus_per_node=4")
+    s.add_argument("--resume", metavar="RUN_DIR", help="continue a run in a new allocation (its config.yaml)")
+    s.add_argument("--methods", help="comma-separated: one array element per method (and sensor for single/distill)")
+    s.add_argument("--seeds", type=int, nargs="+", help="one array element per seed")
+    s.add_argument("--root", help="with --methods/--seeds: where the runs go")
+    s.add_argument("--after", nargs="+", default=[], metavar="JOB_ID", help="start only after these jobs succeeded")
+    s.add_argument("--local", action="store_true", help="Submitit's local executor instead of Slurm (laptop, CI)")
+    s.add_argument("--wait", action="store_true", help="wait for the job and print its status")
+    s.set_defaults(fn=_submit)
+
+    s = sub.add_parser("status", help="job state, last checkpoint and last metrics of runs")
+    s.add_argument("runs", nargs="+")
+    s.set_defaults(fn=_status)
+
+    s = sub.add_parser("demo", help="the main job on the bundled data: import, shard, train, evaluate, print the table")
+    s.add_argument("--datasets", default="fuel_moisture,algae_blooms")
+    s.add_argument("--methods", default="mdico,single,fusion,dropout,distill")
+    s.add_argument("--seeds", type=int, nargs="+", default=[0])
+    s.add_argument("--quick", action="store_true", help="few epochs: checks the pipeline, not the science")
+    s.set_defaults(fn=_demo)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.fn(args)
+    except (ValueError, FileNotFoundError, RuntimeError) as exc:
+        if os.environ.get("COLEARN_DEBUG"):
+            raise
+        print(f"colearn-dist {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,464 @@
+"""The one training loop, for one process or many, built on DeepSpeed.
+
+A `Trainer` is assembled from small parts — loader, model, objective, checkpointer, logger — and
+runs: train an epoch, validate on the validation split (never the test split), keep the best
+weights, stop early, checkpoint, and finally score the best weights on the test split.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from .checkpoint import Checkpointer
+from .config import RunConfig, dump_config
+from .distributed import all_reduce_sum, configure_threads, threads_per_rank
+from .encoders import modality_inputs
+from .launch import ProcessInfo, init_distributed
+from .loader import ShardLoader
+from .logs import RunLogger
+from .model import build_model
+from .objective import TaskSpec, build_objective
+from .shards import Manifest, load_manifest
+
+
+class ResumeError(RuntimeError):
+    pass
+
+
+# Runs that need these modalities at inference are evaluated on these sensor sets.
+def sensor_sets(method: str, modalities: list[str]) -> list[list[str]]:
+    """Each single sensor (what the user deploys), plus all sensors together where the model can use them."""
+    if method in ("single", "distill"):
+        return [modalities]
+    singles = [[m] for m in modalities]
+    return singles + [list(modalities)] if len(modalities) > 1 else singles
+
+
+def selection_sets(method: str, modalities: list[str]) -> list[list[str]]:
+    """What model selection averages over: the single sensors, except for early fusion, whose job is all of them."""
+    if method == "fusion":
+        return [list(modalities)]
+    return [[m] for m in modalities] if method != "single" and method != "distill" else [modalities]
+
+
+def set_name(sensors: list[str], all_modalities: list[str]) -> str:
+    return "all" if len(sensors) > 1 and sorted(sensors) == sorted(all_modalities) else "+".join(sensors)
+
+
+@dataclass
+class Built:
+    """What a run needs besides data: the modalities it reads, the model, the task."""
+
+    modalities: list[str]
+    model_modalities: list[str]
+    model: torch.nn.Module
+    spec: TaskSpec
+    teacher: torch.nn.Module | None = None
+
+
+def resolve_modalities(cfg: RunConfig, manifest: Manifest) -> list[str]:
+    names = list(cfg.data.modalities) or list(manifest.modalities)
+    unknown = [m for m in names if m not in manifest.modalities]
+    if unknown:
+        raise ValueError(f"data.modalities: {unknown} not in the shards {manifest.path} (have {list(manifest.modalities)})")
+    if cfg.model.modality and cfg.model.modality not in names:
+        raise ValueError(f"model.modality {cfg.model.modality!r} is not among data.modalities {names}")
+    return names
+
+
+def build(cfg: RunConfig, manifest: Manifest) -> Built:
+    """Model and task of a run, from its config and the shards' manifest (also used by evaluate/export)."""
+    names = resolve_modalities(cfg, manifest)
+    spec = TaskSpec.from_manifest(manifest)
+    inputs = modality_inputs(manifest.modalities, names)
+    model = build_model(cfg.model, inputs, spec.num_outputs, second_classifier_on=cfg.objective.modality_classifier_on)
+    model_modalities = list(getattr(model, "modalities", names))
+    teacher = None
+    modalities = list(names)
+    if cfg.model.method == "distill":
+        from .evaluate import load_trained
+
+        teacher = load_trained(cfg.model.teacher).model.eval()
+        for p in teacher.parameters():
+            p.requires_grad_(False)
+        modalities = list(dict.fromkeys(names + list(teacher.modalities)))
+    return Built(modalities=modalities, model_modalities=model_modalities, model=model, spec=spec, teacher=teacher)
+
+
+def to_device(batch: dict[str, Any], device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
+    def move(t: Any) -> Any:
+        if isinstance(t, dict):
+            return {k: move(v) for k, v in t.items()}
+        if isinstance(t, torch.Tensor):
+            t = t.to(device, non_blocking=True)
+            return t.to(dtype) if t.is_floating_point() and dtype != torch.float32 else t
+        return t
+
+    out = {k: move(v) for k, v in batch.items() if k != "target"}
+    out["target"] = batch["target"].to(device)  # targets stay fp32 for the loss
+    return out
+
+
+def _deepspeed_config(cfg: RunConfig, precision: str) -> dict[str, Any]:
+    ds: dict[str, Any] = {
+        "train_micro_batch_size_per_gpu": cfg.data.batch_size,
+        "gradient_accumulation_steps": cfg.train.grad_accum,
+        "zero_optimization": {"stage": cfg.engine.zero_stage},
+        "steps_per_print": 1 << 30,
+        "wall_clock_breakdown": False,
+    }
+    if cfg.train.grad_clip > 0:
+        ds["gradient_clipping"] = cfg.train.grad_clip
+    if precision == "bf16":
+        ds["bf16"] = {"enabled": True}
+    elif precision == "fp16":
+        ds["fp16"] = {"enabled": True, "initial_scale_power": 12}
+    return ds
+
+
+def _lr_lambda(cfg: RunConfig, total_steps: int):
+    warm = cfg.train.warmup_steps
+
+    def fn(step: int) -> float:
+        if warm and step < warm:
+            return (step + 1) / warm
+        if cfg.train.schedule == "cosine":
+            progress = min(1.0, (step - warm) / max(1, total_steps - warm))
+            return 0.5 * (1.0 + math.cos(math.pi * progress))
+        return 1.0
+
+    return fn
+
+
+class StopRequested:
+    """Set by SIGUSR2 (Submitit asks Slurm for it before the time limit), SIGUSR1 (the same warning
+    from a hand-written sbatch script) or SIGTERM (preemption): the loop checkpoints at the next step
+    boundary and returns, so nothing is lost."""
+
+    def __init__(self) -> None:
+        self.flag = False
+        self.signal: int | None = None
+
+    def install(self) -> None:
+        for sig in (signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM):
+            try:
+                signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread
+                pass
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.flag = True
+        self.signal = signum
+
+
+class Trainer:
+    def __init__(self, cfg: RunConfig, *, allow_config_change: bool = False) -> None:
+        self.cfg = cfg
+        self.run_dir = Path(cfg.run_dir)
+        self.info: ProcessInfo = init_distributed()
+        self.rank = self.info.rank
+        self.world = self.info.world_size
+        threads = cfg.train.threads or threads_per_rank(self.info.local_world_size, cfg.data.workers)
+        configure_threads(threads)
+        self.device = torch.device("cuda", self.info.local_rank) if torch.cuda.is_available() else torch.device("cpu")
+        precision = cfg.engine.precision
+        if precision == "auto":
+            precision = "bf16" if self.device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+        self.precision = precision
+        self.dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+        torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank and world size
+        np.random.seed(cfg.train.seed)
+        self.manifest = load_manifest(cfg.data.shards)
+        self.built = build(cfg, self.manifest)
+        self.objective = build_objective(
+            cfg.model.method,
+            cfg.objective,
+            self.built.spec,
+            self.built.model_modalities,
+            distill_weight=cfg.model.distill_weight,
+            distill_temperature=cfg.model.distill_temperature,
+        )
+        self.train_loader = ShardLoader(
+            cfg.data.shards,
+            "train",
+            batch_size=cfg.data.batch_size,
+            modalities=self.built.modalities,
+            rank=self.rank,
+            world_size=self.world,
+            workers=cfg.data.workers,
+            shuffle=True,
+            shuffle_buffer=cfg.data.shuffle_buffer,
+            seed=cfg.train.seed,
+            on_corrupt=cfg.data.on_corrupt,
+        )
+        self.has_val = self.manifest.splits.get("val", {}).get("num_samples", 0) > 0
+        self.steps_per_epoch = len(self.train_loader) // cfg.train.grad_accum
+        total_steps = self.steps_per_epoch * cfg.train.epochs
+        # Dropout / sensor-dropout randomness differs per rank, as it would with different samples.
+        torch.manual_seed(cfg.train.seed * 1000 + self.rank + 1)
+
+        import deepspeed
+
+        optimizer = torch.optim.Adam(
+            [p for p in self.built.model.parameters() if p.requires_grad], lr=cfg.train.lr, weight_decay=cfg.train.weight_decay
+        )
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(cfg, total_steps))
+        self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
+            model=self.built.model,
+            optimizer=optimizer,
+            lr_scheduler=scheduler,
+            config=_deepspeed_config(cfg, precision),
+            dist_init_required=False,
+        )
+        if self.built.teacher is not None:
+            self.built.teacher.to(self.device)
+        self.step_fn = self._train_step
+        if cfg.train.compile:
+            self.step_fn = torch.compile(self._train_step, dynamic=True)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.checkpointer = Checkpointer(self.run_dir, keep=cfg.train.keep_checkpoints)
+        self.logger = RunLogger(self.run_dir, self.rank)
+        self.stop = StopRequested()
+        # Progress state, saved in every checkpoint.
+        self.step = 0
+        self.epoch = 0
+        self.best_score = -math.inf
+        self.bad_epochs = 0
+        self.history: list[dict[str, Any]] = []
+        self._resume(allow_config_change)
+
+    # ----------------------------------------------------------------- resume
+    def _resume(self, allow_config_change: bool) -> None:
+        cfg_file = self.run_dir / "config.yaml"
+        latest = self.checkpointer.latest()
+        if latest is None:
+            if self.rank == 0:
+                cfg_file.write_text(dump_config(self.cfg))
+            return
+        state = json.loads((latest / "state.json").read_text())
+        if state["config_hash"] != self.cfg.hash() and not allow_config_change:
+            raise ResumeError(
+                f"{self.run_dir}: the config differs from the one this run was started with "
+                f"(hash {state['config_hash']} vs {self.cfg.hash()}); pass --allow-config-change to resume anyway"
+            )
+        state = self.checkpointer.load(self.engine, latest)
+        self.step = state["step"]
+        self.epoch = state["epoch"]
+        self.best_score = state["best_score"]
+        self.bad_epochs = state["bad_epochs"]
+        self.history = state["history"]
+        self.train_loader.set_position(state["loader"])
+        self.logger.line(
+            f"resumed {latest.name}: step {self.step}, epoch {self.epoch}, world size {state['world_size']} → {self.world}"
+        )
+
+    def _state(self) -> dict[str, Any]:
+        return {
+            "step": self.step,
+            "epoch": self.epoch,
+            "best_score": self.best_score,
+            "bad_epochs": self.bad_epochs,
+            "history": self.history,
+            "loader": self.train_loader.position(),
+            "world_size": self.world,
+            "config_hash": self.cfg.hash(),
+            "config": self.cfg.to_dict(),
+        }
+
+    def save_checkpoint(self) -> Path:
+        return self.checkpointer.save(self.engine, self.step, self._state())
+
+    # ----------------------------------------------------------------- steps
+    def _train_step(self, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        out = self.engine(batch["inputs"], batch.get("month"))
+        if self.built.teacher is not None:
+            with torch.no_grad():
+                batch["teacher_pred"] = self.built.teacher.predict(batch["inputs"], batch.get("month"))
+        loss, terms = self.objective(out, batch)
+        self.engine.backward(loss)
+        self.engine.step()
+        return loss, terms
+
+    def _stop_agreed(self) -> bool:
+        """Any rank signalled → every rank stops at the same step boundary."""
+        flag = torch.tensor([1.0 if self.stop.flag else 0.0])
+        return bool(all_reduce_sum(flag).item() > 0) if self.world > 1 else self.stop.flag
+
+    def fit(self) -> dict[str, Any]:
+        """Train to the end (or until stopped by a signal: then checkpoint and return status 'stopped')."""
+        self.stop.install()
+        cfg = self.cfg
+        self.logger.line(
+            f"{cfg.name}: method {cfg.model.method}, modalities {self.built.modalities}, world size {self.world}, "
+            f"{self.precision} on {self.device.type}, {torch.get_num_threads()} thread(s)/rank, "
+            f"{len(self.train_loader)} batches/epoch/rank"
+        )
+        status = "finished"
+        while self.epoch < cfg.train.epochs and not self._early_stopped():
+            done = self._train_epoch()
+            if not done:
+                status = "stopped"
+                break
+            self._end_of_epoch()
+            if cfg.train.checkpoint_every_steps and self.epoch < cfg.train.epochs:
+                self.save_checkpoint()
+        if status == "stopped":
+            path = self.save_checkpoint()
+            self.logger.line(f"stop requested (signal {self.stop.signal}): checkpoint {path.name} written")
+            self.logger.close()
+            return {"status": status, "step": self.step}
+        self.save_checkpoint()
+        result = {"status": status, "step": self.step, "epoch": self.epoch}
+        if self.rank == 0:
+            from .evaluate import evaluate_run
+
+            records = evaluate_run(self.run_dir, split="test")
+            result["test"] = records
+            for rec in records:
+                self.logger.line(f"test {rec['sensors']:<14} " + _fmt_metrics(rec["metrics"], self.built.spec.task))
+        self.logger.close()
+        if dist.is_initialized():
+            dist.barrier()
+        return result
+
+    def _early_stopped(self) -> bool:
+        return self.cfg.train.patience > 0 and self.has_val and self.bad_epochs >= self.cfg.train.patience
+
+    def _train_epoch(self) -> bool:
+        cfg = self.cfg
+        self.engine.train()
+        acc: dict[str, torch.Tensor] = {}
+        n_acc = 0
+        samples = 0
+        wait = 0.0
+        t_log = time.perf_counter()
+        t0 = time.perf_counter()
+        it = iter(self.train_loader)
+        while True:
+            t_wait = time.perf_counter()
+            try:
+                batch = next(it)
+            except StopIteration:
+                break
+            wait += time.perf_counter() - t_wait
+            batch = to_device(batch, self.device, self.dtype)
+            loss, terms = self.step_fn(batch)
+            samples += int(batch["target"].shape[0])
+            for k, v in terms.items():
+                acc[k] = acc.get(k, 0.0) + v.detach().float()
+            n_acc += 1
+            if self.engine.micro_steps % cfg.train.grad_accum:
+                continue  # checkpoints and logs only between optimizer steps
+            self.step = self.engine.global_steps
+            if cfg.train.log_every_steps and self.step % cfg.train.log_every_steps == 0:
+                self._log_train(acc, n_acc, samples, wait, time.perf_counter() - t_log)
+                acc, n_acc, samples, wait, t_log = {}, 0, 0, 0.0, time.perf_counter()
+            if cfg.train.checkpoint_every_steps and self.step % cfg.train.checkpoint_every_steps == 0:
+                self.save_checkpoint()
+            if self._stop_agreed():
+                return False
+        if n_acc:
+            self._log_train(acc, n_acc, samples, wait, time.perf_counter() - t_log)
+        self.epoch_seconds = time.perf_counter() - t0
+        return True
+
+    def _log_train(self, acc: dict[str, Any], n: int, samples: int, wait: float, seconds: float) -> None:
+        keys = sorted(acc)
+        stacked = torch.stack([acc[k] / n for k in keys] + [torch.tensor(float(samples)), torch.tensor(wait)])
+        reduced = all_reduce_sum(stacked) if self.world > 1 else stacked
+        terms = {k: float(v) for k, v in zip(keys, reduced[: len(keys)])}
+        global_rate = float(reduced[-2]) / max(seconds, 1e-9)
+        scalars = {f"loss/{k}": v for k, v in terms.items()}
+        scalars.update(
+            {
+                "lr": self.scheduler.get_last_lr()[0] if self.scheduler is not None else self.cfg.train.lr,
+                "throughput/samples_per_s_global": global_rate,
+                "throughput/samples_per_s_rank": samples / max(seconds, 1e-9),
+                "throughput/data_wait_share": float(reduced[-1]) / self.world / max(seconds, 1e-9),
+            }
+        )
+        grad_norm = self.engine.get_global_grad_norm()
+        if grad_norm is not None:
+            scalars["grad_norm"] = float(grad_norm)
+        self.logger.scalars(self.step, scalars, prefix="train/")
+        self.logger.line(
+            f"epoch {self.epoch:3d} step {self.step:6d}  loss {terms.get('loss', float('nan')):.4f}  "
+            f"{global_rate:7.0f} samples/s  data wait {scalars['throughput/data_wait_share']:.0%}"
+        )
+
+    def _end_of_epoch(self) -> None:
+        self.epoch += 1
+        if not self.has_val:
+            if self.rank == 0:
+                self._save_best({"score": None})
+            return
+        from .evaluate import score_loader
+
+        val_loader = ShardLoader(
+            self.cfg.data.shards,
+            "val",
+            batch_size=max(256, self.cfg.data.batch_size),
+            modalities=self.built.modalities,
+            rank=self.rank,
+            world_size=self.world,
+            workers=0,
+            shuffle=False,
+        )
+        names = self.built.model_modalities
+        sets = selection_sets(self.cfg.model.method, names)
+        metrics = score_loader(self.engine.module, val_loader, self.built.spec, self.manifest, sets, self.device, self.dtype)
+        score = None
+        if self.rank == 0:
+            from .metrics import PRIMARY
+
+            key, lower_better = PRIMARY[self.built.spec.task]
+            values = [metrics[set_name(s, names)][key] for s in sets]
+            score = -float(np.mean(values)) if lower_better else float(np.mean(values))
+        score_t = torch.tensor([score if score is not None else 0.0], dtype=torch.float64)
+        if self.world > 1:
+            dist.broadcast(score_t, 0)
+        score = float(score_t.item())
+        improved = score > self.best_score
+        if improved:
+            self.best_score = score
+            self.bad_epochs = 0
+            if self.rank == 0:
+                self._save_best({"score": score, "val": metrics})
+        else:
+            self.bad_epochs += 1
+        if self.rank == 0:
+            flat = {f"{s}/{k}": v for s, m in metrics.items() for k, v in m.items()}
+            self.logger.scalars(self.step, flat, prefix="val/")
+            self.history.append({"epoch": self.epoch, "step": self.step, "score": score})
+            self.logger.line(
+                f"epoch {self.epoch:3d} val " + "  ".join(f"{s} {_fmt_metrics(m, self.built.spec.task)}" for s, m in metrics.items())
+                + ("  *best*" if improved else f"  (no gain {self.bad_epochs}/{self.cfg.train.patience})")
+            )
+
+    def _save_best(self, info: dict[str, Any]) -> None:
+        module = self.engine.module
+        state = {k: v.detach().float().cpu() if v.is_floating_point() else v.cpu() for k, v in module.state_dict().items()}
+        tmp = self.run_dir / "best.pt.tmp"
+        torch.save({"model": state, "config": self.cfg.to_dict(), "epoch": self.epoch, "step": self.step, **info}, tmp)
+        os.replace(tmp, self.run_dir / "best.pt")
+
+
+def _fmt_metrics(metrics: dict[str, float], task: str) -> str:
+    keys = ("rmse", "mae", "r2") if task == "regression" else ("oa", "f1_macro") if task != "multilabel" else ("f1_micro", "map")
+    return " ".join(f"{k} {metrics[k]:.3f}" for k in keys if k in metrics)
+
+
+def train(cfg: RunConfig, *, allow_config_change: bool = False) -> dict[str, Any]:
+    return Trainer(cfg, allow_config_change=allow_config_change).fit()

@@ -1,0 +1,214 @@
+"""Scoring: each trained run with each inference sensor set, then tables over methods and seeds.
+
+The test split is touched only here, after training, on the weights model selection (validation
+split) chose. Runs write `metrics_<split>.json`; `evaluate_runs` aggregates any number of them.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from .config import RunConfig, from_dict
+from .metrics import PRIMARY, compute_metrics
+from .shards import Manifest, load_manifest
+
+
+REFERENCE_NAME = "RF one sensor"
+
+
+@dataclass
+class Trained:
+    cfg: RunConfig
+    model: torch.nn.Module
+    manifest: Manifest
+    modalities: list[str]
+    run_dir: Path
+
+    @property
+    def spec(self):
+        from .objective import TaskSpec
+
+        return TaskSpec.from_manifest(self.manifest)
+
+
+def load_trained(run_dir: str | Path, shards: str | None = None) -> Trained:
+    """The best weights of a run (as chosen on the validation split), ready for inference on CPU."""
+    from .engine import build
+
+    run_dir = Path(run_dir)
+    best = run_dir / "best.pt"
+    if not best.exists():
+        raise FileNotFoundError(f"{run_dir}: no best.pt (has this run finished at least one epoch?)")
+    saved = torch.load(best, map_location="cpu", weights_only=False)
+    cfg = from_dict(RunConfig, saved["config"], f"{best}:config")
+    if shards:
+        cfg.data.shards = shards
+    manifest = load_manifest(cfg.data.shards)
+    built = _build_without_teacher(cfg, manifest, build)
+    built.model.load_state_dict(saved["model"])
+    built.model.eval()
+    return Trained(cfg=cfg, model=built.model, manifest=manifest, modalities=built.model_modalities, run_dir=run_dir)
+
+
+def _build_without_teacher(cfg: RunConfig, manifest: Manifest, build: Any) -> Any:
+    """A distillation student needs its teacher only to train."""
+    if cfg.model.method != "distill":
+        return build(cfg, manifest)
+    student = from_dict(RunConfig, cfg.to_dict())
+    student.model.method = "single"
+    return build(student, manifest)
+
+
+def _gather(obj: Any) -> list[Any]:
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return [obj]
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+@torch.no_grad()
+def predict_loader(
+    model: torch.nn.Module,
+    loader: Iterable[dict[str, Any]],
+    spec: Any,
+    sets: list[list[str]],
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+) -> dict[str, dict[str, np.ndarray]]:
+    """Predictions in target units for each sensor set, gathered from every rank (all ranks get them)."""
+    from .engine import set_name, to_device
+
+    was_training = model.training
+    model.eval()
+    names = list(getattr(model, "modalities", []))
+    parts: dict[str, dict[str, list[np.ndarray]]] = {set_name(s, names): {"pred": [], "target": [], "index": []} for s in sets}
+    for batch in loader:
+        batch = to_device(batch, torch.device(device), dtype)
+        for sensors in sets:
+            pred = model.predict(batch["inputs"], batch.get("month"), modalities=sensors)
+            part = parts[set_name(sensors, names)]
+            part["pred"].append(spec.to_target_units(pred.float()).cpu().numpy())
+            part["target"].append(batch["target"].cpu().numpy())
+            part["index"].append(batch["index"].cpu().numpy())
+    model.train(was_training)
+    local = {k: {f: np.concatenate(v[f]) if v[f] else np.zeros(0) for f in v} for k, v in parts.items()}
+    gathered = _gather(local)
+    return {k: {f: np.concatenate([g[k][f] for g in gathered]) for f in ("pred", "target", "index")} for k in local}
+
+
+def score_loader(
+    model: torch.nn.Module,
+    loader: Iterable[dict[str, Any]],
+    spec: Any,
+    manifest: Manifest,
+    sets: list[list[str]],
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+) -> dict[str, dict[str, float]]:
+    preds = predict_loader(model, loader, spec, sets, device, dtype)
+    return {k: compute_metrics(spec.task, v["target"], v["pred"], list(manifest.class_names)) for k, v in preds.items()}
+
+
+def evaluate_run(run_dir: str | Path, split: str = "test", shards: str | None = None, embeddings: bool = True) -> list[dict[str, Any]]:
+    """Score a run's best weights on `split` with every inference sensor set; writes metrics_<split>.json."""
+    from .engine import sensor_sets
+    from .loader import ShardLoader
+
+    trained = load_trained(run_dir, shards)
+    cfg = trained.cfg
+    loader = ShardLoader(cfg.data.shards, split, batch_size=512, modalities=_data_modalities(trained), shuffle=False)
+    sets = sensor_sets(cfg.model.method, trained.modalities)
+    metrics = score_loader(trained.model, loader, trained.spec, trained.manifest, sets)
+    records = [
+        {
+            "dataset": Path(cfg.data.shards).name,
+            "setting": "+".join(cfg.data.modalities or list(trained.manifest.modalities)),
+            "method": cfg.model.method,
+            "task": trained.manifest.task,
+            "seed": cfg.train.seed,
+            "sensors": sensors,
+            "split": split,
+            "run": str(run_dir),
+            "metrics": m,
+        }
+        for sensors, m in metrics.items()
+    ]
+    Path(run_dir, f"metrics_{split}.json").write_text(json.dumps(records, indent=1))
+    if embeddings and cfg.model.method == "mdico":
+        _write_embeddings(trained, loader, split)
+    return records
+
+
+def _data_modalities(trained: Trained) -> list[str]:
+    return list(trained.cfg.data.modalities or trained.manifest.modalities)
+
+
+@torch.no_grad()
+def _write_embeddings(trained: Trained, loader: Any, split: str) -> None:
+    """Shared and specific embeddings of the split for TensorBoard's projector, coloured by sensor and target."""
+    from .report import write_embeddings
+
+    shared, specific, meta = [], [], []
+    for batch in loader:
+        out = trained.model(batch["inputs"], batch.get("month"))
+        target = batch["target"].float().reshape(len(batch["target"]), -1)[:, 0].tolist()
+        for m in trained.modalities:
+            shared.append(out["z_sha"][m].numpy())
+            specific.append(out["z_spe"][m].numpy())
+            meta += [[m, f"{t:.3f}"] for t in target]
+    write_embeddings(
+        trained.run_dir / "tb",
+        {"shared": np.concatenate(shared), "specific": np.concatenate(specific)},
+        meta,
+        ["sensor", "target"],
+        tag=split,
+    )
+
+
+def load_records(run_dirs: Iterable[str | Path], split: str = "test") -> list[dict[str, Any]]:
+    """Records of finished runs (evaluating those that have best weights but no metrics yet)."""
+    records = []
+    for run in run_dirs:
+        path = Path(run) / f"metrics_{split}.json"
+        recs = json.loads(path.read_text()) if path.exists() else evaluate_run(run, split)
+        for r in recs:
+            records.append({k: v for k, v in r.items() if k != "metrics"} | r["metrics"])
+    return records
+
+
+def evaluate_runs(
+    run_dirs: Iterable[str | Path],
+    out_dir: str | Path,
+    split: str = "test",
+    reference: dict[str, dict[str, float]] | None = None,
+) -> str:
+    """Mean ± std over seeds for each method × inference sensor set: CSV, Markdown, PNG; returns the Markdown."""
+    from .report import aggregate, markdown_table, plot_scores, write_csv
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    records = load_records(run_dirs, split)
+    if not records:
+        raise ValueError("no runs to evaluate")
+    rows = aggregate(records)
+    write_csv(rows, out_dir / f"results_{split}.csv")
+    task_metric = PRIMARY[records[0]["task"]][0]
+    sections = []
+    for dataset in sorted({r["dataset"] for r in rows}):
+        for setting in sorted({r["setting"] for r in rows if r["dataset"] == dataset}):
+            sub = [r for r in rows if r["dataset"] == dataset and r["setting"] == setting]
+            ref = (reference or {}).get(dataset)
+            sections.append(f"### {dataset} — trained with {setting} ({split} {task_metric})\n\n" + markdown_table(sub, task_metric, ref, reference_name=REFERENCE_NAME))
+            png = out_dir / f"scores_{dataset}_{setting.replace('+', '-')}_{split}.png"
+            plot_scores(sub, task_metric, png, reference=ref, reference_name=REFERENCE_NAME)
+    text = "\n\n".join(sections) + "\n"
+    (out_dir / f"results_{split}.md").write_text(text)
+    return text

@@ -1,0 +1,92 @@
+"""Where processes come from: one process, a local multi-process launch, or Slurm tasks.
+
+All three end in `init_distributed`, which reads the rendezvous from the environment the launcher
+left (torchrun / DeepSpeed launcher: RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT; Slurm:
+SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID, the first node of SLURM_JOB_NODELIST) so that the
+training code path is the same everywhere.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class ProcessInfo:
+    rank: int
+    world_size: int
+    local_rank: int
+    local_world_size: int
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _slurm_master_addr() -> str:
+    nodelist = os.environ.get("SLURM_JOB_NODELIST") or os.environ.get("SLURM_NODELIST", "")
+    try:
+        out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True, check=True)
+        return out.stdout.split()[0]
+    except (OSError, subprocess.CalledProcessError, IndexError):
+        return nodelist.split(",")[0].split("[")[0] or "127.0.0.1"
+
+
+def rendezvous_from_env() -> ProcessInfo:
+    """Fill the torch.distributed variables from whichever launcher started us; default: one process."""
+    env = os.environ
+    if "RANK" not in env and "SLURM_PROCID" in env and int(env.get("SLURM_NTASKS", "1")) > 1:
+        env["RANK"] = env["SLURM_PROCID"]
+        env["WORLD_SIZE"] = env["SLURM_NTASKS"]
+        env["LOCAL_RANK"] = env.get("SLURM_LOCALID", "0")
+        env.setdefault("LOCAL_WORLD_SIZE", env.get("SLURM_NTASKS_PER_NODE", "1").split("(")[0])
+        env.setdefault("MASTER_ADDR", _slurm_master_addr())
+        # Same port on every task of the job without talking to each other: derived from the job id.
+        env.setdefault("MASTER_PORT", str(20000 + int(env.get("SLURM_JOB_ID", "0")) % 20000))
+    if "RANK" not in env:
+        env.update({"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1"})
+        env.setdefault("MASTER_ADDR", "127.0.0.1")
+        env.setdefault("MASTER_PORT", str(free_port()))
+    world = int(env["WORLD_SIZE"])
+    return ProcessInfo(
+        rank=int(env["RANK"]),
+        world_size=world,
+        local_rank=int(env.get("LOCAL_RANK", "0")),
+        local_world_size=int(env.get("LOCAL_WORLD_SIZE", str(world))),
+    )
+
+
+def init_distributed() -> ProcessInfo:
+    """Initialise the process group (nccl on GPU, gloo on CPU) through DeepSpeed."""
+    import deepspeed
+
+    info = rendezvous_from_env()
+    if torch.cuda.is_available():
+        torch.cuda.set_device(info.local_rank)
+    if not torch.distributed.is_initialized():
+        deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo", verbose=False)
+    return info
+
+
+def launch_local(nproc: int, argv: list[str]) -> int:
+    """Run `colearn-dist <argv>` in `nproc` local processes through torchrun; returns its exit code."""
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        f"--nproc_per_node={nproc}",
+        "--master_addr=127.0.0.1",
+        f"--master_port={free_port()}",
+        "-m",
+        "colearn_dist.cli",
+        *argv,
+    ]
+    return subprocess.call(cmd)

@@ -1,0 +1,786 @@
+"""Shards → batches: the WebDataset pipeline, the rank/worker split, normalisation, resumable position.
+
+How one epoch is read
+---------------------
+1. *Stream.* The split's shards are put in an order — a permutation seeded by (seed, epoch) when
+   shuffling, else manifest order — and their samples are concatenated into one stream of
+   positions 0..N-1 (position = rank in that order, counted inside each tar).
+2. *Plan* (`plan_epoch`, pure arithmetic). The stream is cut into contiguous ranges, one per rank,
+   then each rank's range into contiguous runs of whole batches, one per DataLoader worker
+   ("reader"). Every sample belongs to exactly one reader, so it is read once per epoch.
+   - plan "train": every rank does the same number of steps S = max(1, N // (world·batch)); a rank's
+     n_r samples (ranks differ by ≤ 1) are cut into S batches whose sizes differ by ≤ 1, so no batch
+     is smaller than batch_size (BatchNorm) nor larger than 2·batch_size, and no sample is dropped.
+   - plan "eval": per-rank contiguous ranges, batches of exactly batch_size except each rank's last.
+3. *Reader.* A reader opens only the shards overlapping its range (webdataset's tar iterators on a
+   local shard source), keeps the samples at its positions and skips the rest without decoding,
+   runs the raw (undecoded) samples through a deterministic shuffle buffer seeded by (seed, epoch,
+   leg, rank, worker), cuts the buffer's output into its planned batch sizes, then decodes and
+   collates each batch with vectorised numpy.
+4. *Order.* With `workers` > 0 the torch DataLoader takes batches from its workers round-robin
+   (worker 0, 1, …, K-1, 0, …; `in_order=True`), skipping workers that have finished. Worker w owns
+   the rank's batches as one contiguous run and runs are sized so the first workers hold at most one
+   batch more, so consumer batch k is always batch k // K of worker k % K: the order is
+   deterministic and a resumed loader can tell what each worker had already yielded.
+
+Position and resume
+-------------------
+`position()` is a JSON-able dict: ``{"epoch": e, "batch": k, "samples": n, "legs": [...], ...}``
+where k counts batches already yielded to the consumer in epoch e (the batch the consumer holds
+counts) and n the samples consumed in epoch e by all ranks together (ranks consume in lockstep in
+training). Once the last batch of an epoch is yielded the position becomes (e + 1, 0).
+
+An epoch may be read in several *legs*: a leg is one reading configuration (world size, workers,
+batch size, plan, shuffle buffer) and the number of steps taken with it. `set_position` then:
+- same configuration as the position's last leg → that leg continues: each reader restarts its
+  stream at the epoch start, replays the shuffle buffer over raw samples and drops what its worker
+  had yielded (from the round-robin rule) before decoding, so the remaining batches are exactly
+  those of an uninterrupted loader, in the same order;
+- different configuration (e.g. world size 2 → 1) → the samples every earlier leg consumed are
+  recomputed from the plan and a simulation of the shuffle buffers on positions (no shard is read),
+  the epoch's remaining samples, in stream order, become the stream of a new leg that is planned and
+  split among the new ranks and workers. Nothing is lost or repeated.
+The seed and shuffle flag must not change mid-epoch (they define the stream); a position that says
+otherwise is refused. ``{"epoch": e, "batch": k}`` alone is read as k steps with this loader's
+configuration.
+
+Corrupt shards
+--------------
+`on_corrupt="error"`: a tar, checksum (`verify`) or decode failure raises `CorruptShardError`
+naming the shard. `on_corrupt="skip"`: the unreadable samples are dropped — their places in the
+plan are kept (placeholders flow through the shuffle buffer), so step counts stay equal across
+ranks and positions stay exact; batches that lost samples are smaller. Each batch then carries
+``"skipped"`` (samples dropped from it), the loader warns once per shard (`RuntimeWarning`) and
+adds the count to `loader.skipped`; both work with workers because the counts travel in batches.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import itertools
+import json
+import multiprocessing
+import sys
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Literal, Sequence
+
+import numpy as np
+import torch
+import webdataset as wds
+from webdataset import tariterators
+
+PLANS = ("train", "eval")
+_LEG_KEYS = ("world_size", "workers", "batch_size", "plan", "shuffle_buffer")
+
+
+class CorruptShardError(OSError):
+    """A shard that cannot be read as the manifest describes it; the message names the shard."""
+
+
+# --------------------------------------------------------------------------------------------- plan
+@dataclass(frozen=True)
+class ReaderPlan:
+    """One reader's share of a rank: stream indices [start, stop) cut into `batch_sizes`."""
+
+    worker: int
+    start: int
+    stop: int
+    batch_sizes: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class RankPlan:
+    rank: int
+    start: int
+    stop: int
+    batch_sizes: tuple[int, ...]
+    readers: tuple[ReaderPlan, ...]
+
+    @property
+    def num_batches(self) -> int:
+        return len(self.batch_sizes)
+
+
+def split_evenly(n: int, parts: int) -> list[int]:
+    """Sizes of `parts` contiguous pieces of `n`, differing by ≤ 1, larger ones first."""
+    if parts < 1:
+        raise ValueError(f"cannot split {n} into {parts} parts")
+    base, extra = divmod(n, parts)
+    return [base + (i < extra) for i in range(parts)]
+
+
+def plan_epoch(
+    num_samples: int,
+    *,
+    batch_size: int,
+    world_size: int = 1,
+    workers: int = 0,
+    plan: str = "train",
+) -> list[RankPlan]:
+    """The batches of every rank and reader for a stream of `num_samples` (see the module docstring).
+
+    Indices are positions in the stream; readers = max(workers, 1) per rank. Worker w of a rank
+    gets a contiguous run of its batches; run lengths differ by ≤ 1, longer runs first, which keeps
+    the DataLoader's round-robin order equal to "batch k is worker k % K's batch k // K".
+    """
+    if batch_size < 1 or world_size < 1 or workers < 0:
+        raise ValueError(f"bad plan arguments: batch_size={batch_size}, world_size={world_size}, workers={workers}")
+    if plan not in PLANS:
+        raise ValueError(f"plan must be one of {PLANS}, got {plan!r}")
+    if plan == "train" and num_samples < world_size:
+        raise ValueError(
+            f"plan 'train' needs at least one sample per rank: {num_samples} sample(s) for world size {world_size}"
+        )
+    rank_sizes = split_evenly(num_samples, world_size)
+    steps = max(1, num_samples // (world_size * batch_size))
+    readers = max(workers, 1)
+    out = []
+    start = 0
+    for rank, n in enumerate(rank_sizes):
+        if plan == "train":
+            sizes = split_evenly(n, steps)
+        else:
+            sizes = [batch_size] * (n // batch_size) + ([n % batch_size] if n % batch_size else [])
+        runs = split_evenly(len(sizes), readers)
+        reader_plans = []
+        b0, s0 = 0, start
+        for w, run in enumerate(runs):
+            bs = tuple(sizes[b0 : b0 + run])
+            reader_plans.append(ReaderPlan(w, s0, s0 + sum(bs), bs))
+            b0 += run
+            s0 += sum(bs)
+        out.append(RankPlan(rank, start, start + n, tuple(sizes), tuple(reader_plans)))
+        start += n
+    return out
+
+
+def batches_yielded_per_reader(consumed: int, readers: int) -> list[int]:
+    """How many batches each reader had yielded when the consumer had taken `consumed` (round-robin)."""
+    return [max(0, (consumed - w + readers - 1) // readers) for w in range(readers)]
+
+
+def consumed_per_reader(rank: RankPlan, steps: int) -> list[int]:
+    """Samples each reader of `rank` had delivered after the consumer took `steps` batches."""
+    done = batches_yielded_per_reader(min(steps, rank.num_batches), len(rank.readers))
+    return [sum(r.batch_sizes[:k]) for r, k in zip(rank.readers, done)]
+
+
+def shard_order(num_shards: int, *, shuffle: bool, seed: int, epoch: int) -> list[int]:
+    """The epoch's shard order: a permutation by (seed, epoch) when shuffling, else manifest order."""
+    if not shuffle:
+        return list(range(num_shards))
+    return np.random.default_rng(_derive(seed, "shards", epoch)).permutation(num_shards).tolist()
+
+
+def _derive(*parts: Any) -> int:
+    """A 63-bit seed from any tuple, stable across processes and Python versions (unlike hash())."""
+    digest = hashlib.sha256("/".join(map(str, parts)).encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
+def _reader_seed(seed: int, epoch: int, leg: int, rank: int, worker: int) -> int:
+    return _derive(seed, "buffer", epoch, leg, rank, worker)
+
+
+def _shuffled(items: Iterator[Any], bufsize: int, seed: int) -> Iterator[Any]:
+    """webdataset's shuffle buffer, full before the first output; its draws depend only on counts,
+    so running it on positions predicts what it does to samples."""
+    return wds.shuffle(bufsize, bufsize, seed=seed)(iter(items))
+
+
+def buffer_order(n: int, bufsize: int, seed: int, limit: int | None = None) -> np.ndarray:
+    """Which of `n` inputs the shuffle buffer emits first, second, … (the first `limit` of them)."""
+    it = _shuffled(iter(range(n)), bufsize, seed)
+    return np.fromiter(itertools.islice(it, limit if limit is not None else n), dtype=np.int64)
+
+
+# ---------------------------------------------------------------------------------------- decoding
+@dataclass(frozen=True)
+class _ModSpec:
+    name: str
+    kind: str
+    shape: tuple[int, ...]
+    mean: np.ndarray | None
+    std: np.ndarray | None
+    missing_value: int | None
+
+
+@dataclass(frozen=True)
+class _DecodeSpec:
+    """Everything a reader process needs to decode; small and picklable (spawn)."""
+
+    modalities: tuple[_ModSpec, ...]
+    task: str
+    target_shape: tuple[int, ...]
+    has_month: bool
+    month_shape: tuple[int, ...]
+    skip_corrupt: bool
+
+
+_NPY_LAYOUTS: dict[bytes, tuple[np.dtype, tuple[int, ...], int]] = {}
+
+
+def _load_npy(raw: dict[str, Any], member: str) -> np.ndarray:
+    """np.load(..., allow_pickle=False), with its header parse (ast.literal_eval, most of its cost)
+    done once per distinct header: every sample of a modality shares one, so the rest is a view."""
+    if member not in raw:
+        raise KeyError(f"member {member!r} missing")
+    b = raw[member]
+    if b[:6] != b"\x93NUMPY" or b[6] not in (1, 2, 3):
+        return np.load(io.BytesIO(b), allow_pickle=False)  # not .npy: np.load says why
+    size = 2 if b[6] == 1 else 4
+    offset = 8 + size + int.from_bytes(b[8 : 8 + size], "little")
+    layout = _NPY_LAYOUTS.get(b[:offset])
+    if layout is None:
+        arr = np.load(io.BytesIO(b), allow_pickle=False)
+        if arr.dtype.hasobject or not arr.flags.c_contiguous or len(_NPY_LAYOUTS) > 1024:
+            return arr
+        _NPY_LAYOUTS[bytes(b[:offset])] = (arr.dtype, arr.shape, offset)
+        return arr
+    dtype, shape, offset = layout
+    count = int(np.prod(shape, dtype=np.int64))
+    if len(b) != offset + count * dtype.itemsize:
+        raise ValueError(f"{member}: {len(b) - offset} data bytes, its header says {count * dtype.itemsize}")
+    return np.frombuffer(b, dtype=dtype, count=count, offset=offset).reshape(shape)
+
+
+def _decode_one(raw: dict[str, Any], spec: _DecodeSpec) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray | None, dict]:
+    arrays = {}
+    for m in spec.modalities:
+        a = _load_npy(raw, f"{m.name}.npy")
+        if a.shape != m.shape:
+            raise ValueError(f"{m.name}: shape {a.shape}, manifest says {m.shape}")
+        arrays[m.name] = a
+    target = _load_npy(raw, "target.npy")
+    if target.shape != spec.target_shape:
+        raise ValueError(f"target: shape {target.shape}, manifest says {spec.target_shape}")
+    month = _load_npy(raw, "month.npy") if spec.has_month else None
+    if "meta.json" not in raw:
+        raise KeyError("member 'meta.json' missing")
+    meta = json.loads(raw["meta.json"])
+    if int(meta["index"]) != int(raw["__key__"].rsplit("/", 1)[-1]):
+        raise ValueError(f"meta index {meta['index']} does not match key {raw['__key__']}")
+    return arrays, target, month, meta
+
+
+def _collate(raws: Sequence[dict[str, Any]], spec: _DecodeSpec) -> dict[str, Any]:
+    """Decode a batch of raw samples; stack per field, normalise each field once for the batch."""
+    decoded = []
+    skipped = 0
+    corrupt: list[tuple[str, str]] = []
+    for raw in raws:
+        if "__corrupt__" in raw:
+            skipped += 1
+            continue
+        try:
+            decoded.append(_decode_one(raw, spec))
+        except Exception as exc:
+            where = f"{raw.get('__url__')}: sample {raw.get('__key__')}: {type(exc).__name__}: {exc}"
+            if not spec.skip_corrupt:
+                raise CorruptShardError(where) from exc
+            skipped += 1
+            corrupt.append((str(raw.get("__url__")), f"sample {raw.get('__key__')}: {exc}"))
+
+    b = len(decoded)
+    inputs, valid, present = {}, {}, {}
+    for m in spec.modalities:
+        if b:
+            x = np.stack([d[0][m.name] for d in decoded])
+        else:
+            x = np.zeros((0,) + m.shape, dtype=np.int64 if m.kind == "categorical" else np.float32)
+        if m.kind == "categorical":
+            x = x.astype(np.int64, copy=False)
+            ok = np.ones(x.shape, dtype=bool) if m.missing_value is None else x != m.missing_value
+        else:
+            x = x.astype(np.float32, copy=True)
+            ok = ~np.isnan(x)
+            x -= m.mean
+            x /= m.std
+            np.copyto(x, 0.0, where=~ok)
+        inputs[m.name] = torch.from_numpy(x)
+        valid[m.name] = torch.from_numpy(ok)
+        present[m.name] = torch.from_numpy(ok.reshape(b, int(np.prod(m.shape))).any(axis=1))
+
+    if b:
+        target = np.stack([d[1] for d in decoded])
+    else:
+        target = np.zeros((0,) + spec.target_shape)
+    if spec.task == "regression" or spec.task == "multilabel":
+        target = target.astype(np.float32, copy=False)
+    else:
+        target = target.astype(np.int64, copy=False)
+    batch: dict[str, Any] = {"inputs": inputs, "valid": valid, "present": present, "target": torch.from_numpy(target)}
+    if spec.has_month:
+        month = np.stack([d[2] for d in decoded]) if b else np.zeros((0,) + spec.month_shape)
+        batch["month"] = torch.from_numpy(month.astype(np.int64, copy=False))
+    batch["index"] = torch.from_numpy(np.array([int(d[3]["index"]) for d in decoded], dtype=np.int64))
+    batch["id"] = [str(d[3]["id"]) for d in decoded]
+    if spec.skip_corrupt:
+        batch["skipped"] = skipped
+        batch["_corrupt"] = corrupt
+    return batch
+
+
+# ------------------------------------------------------------------------------------------ reader
+@dataclass(frozen=True)
+class _ReaderTask:
+    """What one reader (rank, worker) reads in one leg of one epoch."""
+
+    shard_paths: tuple[str, ...]  # in stream order
+    shard_sha256: tuple[str, ...]
+    shard_starts: np.ndarray  # stream position of each shard's first sample, len = shards + 1
+    positions: np.ndarray  # sorted stream positions this reader owns
+    batch_sizes: tuple[int, ...]
+    skip_batches: int  # already yielded before a resume
+    shuffle_buffer: int  # ≤ 1: no shuffling
+    buffer_seed: int
+    members: frozenset[str]
+    verify: bool
+    spec: _DecodeSpec = field(repr=False)
+
+
+def _sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _raw_samples(task: _ReaderTask) -> Iterator[dict[str, Any]]:
+    """The reader's raw samples in stream order; unreadable ones become placeholders (skip mode)."""
+    shard_idx = np.searchsorted(task.shard_starts, task.positions, side="right") - 1
+    for s in np.unique(shard_idx):
+        path = task.shard_paths[s]
+        wanted = task.positions[shard_idx == s] - task.shard_starts[s]
+        expected = int(task.shard_starts[s + 1] - task.shard_starts[s])
+        got = 0
+        try:
+            if task.verify:
+                digest = _sha256(path)
+                if task.shard_sha256[s] and digest != task.shard_sha256[s]:
+                    raise CorruptShardError(f"sha256 {digest[:12]}… differs from the manifest's {task.shard_sha256[s][:12]}…")
+            with open(path, "rb") as f:
+                files = tariterators.tar_file_expander(
+                    [{"url": path, "stream": f}],
+                    select_files=lambda name: name.split(".", 1)[-1] in task.members,
+                )
+                samples = tariterators.group_by_keys(files, lcase=False)
+                last = int(wanted[-1])
+                pos = 0
+                for offset, raw in enumerate(samples):
+                    if offset == wanted[pos]:
+                        raw["__pos__"] = int(task.shard_starts[s]) + offset
+                        got += 1
+                        pos += 1
+                        yield raw
+                    if offset >= last:
+                        break
+                if got < len(wanted):
+                    raise CorruptShardError(f"tar ends before sample {int(wanted[got])} of the manifest's {expected} (truncated?)")
+        except Exception as exc:
+            message = str(exc) if isinstance(exc, CorruptShardError) else f"{type(exc).__name__}: {exc}"
+            if not task.spec.skip_corrupt:
+                raise CorruptShardError(f"{path}: {message}") from exc
+            for p in wanted[got:]:
+                yield {"__corrupt__": path, "__reason__": message, "__pos__": int(task.shard_starts[s] + p), "__url__": path}
+
+
+def _read(task: _ReaderTask) -> Iterator[dict[str, Any]]:
+    """One reader: raw samples → shuffle buffer → drop consumed (undecoded) → planned batches → decode."""
+    stream: Iterator[dict[str, Any]] = _raw_samples(task)
+    if task.shuffle_buffer > 1:
+        stream = _shuffled(stream, task.shuffle_buffer, task.buffer_seed)
+    consumed = sum(task.batch_sizes[: task.skip_batches])
+    stream = itertools.islice(stream, consumed, None)
+    pending: list[tuple[str, str]] = []
+    for size in task.batch_sizes[task.skip_batches :]:
+        raws = list(itertools.islice(stream, size))
+        if len(raws) != size:
+            raise RuntimeError(f"reader got {len(raws)} samples for a planned batch of {size} (loader bug)")
+        pending.extend((r["__corrupt__"], r["__reason__"]) for r in raws if "__corrupt__" in r)
+        batch = _collate(raws, task.spec)
+        if task.spec.skip_corrupt:
+            batch["_corrupt"] = list(dict.fromkeys(pending + batch["_corrupt"]))
+            pending = []
+        yield batch
+
+
+class _EpochDataset(torch.utils.data.IterableDataset):
+    """The DataLoader's view of one leg: DataLoader worker i runs `tasks[i]`."""
+
+    def __init__(self, tasks: list[_ReaderTask]):
+        super().__init__()
+        self.tasks = tasks
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        info = torch.utils.data.get_worker_info()
+        yield from _read(self.tasks[info.id if info is not None else 0])
+
+
+def _no_collate(batch: Any) -> Any:
+    return batch
+
+
+def _worker_init(_: int) -> None:
+    torch.set_num_threads(1)
+
+
+def _default_mp_context() -> str:
+    # fork starts in milliseconds; it is unsafe on macOS (system frameworks), the default elsewhere.
+    if sys.platform == "linux" and "fork" in multiprocessing.get_all_start_methods():
+        return "fork"
+    return "spawn"
+
+
+# ------------------------------------------------------------------------------------------ loader
+class ShardLoader:
+    """An iterable over the batches of one split for one rank (see the module docstring).
+
+    Each `iter()` continues from `position()`; with `endless` it runs epoch after epoch.
+    """
+
+    def __init__(
+        self,
+        shards_dir: str | Path,
+        split: str,
+        *,
+        batch_size: int,
+        modalities: list[str] | None = None,
+        rank: int = 0,
+        world_size: int = 1,
+        workers: int = 0,
+        shuffle: bool | None = None,
+        shuffle_buffer: int = 1000,
+        seed: int = 0,
+        plan: Literal["train", "eval"] | None = None,
+        endless: bool = False,
+        on_corrupt: Literal["error", "skip"] = "error",
+        verify: bool = True,
+        mp_context: str | None = None,
+    ):
+        from .shards import load_manifest
+
+        self.shards_dir = Path(shards_dir)
+        self.manifest = load_manifest(self.shards_dir)
+        if split not in self.manifest.splits:
+            raise ValueError(f"{self.shards_dir}: no split {split!r}; the manifest has {sorted(self.manifest.splits)}")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is outside world size {world_size}")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be ≥ 1, got {batch_size}")
+        if workers < 0:
+            raise ValueError(f"workers must be ≥ 0, got {workers}")
+        if on_corrupt not in ("error", "skip"):
+            raise ValueError(f"on_corrupt must be 'error' or 'skip', got {on_corrupt!r}")
+        self.split = split
+        self.batch_size = int(batch_size)
+        self.rank = int(rank)
+        self.world_size = int(world_size)
+        self.workers = int(workers)
+        self.shuffle = (split == "train") if shuffle is None else bool(shuffle)
+        self.shuffle_buffer = int(shuffle_buffer)
+        self.seed = int(seed)
+        self.plan = plan or ("train" if split == "train" else "eval")
+        if self.plan not in PLANS:
+            raise ValueError(f"plan must be one of {PLANS}, got {self.plan!r}")
+        self.endless = bool(endless)
+        self.on_corrupt = on_corrupt
+        self.verify = bool(verify)
+        self.mp_context = mp_context or _default_mp_context()
+
+        known = list(self.manifest.modalities)
+        self.modalities = list(modalities) if modalities else known
+        unknown = [m for m in self.modalities if m not in self.manifest.modalities]
+        if unknown:
+            raise ValueError(f"{self.shards_dir}: unknown modalit(y/ies) {unknown}; the shards have {known}")
+        self._shards = list(self.manifest.splits[split]["shards"])
+        self._spec = self._decode_spec()
+        members = {f"{m}.npy" for m in self.modalities} | {"target.npy", "meta.json"}
+        if self.manifest.has_month:
+            members.add("month.npy")
+        self._members = frozenset(members)
+
+        self.skipped = 0  # samples dropped as unreadable (on_corrupt="skip"), all readers of this rank
+        self.corrupt_shards: dict[str, str] = {}  # shard path → first reason seen
+        self._epoch = 0
+        self._legs: list[dict[str, Any]] = []  # finished legs of the current epoch
+        self._leg_steps = 0  # steps of the current leg (its config is this loader's)
+
+    # ------------------------------------------------------------------ public properties
+    @property
+    def num_samples(self) -> int:
+        """Samples in the split (all ranks)."""
+        return int(self.manifest.splits[self.split]["num_samples"])
+
+    def __len__(self) -> int:
+        """Batches this rank yields in a whole epoch (a resumed epoch yields only what remains)."""
+        return self._rank_plan(self.num_samples).num_batches
+
+    def _leg_config(self) -> dict[str, Any]:
+        return {
+            "world_size": self.world_size,
+            "workers": self.workers,
+            "batch_size": self.batch_size,
+            "plan": self.plan,
+            "shuffle_buffer": self.shuffle_buffer,
+        }
+
+    def _rank_plan(self, n: int, rank: int | None = None) -> RankPlan:
+        return plan_epoch(n, batch_size=self.batch_size, world_size=self.world_size, workers=self.workers, plan=self.plan)[
+            self.rank if rank is None else rank
+        ]
+
+    # ------------------------------------------------------------------ normalisation
+    def _decode_spec(self) -> _DecodeSpec:
+        mods = []
+        for name in self.modalities:
+            meta = self.manifest.modalities[name]
+            kind = meta["kind"]
+            mean = std = None
+            if kind != "categorical":
+                stats = self.manifest.stats[name]
+                mean = np.asarray(stats["mean"], dtype=np.float32)
+                std = np.asarray(stats["std"], dtype=np.float32)
+            missing = meta.get("missing_value")
+            mods.append(_ModSpec(name, kind, tuple(meta["shape"]), mean, std, None if missing is None else int(missing)))
+        steps = [tuple(m["shape"])[:1] for m in self.manifest.modalities.values() if m["kind"] != "static"]
+        return _DecodeSpec(
+            modalities=tuple(mods),
+            task=self.manifest.task,
+            target_shape=tuple(self.manifest.target_shape or ()),
+            has_month=bool(self.manifest.has_month),
+            month_shape=steps[0] if steps else (0,),
+            skip_corrupt=self.on_corrupt == "skip",
+        )
+
+    def denormalise(self, modality: str, x: Any, valid: Any = None) -> np.ndarray:
+        """Raw units from loader inputs (for tests and export); NaN where `valid` is False.
+
+        Categorical inputs are raw codes already and come back unchanged (as int64)."""
+        arr = x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
+        meta = self.manifest.modalities[modality]
+        if meta["kind"] == "categorical":
+            return arr.astype(np.int64, copy=True)
+        stats = self.manifest.stats[modality]
+        out = arr.astype(np.float32) * np.asarray(stats["std"], np.float32) + np.asarray(stats["mean"], np.float32)
+        if valid is not None:
+            ok = valid.detach().cpu().numpy() if isinstance(valid, torch.Tensor) else np.asarray(valid)
+            out[~ok] = np.nan
+        return out
+
+    # ------------------------------------------------------------------ position
+    def position(self) -> dict[str, Any]:
+        """Where the consumer is: JSON-able, to store in a checkpoint (see the module docstring)."""
+        legs = [dict(leg) for leg in self._legs]
+        if self._leg_steps:
+            legs.append({**self._leg_config(), "steps": self._leg_steps})
+        samples = self._consumed_count(legs)
+        return {
+            "epoch": self._epoch,
+            "batch": sum(leg["steps"] for leg in legs),
+            "samples": samples,
+            "legs": legs,
+            "split": self.split,
+            "num_samples": self.num_samples,
+            "seed": self.seed,
+            "shuffle": self.shuffle,
+        }
+
+    def set_position(self, position: dict[str, Any]) -> None:
+        """Continue from a saved `position()` (possibly saved with another world size or worker count)."""
+        for key, mine in (("seed", self.seed), ("shuffle", self.shuffle), ("split", self.split), ("num_samples", self.num_samples)):
+            if key in position and position[key] != mine:
+                raise ValueError(
+                    f"loader position has {key}={position[key]!r} but this loader has {mine!r}; "
+                    "the epoch's sample stream would differ (resume from the next epoch instead)"
+                )
+        epoch = int(position["epoch"])
+        if epoch < 0:
+            raise ValueError(f"loader position: epoch must be ≥ 0, got {epoch}")
+        if "legs" in position:
+            legs = [dict(leg) for leg in position["legs"]]
+            for leg in legs:
+                missing = [k for k in (*_LEG_KEYS, "steps") if k not in leg]
+                if missing:
+                    raise ValueError(f"loader position: a leg lacks {missing}: {leg}")
+            if sum(leg["steps"] for leg in legs) != int(position.get("batch", 0)):
+                raise ValueError(f"loader position: legs' steps do not add up to batch={position.get('batch')}")
+        else:
+            batch = int(position.get("batch", 0))
+            legs = [{**self._leg_config(), "steps": batch}] if batch else []
+        legs = [leg for leg in legs if leg["steps"] > 0]
+        # Check the legs are possible (raises on a step count beyond the plan).
+        self._remaining(epoch, legs)
+        self._epoch = epoch
+        if legs and all(legs[-1][k] == v for k, v in self._leg_config().items()):
+            self._legs, self._leg_steps = legs[:-1], int(legs[-1]["steps"])
+        else:
+            self._legs, self._leg_steps = legs, 0
+        if legs and self._rank_batches_left() <= 0:
+            self._next_epoch()
+
+    def _consumed_count(self, legs: list[dict[str, Any]]) -> int:
+        """Samples consumed by all ranks: plan arithmetic only, no shuffle simulation."""
+        n = self.num_samples
+        left = n
+        for leg in legs:
+            ranks = plan_epoch(left, **{k: leg[k] for k in _LEG_KEYS if k != "shuffle_buffer"})
+            left -= sum(sum(consumed_per_reader(r, leg["steps"])) for r in ranks)
+        return n - left
+
+    def _epoch_stream(self, epoch: int) -> tuple[list[int], np.ndarray]:
+        order = shard_order(len(self._shards), shuffle=self.shuffle, seed=self.seed, epoch=epoch)
+        counts = np.array([int(self._shards[i]["num_samples"]) for i in order], dtype=np.int64)
+        starts = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+        return order, starts
+
+    def _leg_plan(self, remaining: np.ndarray, leg: dict[str, Any], epoch: int, leg_index: int) -> list[tuple[RankPlan, list[tuple[np.ndarray, int]]]]:
+        """Per rank: its plan for one leg, and per reader (stream positions, shuffle-buffer seed)."""
+        ranks = plan_epoch(len(remaining), **{k: leg[k] for k in _LEG_KEYS if k != "shuffle_buffer"})
+        return [
+            (rp, [(remaining[r.start : r.stop], _reader_seed(self.seed, epoch, leg_index, rp.rank, r.worker)) for r in rp.readers])
+            for rp in ranks
+        ]
+
+    def _remaining(self, epoch: int, legs: list[dict[str, Any]]) -> np.ndarray:
+        """Stream positions of epoch `epoch` not consumed by `legs` (in stream order), from the plans
+        and a simulation of the shuffle buffers on positions: no shard is read."""
+        n = self.num_samples
+        remaining = np.arange(n, dtype=np.int64)
+        for i, leg in enumerate(legs):
+            steps = int(leg["steps"])
+            plans = self._leg_plan(remaining, leg, epoch, i)
+            most = max(rp.num_batches for rp, _ in plans)
+            if steps > most:
+                raise ValueError(f"loader position: leg {i} has {steps} steps, its plan only {most}")
+            used = np.zeros(n, dtype=bool)
+            for rp, readers in plans:
+                for (pos, bseed), m in zip(readers, consumed_per_reader(rp, steps)):
+                    if not m:
+                        continue
+                    if self.shuffle and leg["shuffle_buffer"] > 1:
+                        used[pos[buffer_order(len(pos), leg["shuffle_buffer"], bseed, limit=m)]] = True
+                    else:
+                        used[pos[:m]] = True
+            remaining = remaining[~used[remaining]]
+        return remaining
+
+    def _rank_batches_left(self) -> int:
+        base = self._remaining(self._epoch, self._legs)
+        if not len(base):
+            return 0
+        return self._rank_plan(len(base)).num_batches - self._leg_steps
+
+    def _next_epoch(self) -> None:
+        self._epoch += 1
+        self._legs, self._leg_steps = [], 0
+
+    # ------------------------------------------------------------------ iteration
+    def _tasks(self) -> list[_ReaderTask]:
+        """This rank's reader tasks for the rest of the current epoch, in DataLoader-worker order."""
+        order, starts = self._epoch_stream(self._epoch)
+        base = self._remaining(self._epoch, self._legs)
+        if not len(base):
+            return []
+        rp, readers = self._leg_plan(base, self._leg_config(), self._epoch, len(self._legs))[self.rank]
+        k = len(readers)
+        done = batches_yielded_per_reader(self._leg_steps, k)
+        paths = tuple(str(self.shards_dir / self._shards[i]["name"]) for i in order)
+        sha = tuple(str(self._shards[i].get("sha256") or "") for i in order)
+        # Rotate so DataLoader worker 0 holds the consumer's next batch: round-robin then continues
+        # exactly where the interrupted loader stopped.
+        first = self._leg_steps % k
+        tasks = []
+        for i in range(k):
+            r = rp.readers[(first + i) % k]
+            pos, bseed = readers[r.worker]
+            if len(r.batch_sizes) - done[r.worker] <= 0:
+                continue  # always a suffix of the rotated order (longer runs first)
+            tasks.append(
+                _ReaderTask(
+                    shard_paths=paths,
+                    shard_sha256=sha,
+                    shard_starts=starts,
+                    positions=pos,
+                    batch_sizes=r.batch_sizes,
+                    skip_batches=done[r.worker],
+                    shuffle_buffer=self.shuffle_buffer if self.shuffle else 0,
+                    buffer_seed=bseed,
+                    members=self._members,
+                    verify=self.verify,
+                    spec=self._spec,
+                )
+            )
+        return tasks
+
+    def _epoch_batches(self) -> Iterator[dict[str, Any]]:
+        tasks = self._tasks()
+        if not tasks:
+            return iter(())
+        if self.workers == 0:
+            return _read(tasks[0])
+        loader = torch.utils.data.DataLoader(
+            _EpochDataset(tasks),
+            batch_size=None,
+            num_workers=len(tasks),
+            collate_fn=_no_collate,
+            worker_init_fn=_worker_init,
+            multiprocessing_context=self.mp_context,
+            persistent_workers=False,
+            prefetch_factor=2,
+            in_order=True,
+        )
+        return iter(loader)
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        while True:
+            if self.endless and len(self) == 0:
+                raise ValueError(f"{self.split}: no batch for rank {self.rank}; an endless loader would never yield")
+            left = self._rank_batches_left()
+            if left <= 0:  # this rank has nothing in this epoch (small eval split): the epoch is over
+                self._next_epoch()
+            else:
+                batches = self._epoch_batches()
+                try:
+                    for batch in batches:
+                        self._account(batch)
+                        self._leg_steps += 1
+                        left -= 1
+                        if left == 0:
+                            self._next_epoch()  # before yielding: the consumer holding the last batch is at (e + 1, 0)
+                        yield batch
+                finally:
+                    close = getattr(batches, "_shutdown_workers", None)
+                    if close is not None:
+                        close()
+                if left > 0:
+                    raise RuntimeError(f"{self.split}: readers ended {left} batch(es) early (loader bug)")
+            if not self.endless:
+                return
+
+    def _account(self, batch: dict[str, Any]) -> None:
+        """Fold corrupt-sample reports from any reader process into this loader (warn once per shard)."""
+        for path, reason in batch.pop("_corrupt", ()):
+            if path not in self.corrupt_shards:
+                self.corrupt_shards[path] = reason
+                warnings.warn(f"{path}: corrupt shard, skipping its unreadable samples ({reason})", RuntimeWarning, stacklevel=3)
+        self.skipped += int(batch.get("skipped", 0))
+
+
+__all__ = [
+    "CorruptShardError",
+    "PLANS",
+    "RankPlan",
+    "ReaderPlan",
+    "ShardLoader",
+    "batches_yielded_per_reader",
+    "buffer_order",
+    "consumed_per_reader",
+    "plan_epoch",
+    "shard_order",
+    "split_evenly",
+]

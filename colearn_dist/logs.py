@@ -1,0 +1,39 @@
+"""Training logs: TensorBoard scalars and one concise console line, both from rank 0 only."""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+from typing import Mapping
+
+from torch.utils.tensorboard import SummaryWriter
+
+
+class RunLogger:
+    def __init__(self, run_dir: str | Path, rank: int) -> None:
+        self.rank = rank
+        self.writer = SummaryWriter(str(Path(run_dir) / "tb")) if rank == 0 else None
+        # Appended, not overwritten: a resumed run continues the same log.
+        self.file = open(Path(run_dir) / "train.log", "a") if rank == 0 else None
+        self.start = time.time()
+
+    def scalars(self, step: int, values: Mapping[str, float], prefix: str = "") -> None:
+        if self.writer is None:
+            return
+        for key, value in values.items():
+            self.writer.add_scalar(f"{prefix}{key}", float(value), step)
+
+    def line(self, text: str) -> None:
+        if self.rank == 0:
+            elapsed = time.time() - self.start
+            stamped = f"[{elapsed:7.1f}s] {text}"
+            print(stamped, file=sys.stderr, flush=True)
+            self.file.write(time.strftime("%Y-%m-%d %H:%M:%S ") + stamped + "\n")
+            self.file.flush()
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.flush()
+            self.writer.close()
+            self.file.close()

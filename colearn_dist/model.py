@@ -1,0 +1,324 @@
+"""Models: `MDiCo` (train with every sensor, predict with any one) and `FusionModel` (the baselines).
+
+Both take the loader's `inputs` dict (docs/DESIGN.md), accept `month=None`, expose `.modalities`, and
+offer `predict(inputs, month=None, modalities=None) -> [B, out_dim]` for any subset of sensors, so the
+engine, evaluation and export treat every method alike.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .config import ModelConfig
+from .encoders import (
+    CategoricalEmbedding,
+    ModalityInput,
+    build_encoder,
+    fused_tempcnn,
+    fusion_key,
+    group_batch_norm,
+    tempcnn_core,
+)
+
+OUTPUT_KEYS = ("pred", "z_spe", "z_unu", "z_sha", "aux_spe", "aux_sha", "mod_spe", "mod_second")
+SECOND_CLASSIFIER = ("unused", "shared")
+
+
+def make_head(in_dim: int, out_dim: int, hidden: int = 0) -> nn.Sequential:
+    """Linear, or a one-hidden-layer MLP. No BatchNorm: heads are also run on concatenated batches."""
+    if hidden > 0:
+        return nn.Sequential(nn.Linear(in_dim, hidden), nn.ReLU(), nn.Linear(hidden, out_dim))
+    return nn.Sequential(nn.Linear(in_dim, out_dim))
+
+
+def _present(modalities: list[str], inputs: dict[str, Tensor]) -> list[str]:
+    """The model's modalities found in `inputs`, in model order; other keys are ignored (e.g. a teacher's)."""
+    return [m for m in modalities if m in inputs]
+
+
+def _check_known(modalities: list[str], names: list[str]) -> None:
+    unknown = [m for m in names if m not in modalities]
+    if unknown:
+        raise KeyError(f"modalities {unknown} are not modalities of this model ({modalities})")
+
+
+def _stacked_linear(layers: list[nn.Linear], x: Tensor) -> Tensor:
+    """G Linear layers of one shape on x [G, B, in] → [G, B, out], as one batched matmul."""
+    weight = torch.stack([layer.weight for layer in layers]).transpose(1, 2)
+    bias = torch.stack([layer.bias for layer in layers]).unsqueeze(1)
+    return torch.baddbmm(bias, x, weight)
+
+
+def _stacked_head(heads: list[nn.Sequential], x: Tensor) -> Tensor:
+    """G heads from `make_head` (same shape) on x [G, B, in]."""
+    for i, layer in enumerate(heads[0]):
+        if isinstance(layer, nn.Linear):
+            x = _stacked_linear([head[i] for head in heads], x)  # type: ignore[misc]
+        else:
+            x = F.relu(x)
+    return x
+
+
+class MDiCo(nn.Module):
+    """Multi-modal disentanglement for co-learning (Mena et al. 2025).
+
+    Per modality m: a unique encoder (output split into z_spe | z_unu), a common encoder + projection
+    (z_sha), and a head P_m on [z_spe ; z_sha]. Shared by all modalities: an auxiliary head (on z_spe
+    and on z_sha alone) and two modality classifiers, on z_spe and on `second_classifier_on`
+    ("unused": z_unu, the paper; "shared": z_sha, the public code's behaviour, kept for comparison).
+    Inference with modality m needs only m's input.
+
+    `fused=True` runs the TempCNNs of all present modalities (unique and common together) as grouped
+    convolutions and the per-modality projections / heads as batched matmuls: the same parameters and
+    the same numbers (up to float rounding), at a fraction of the op count. `fused=False` is the plain loop.
+    """
+
+    def __init__(
+        self,
+        inputs: dict[str, ModalityInput],
+        cfg: ModelConfig,
+        out_dim: int,
+        second_classifier_on: str = "unused",
+        fused: bool = True,
+    ):
+        super().__init__()
+        if second_classifier_on not in SECOND_CLASSIFIER:
+            raise ValueError(f"second_classifier_on must be one of {list(SECOND_CLASSIFIER)}, got {second_classifier_on!r}")
+        if cfg.embedding_dim < 2 or cfg.embedding_dim % 2:
+            raise ValueError(f"embedding_dim must be even and ≥ 2 (it is split in halves), got {cfg.embedding_dim}")
+        if not inputs:
+            raise ValueError("MDiCo needs at least one modality")
+        self.modalities: list[str] = list(inputs)
+        self.second_classifier_on = second_classifier_on
+        self.fused = fused
+        emb = cfg.embedding_dim
+        self.half = emb // 2
+        self.unique = nn.ModuleDict({m: build_encoder(cfg.encoder_for(m), inp, emb) for m, inp in inputs.items()})
+        self.common = nn.ModuleDict({m: build_encoder(cfg.encoder_for(m), inp, emb) for m, inp in inputs.items()})
+        self.project = nn.ModuleDict(
+            {m: nn.Sequential(nn.Linear(emb, self.half), nn.BatchNorm1d(self.half), nn.ReLU()) for m in inputs}
+        )
+        self.heads = nn.ModuleDict({m: make_head(emb, out_dim, cfg.head_hidden) for m in inputs})
+        self.aux_head = make_head(self.half, out_dim, cfg.head_hidden)
+        self.mod_spe = nn.Linear(self.half, len(inputs))
+        self.mod_second = nn.Linear(self.half, len(inputs))
+
+    # ------------------------------------------------------------------------------------- encoding
+    def _encode_plain(self, inputs: dict[str, Tensor], names: list[str], month: Optional[Tensor]):
+        unique = {m: self.unique[m](inputs[m], month) for m in names}
+        common = {m: self.common[m](inputs[m], month) for m in names}
+        return unique, common
+
+    def _encode_fused(self, inputs: dict[str, Tensor], names: list[str], month: Optional[Tensor]):
+        out: dict[tuple[str, str], Tensor] = {}
+        groups: dict[tuple, list[tuple[tuple[str, str], nn.Module | None, nn.Module]]] = {}
+        for m in names:
+            for role, encoders in (("unique", self.unique), ("common", self.common)):
+                parts = tempcnn_core(encoders[m])
+                if parts is None:
+                    out[(role, m)] = encoders[m](inputs[m], month)
+                else:
+                    embed, core = parts
+                    groups.setdefault(fusion_key(core), []).append(((role, m), embed, core))
+        for members in groups.values():
+            if len(members) == 1:
+                (key, embed, core), = members
+                x = inputs[key[1]]
+                out[key] = core(embed(x) if embed is not None else x)
+                continue
+            xs = [embed(inputs[key[1]]) if embed is not None else inputs[key[1]] for key, embed, _ in members]
+            ys = fused_tempcnn([core for _, _, core in members], xs)  # type: ignore[misc]
+            out.update({key: y for (key, _, _), y in zip(members, ys.unbind(0))})
+        return {m: out[("unique", m)] for m in names}, {m: out[("common", m)] for m in names}
+
+    def _project(self, names: list[str], common: dict[str, Tensor]) -> dict[str, Tensor]:
+        if not self.fused or len(names) < 2:
+            return {m: self.project[m](common[m]) for m in names}
+        linears = [self.project[m][0] for m in names]
+        y = _stacked_linear(linears, torch.stack([common[m] for m in names]))  # [M, B, half]
+        y = F.relu(group_batch_norm([self.project[m][1] for m in names], y))
+        return dict(zip(names, y.unbind(0)))
+
+    def _heads(self, names: list[str], spe: dict[str, Tensor], sha: dict[str, Tensor]) -> dict[str, Tensor]:
+        if not self.fused or len(names) < 2:
+            return {m: self.heads[m](torch.cat([spe[m], sha[m]], dim=1)) for m in names}
+        x = torch.stack([torch.cat([spe[m], sha[m]], dim=1) for m in names])
+        y = _stacked_head([self.heads[m] for m in names], x)  # type: ignore[misc]
+        return dict(zip(names, y.unbind(0)))
+
+    def _embed(self, inputs: dict[str, Tensor], names: list[str], month: Optional[Tensor]):
+        encode = self._encode_fused if self.fused else self._encode_plain
+        unique, common = encode(inputs, names, month)
+        spe = {m: unique[m][:, : self.half] for m in names}
+        unu = {m: unique[m][:, self.half :] for m in names}
+        return spe, unu, self._project(names, common)
+
+    # ------------------------------------------------------------------------------------- public
+    def forward(self, inputs: dict[str, Tensor], month: Optional[Tensor] = None) -> dict[str, dict[str, Tensor]]:
+        """Every MDiCo output for the modalities present in `inputs` (the objective needs all of them)."""
+        names = _present(self.modalities, inputs)
+        if not names:
+            raise KeyError(f"inputs hold none of the model's modalities {self.modalities} (got {list(inputs)})")
+        spe, unu, sha = self._embed(inputs, names, month)
+        second = unu if self.second_classifier_on == "unused" else sha
+        out: dict[str, dict[str, Tensor]] = {
+            "pred": self._heads(names, spe, sha),
+            "z_spe": spe,
+            "z_unu": unu,
+            "z_sha": sha,
+        }
+        # The shared heads see every modality's rows in one call: same result, fewer ops.
+        sizes = [spe[m].shape[0] for m in names]
+        aux = self.aux_head(torch.cat([spe[m] for m in names] + [sha[m] for m in names])).split(sizes + sizes)
+        mod_spe = self.mod_spe(torch.cat([spe[m] for m in names])).split(sizes)
+        mod_second = self.mod_second(torch.cat([second[m] for m in names])).split(sizes)
+        n = len(names)
+        out["aux_spe"] = dict(zip(names, aux[:n]))
+        out["aux_sha"] = dict(zip(names, aux[n:]))
+        out["mod_spe"] = dict(zip(names, mod_spe))
+        out["mod_second"] = dict(zip(names, mod_second))
+        return out
+
+    def predict(self, inputs: dict[str, Tensor], month: Optional[Tensor] = None, modalities: Optional[list[str]] = None) -> Tensor:
+        """Mean of the heads P_m over `modalities` (default: those in `inputs`): any subset of sensors.
+        Raw outputs (logits / regression values) are averaged; apply softmax / sigmoid afterwards."""
+        names = _present(self.modalities, inputs) if modalities is None else list(modalities)
+        _check_known(self.modalities, names)
+        absent = [m for m in names if m not in inputs]
+        if absent or not names:
+            raise KeyError(f"predict needs inputs for {absent or 'at least one modality'} (got {list(inputs)})")
+        spe, _, sha = self._embed(inputs, names, month)
+        preds = self._heads(names, spe, sha)
+        return torch.stack([preds[m] for m in names]).mean(dim=0)
+
+
+class FusionModel(nn.Module):
+    """Early fusion of `modalities` into one encoder: the single-sensor baseline (one modality), all-sensor
+    fusion, sensor dropout and the distillation student.
+
+    Time series of equal length T are concatenated along channels (categorical → embedding first, static
+    → repeated over T). If the time-indexed modalities have different T there is no common time axis to
+    concatenate on, so it falls back to late fusion: one encoder per modality, embeddings concatenated.
+
+    A sensor that is dropped (training, `sensor_dropout`) or absent (`predict`) has its normalised input
+    set to zero — for a categorical sensor, every step set to missing, whose embedding is zero — so what
+    the model saw in training is exactly what a missing sensor looks like at inference.
+    """
+
+    def __init__(
+        self,
+        inputs: dict[str, ModalityInput],
+        cfg: ModelConfig,
+        out_dim: int,
+        modalities: list[str],
+        sensor_dropout: float = 0.0,
+    ):
+        super().__init__()
+        if not modalities:
+            raise ValueError("FusionModel needs at least one modality")
+        _check_known(list(inputs), list(modalities))
+        if not 0.0 <= sensor_dropout < 1.0:
+            raise ValueError(f"sensor_dropout must be in [0, 1), got {sensor_dropout}")
+        self.modalities: list[str] = list(modalities)
+        self.inputs = {m: inputs[m] for m in self.modalities}
+        self.sensor_dropout = sensor_dropout
+        emb = cfg.embedding_dim
+        # One sensor: the same encoder MDiCo gives it, so the baseline compares like with like.
+        enc_cfg = cfg.encoder_for(self.modalities[0]) if len(self.modalities) == 1 else cfg.encoder_for("fusion")
+        steps = {inp.steps for inp in self.inputs.values() if inp.kind != "static"}
+        self.early = len(steps) <= 1
+        if self.early:
+            t = steps.pop() if steps else None
+            self.embeds = nn.ModuleDict(
+                {
+                    m: CategoricalEmbedding(inp.num_classes, enc_cfg.categorical_dim, inp.missing_value)  # type: ignore[arg-type]
+                    for m, inp in self.inputs.items()
+                    if inp.kind == "categorical"
+                }
+            )
+            width = sum(enc_cfg.categorical_dim if inp.kind == "categorical" else inp.channels for inp in self.inputs.values())
+            fused = ModalityInput("+".join(self.modalities), "series" if t else "static", t, width)
+            self.steps = t
+            self.encoder = build_encoder(enc_cfg, fused, emb)
+            head_in = emb
+        else:
+            self.encoders = nn.ModuleDict({m: build_encoder(cfg.encoder_for(m), inp, emb) for m, inp in self.inputs.items()})
+            head_in = emb * len(self.modalities)
+        self.head = make_head(head_in, out_dim, cfg.head_hidden)
+
+    def sensor_mask(self, batch_size: int, count: int, device: torch.device | None = None) -> Tensor:
+        """[B, count] bool: which sensors each sample keeps; each dropped with p = sensor_dropout, ≥ 1 kept."""
+        keep = torch.rand(batch_size, count, device=device) >= self.sensor_dropout
+        forced = F.one_hot(torch.randint(count, (batch_size,), device=device), count).bool()
+        return keep | (forced & ~keep.any(dim=1, keepdim=True))
+
+    def _masked(self, m: str, x: Optional[Tensor], like: Tensor, keep: Optional[Tensor]) -> Tensor:
+        """Modality m's input with dropped samples (keep False) or the whole of it (x None) blanked."""
+        inp = self.inputs[m]
+        blank = -1 if inp.kind == "categorical" else 0.0  # -1: an out-of-range code, embedded as "missing"
+        if x is None:
+            shape = (like.shape[0],) + ((inp.channels,) if inp.kind == "static" else (inp.steps,) if inp.kind == "categorical" else (inp.steps, inp.channels))
+            dtype = torch.long if inp.kind == "categorical" else torch.float32
+            return torch.full(shape, blank, dtype=dtype, device=like.device)  # type: ignore[arg-type]
+        if keep is None:
+            return x
+        return x.masked_fill(~keep.view((-1,) + (1,) * (x.dim() - 1)), blank)
+
+    def _run(self, inputs: dict[str, Tensor], names: list[str], keep: Optional[Tensor], month: Optional[Tensor]) -> Tensor:
+        like = inputs[names[0]]
+        xs = {}
+        for m in self.modalities:
+            k = keep[:, names.index(m)] if keep is not None and m in names else None
+            xs[m] = self._masked(m, inputs[m] if m in names else None, like, k)
+        if not self.early:
+            z = torch.cat([self.encoders[m](xs[m], month) for m in self.modalities], dim=1)
+            return self.head(z)
+        parts = []
+        for m in self.modalities:
+            kind = self.inputs[m].kind
+            x = self.embeds[m](xs[m]) if kind == "categorical" else xs[m]
+            if kind == "static" and self.steps is not None:
+                x = x.unsqueeze(1).expand(-1, self.steps, -1)
+            parts.append(x.to(torch.float32))
+        return self.head(self.encoder(torch.cat(parts, dim=-1), month))
+
+    def forward(self, inputs: dict[str, Tensor], month: Optional[Tensor] = None) -> dict[str, Tensor]:
+        names = _present(self.modalities, inputs)
+        if not names:
+            raise KeyError(f"inputs hold none of the model's modalities {self.modalities} (got {list(inputs)})")
+        keep = None
+        if self.training and self.sensor_dropout > 0 and len(names) > 1:
+            keep = self.sensor_mask(inputs[names[0]].shape[0], len(names), inputs[names[0]].device)
+        return {"pred": self._run(inputs, names, keep, month)}
+
+    def predict(self, inputs: dict[str, Tensor], month: Optional[Tensor] = None, modalities: Optional[list[str]] = None) -> Tensor:
+        """Prediction from `modalities` (default: those in `inputs`); every other sensor is blanked."""
+        if modalities is not None:
+            _check_known(self.modalities, list(modalities))
+        wanted = self.modalities if modalities is None else list(modalities)
+        names = [m for m in self.modalities if m in wanted and m in inputs]
+        if not names:
+            raise KeyError(f"predict needs an input for at least one of {wanted} (got {list(inputs)})")
+        return self._run(inputs, names, None, month)
+
+
+def build_model(cfg: ModelConfig, inputs: dict[str, ModalityInput], out_dim: int, second_classifier_on: str = "unused") -> nn.Module:
+    """The model for `cfg.method`; distill builds the student only (the engine loads the fusion teacher)."""
+    if cfg.method == "mdico":
+        return MDiCo(inputs, cfg, out_dim, second_classifier_on=second_classifier_on)
+    if cfg.method in ("single", "distill"):
+        if not cfg.modality or cfg.modality not in inputs:
+            raise KeyError(f"model.modality {cfg.modality!r} must name one of {list(inputs)} for method {cfg.method!r}")
+        return FusionModel(inputs, cfg, out_dim, [cfg.modality])
+    if cfg.method == "fusion":
+        return FusionModel(inputs, cfg, out_dim, list(inputs))
+    if cfg.method == "dropout":
+        return FusionModel(inputs, cfg, out_dim, list(inputs), sensor_dropout=cfg.sensor_dropout)
+    raise ValueError(f"unknown method {cfg.method!r}")
+
+
+__all__ = ["FusionModel", "MDiCo", "OUTPUT_KEYS", "build_model", "make_head"]

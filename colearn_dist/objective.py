@@ -1,0 +1,344 @@
+"""Task losses, NT-Xent on all-gathered embeddings, the MDiCo objective and distillation.
+
+Exact global averaging
+----------------------
+DeepSpeed averages parameter gradients over ranks (divides by the world size W), and local batches
+may differ in size between ranks. Every term is therefore computed in *rank-contribution* form,
+
+    contribution_r = (sum of per-sample losses on rank r) / (global normaliser),
+
+where the normaliser (global sample count, or global sum of class weights for weighted CE) comes
+from one all-reduce. The global value of a term is the SUM of the contributions over ranks. The
+objectives return
+
+* `loss = W × Σ_terms contribution_r` — for backward. Its mean over ranks is the global loss and,
+  after DeepSpeed's 1/W gradient averaging, the gradients are exactly those of one process
+  holding the whole global batch (world 2 × batch b ≡ world 1 × batch 2b, also for uneven b).
+* a dict of DETACHED contributions (every term and total) — the engine all-reduce-SUMS them
+  to log global values.
+
+Objectives contain collectives (normaliser all-reduce, embedding all-gather): every rank must call
+them, with the same modalities, and backpropagate, in the same order.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .config import ObjectiveConfig
+from .distributed import all_reduce_sum, gather_with_grad, world_size
+
+TASKS = ("binary", "multiclass", "multilabel", "regression")
+
+
+def _get(obj: Any, name: str, default: Any = None) -> Any:
+    """Manifest field from an object or a mapping (the loader's manifest type may be either)."""
+    if isinstance(obj, Mapping):
+        return obj.get(name, default)
+    return getattr(obj, name, default)
+
+
+def inverse_frequency_weights(counts: list[int] | Tensor) -> Tensor:
+    """Class weights ∝ 1/count, normalised to mean 1, so rare classes are not drowned out.
+
+    A class absent from train is given the count 1 (the largest weight) rather than an infinite one;
+    it never occurs in training targets, so this only keeps validation losses finite.
+    """
+    counts = torch.as_tensor(counts, dtype=torch.float64).clamp_min(1.0)
+    w = 1.0 / counts
+    return (w / w.mean()).to(torch.float32)
+
+
+@dataclass
+class TaskSpec:
+    """What the prediction heads predict and how their outputs map back to target units.
+
+    Models output standardised values (regression) or logits (classification); the loss works in
+    those units and `to_target_units` converts for metrics and export.
+    """
+
+    task: str
+    num_outputs: int
+    # per-class weights for cross-entropy (binary / multiclass); None = unweighted
+    class_weights: Tensor | None = None
+    target_mean: float = 0.0
+    target_std: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.task not in TASKS:
+            raise ValueError(f"task must be one of {TASKS}, got {self.task!r}")
+        if self.task == "regression" and self.num_outputs != 1:
+            raise ValueError(f"regression has 1 output, got num_outputs={self.num_outputs}")
+        if self.task == "binary" and self.num_outputs != 2:
+            raise ValueError(f"binary uses 2 logits (softmax cross-entropy), got num_outputs={self.num_outputs}")
+        if self.class_weights is not None:
+            self.class_weights = torch.as_tensor(self.class_weights, dtype=torch.float32)
+            if self.class_weights.shape != (self.num_outputs,):
+                raise ValueError(f"class_weights has shape {tuple(self.class_weights.shape)}, expected ({self.num_outputs},)")
+        if not self.target_std > 0:  # also catches NaN
+            raise ValueError(f"target_std must be > 0, got {self.target_std}")
+
+    @classmethod
+    def from_manifest(cls, manifest: Any) -> "TaskSpec":
+        """Spec from a shard manifest (`task`, `class_names`, `target_shape`, `target_stats`)."""
+        task = _get(manifest, "task")
+        stats = _get(manifest, "target_stats") or {}
+        names = list(_get(manifest, "class_names") or [])
+        if task == "regression":
+            std = float(stats.get("std", 1.0))
+            # a constant target would divide by zero; std 1 leaves it merely centred
+            return cls(task, 1, None, float(stats.get("mean", 0.0)), std if std > 0 else 1.0)
+        if task in ("binary", "multiclass"):
+            counts = stats.get("class_counts")
+            k = len(names) or (len(counts) if counts is not None else 0)
+            if task == "binary":
+                k = 2
+            if k < 2:
+                raise ValueError(f"{task} manifest needs class_names or target_stats.class_counts")
+            weights = inverse_frequency_weights(counts) if counts is not None else None
+            return cls(task, k, weights)
+        if task == "multilabel":
+            shape = list(_get(manifest, "target_shape") or [])
+            k = len(names) or (int(shape[-1]) if shape else len(stats.get("positive_counts", [])))
+            if k < 1:
+                raise ValueError("multilabel manifest needs class_names or target_shape")
+            # plain BCE: label frequencies are kept in the manifest for metrics, not reweighted here
+            return cls(task, k, None)
+        raise ValueError(f"manifest task must be one of {TASKS}, got {task!r}")
+
+    def standardise(self, target: Tensor) -> Tensor:
+        return (_upcast(target) - self.target_mean) / self.target_std
+
+    def to_target_units(self, pred: Tensor) -> Tensor:
+        """Regression: [B] in raw units; binary/multiclass: softmax probabilities; multilabel: sigmoid."""
+        pred = _upcast(pred)
+        if self.task == "regression":
+            return pred.reshape(pred.shape[0], -1)[:, 0] * self.target_std + self.target_mean
+        if self.task == "multilabel":
+            return torch.sigmoid(pred)
+        return torch.softmax(pred, dim=-1)
+
+    def sample_weights(self, target: Tensor) -> Tensor:
+        """Per-sample weight: the class weight of its target for weighted CE, else 1."""
+        if self.class_weights is not None and self.task in ("binary", "multiclass"):
+            return self.class_weights.to(target.device)[target.long()]
+        return torch.ones(target.shape[0], dtype=torch.float32, device=target.device)
+
+    def sample_losses(self, pred: Tensor, target: Tensor) -> Tensor:
+        """Unweighted per-sample task loss [B] (CE, BCE-with-logits mean over labels, MSE standardised)."""
+        pred = _upcast(pred)
+        if self.task == "regression":
+            pred = pred.reshape(pred.shape[0], -1)
+            if pred.shape[1] != 1:
+                raise ValueError(f"regression prediction must be [B, 1] or [B], got {tuple(pred.shape)}")
+            return (pred[:, 0] - self.standardise(target).to(pred.dtype)) ** 2
+        if self.task == "multilabel":
+            return F.binary_cross_entropy_with_logits(pred, target.to(pred.dtype), reduction="none").mean(dim=1)
+        return F.cross_entropy(pred, target.long(), reduction="none")
+
+
+def _upcast(x: Tensor) -> Tensor:
+    """Losses in at least float32 (bf16/fp16 logsumexp and sums lose too much); float64 is kept."""
+    return x if x.dtype == torch.float64 else x.float()
+
+
+def _global_normalisers(n: int, weights: Tensor) -> tuple[Tensor, Tensor]:
+    """Global sample count and global weight sum in ONE all-reduce, in float64 so that the
+    normaliser does not depend on how the batch is split over ranks."""
+    local = torch.stack([torch.tensor(float(n), dtype=torch.float64, device=weights.device), weights.double().sum()])
+    total = all_reduce_sum(local)
+    return total[0].clamp_min(1.0), total[1].clamp_min(1e-12)
+
+
+def _task_contribution(spec: TaskSpec, pred: Tensor, target: Tensor, weights: Tensor, weight_sum: Tensor) -> Tensor:
+    s = (spec.sample_losses(pred, target) * weights).sum()
+    return s / weight_sum.to(s.dtype)
+
+
+def _nt_xent_sums(za: Tensor, zb: Tensor, ga: Tensor, gb: Tensor, offset: int, temperature: float) -> Tensor:
+    """Sum of the NT-Xent losses of this rank's 2n anchors against the 2N global candidates.
+
+    `za`, `zb` local L2-normalised rows; `ga`, `gb` their global gathers (rows offset..offset+n are
+    this rank's). Candidates are [ga; gb]; for anchor i of a the positive is row i of b, the self
+    similarity is excluded, every other row of both modalities is a negative (SimCLR 2N form).
+    """
+    n, big_n = za.shape[0], ga.shape[0]
+    queries = torch.cat([za, zb], dim=0)
+    keys = torch.cat([ga, gb], dim=0)
+    logits = queries @ keys.T / temperature
+    local = torch.arange(n, device=za.device) + offset
+    self_col = torch.cat([local, local + big_n])
+    pos_col = torch.cat([local + big_n, local])
+    rows = torch.arange(2 * n, device=za.device)
+    logits = logits.masked_fill(F.one_hot(self_col, 2 * big_n).bool(), float("-inf"))
+    return (torch.logsumexp(logits, dim=1) - logits[rows, pos_col]).sum()
+
+
+def nt_xent(z_a: Tensor, z_b: Tensor, temperature: float = 0.1) -> Tensor:
+    """Symmetric NT-Xent between paired embeddings over the global batch, in rank-contribution form.
+
+    Single process: the mean over the 2N anchors, identical to pytorch-metric-learning's
+    `SelfSupervisedLoss(NTXentLoss(temperature), symmetric=True)`. Distributed: this rank's share;
+    the sum over ranks is the global value (collective: every rank must call it).
+    """
+    za = F.normalize(_upcast(z_a), dim=1)
+    zb = F.normalize(_upcast(z_b), dim=1)
+    ga, offset = gather_with_grad(za)
+    gb, _ = gather_with_grad(zb)
+    return _nt_xent_sums(za, zb, ga, gb, offset, temperature) / (2 * ga.shape[0])
+
+
+def _require(out: Mapping[str, Any], key: str, modality: str) -> Tensor:
+    try:
+        return out[key][modality]
+    except KeyError as exc:
+        raise KeyError(f"model output {key!r} has no entry for modality {modality!r}") from exc
+
+
+class MDiCoObjective:
+    """main·L_main + aux·L_aux + con·L_con + mod·L_mod (Mena et al. 2025).
+
+    * L_main: task loss of each modality's prediction P_m, mean over modalities.
+    * L_aux: task loss of the shared auxiliary head on z_spe and on z_sha, mean over the 2·M
+      (modality, input) terms — an average rather than a sum so that `aux` weighs the same as `main`.
+    * L_con: NT-Xent between z_sha of every unordered modality pair over the global batch, mean over
+      pairs ("normalised"); "reference" adds both ordered pairs (2 × the sum), as the public code.
+    * L_mod: cross-entropy of the modality classifiers on z_spe (mod_spe) and on z_unu / z_sha
+      (mod_second), target the modality's index in `modalities` (must be the model's order), mean
+      over the 2·M terms.
+    Every term uses all samples of the batch (the model decides what a missing sensor looks like).
+    """
+
+    def __init__(self, cfg: ObjectiveConfig, spec: TaskSpec, modalities: list[str]) -> None:
+        if len(modalities) < 2:
+            raise ValueError(f"MDiCo needs at least 2 modalities, got {modalities}")
+        if cfg.contrastive_pairs not in ("normalised", "reference"):
+            raise ValueError(f"contrastive_pairs must be 'normalised' or 'reference', got {cfg.contrastive_pairs!r}")
+        self.cfg = cfg
+        self.spec = spec
+        self.modalities = list(modalities)
+        self.pairs = list(itertools.combinations(self.modalities, 2))
+
+    def __call__(self, out: Mapping[str, Any], batch: Mapping[str, Any]) -> tuple[Tensor, dict[str, Tensor]]:
+        spec, cfg, mods = self.spec, self.cfg, self.modalities
+        target = batch["target"]
+        n = target.shape[0]
+        weights = spec.sample_weights(target)
+        count, weight_sum = _global_normalisers(n, weights)
+        terms: dict[str, Tensor] = {}
+
+        for m in mods:
+            terms[f"main/{m}"] = _task_contribution(spec, _require(out, "pred", m), target, weights, weight_sum)
+        for m in mods:
+            terms[f"aux_spe/{m}"] = _task_contribution(spec, _require(out, "aux_spe", m), target, weights, weight_sum)
+            terms[f"aux_sha/{m}"] = _task_contribution(spec, _require(out, "aux_sha", m), target, weights, weight_sum)
+        for i, m in enumerate(mods):
+            for key in ("mod_spe", "mod_second"):
+                logits = _upcast(_require(out, key, m))
+                cls = torch.full((n,), i, dtype=torch.long, device=logits.device)
+                terms[f"{key}/{m}"] = F.cross_entropy(logits, cls, reduction="sum") / count.to(logits.dtype)
+
+        # gather each modality once; every pair reuses it
+        local = {m: F.normalize(_upcast(_require(out, "z_sha", m)), dim=1) for m in mods}
+        gathered = {m: gather_with_grad(local[m]) for m in mods}
+        for a, b in self.pairs:
+            (ga, offset), (gb, _) = gathered[a], gathered[b]
+            s = _nt_xent_sums(local[a], local[b], ga, gb, offset, cfg.temperature)
+            terms[f"con/{a}-{b}"] = s / (2 * ga.shape[0])
+
+        num_m = len(mods)
+        main = sum(terms[f"main/{m}"] for m in mods) / num_m
+        aux = sum(terms[f"aux_spe/{m}"] + terms[f"aux_sha/{m}"] for m in mods) / (2 * num_m)
+        mod = sum(terms[f"mod_spe/{m}"] + terms[f"mod_second/{m}"] for m in mods) / (2 * num_m)
+        con_sum = sum(terms[f"con/{a}-{b}"] for a, b in self.pairs)
+        con = 2 * con_sum if cfg.contrastive_pairs == "reference" else con_sum / len(self.pairs)
+        total = cfg.main * main + cfg.aux * aux + cfg.con * con + cfg.mod * mod
+
+        logs = {k: v.detach() for k, v in terms.items()}
+        logs.update(main=main.detach(), aux=aux.detach(), con=con.detach(), mod=mod.detach(), loss=total.detach())
+        return total * world_size(), logs
+
+
+class SupervisedObjective:
+    """Task loss on out["pred"] (single sensor, early fusion, sensor dropout)."""
+
+    def __init__(self, spec: TaskSpec) -> None:
+        self.spec = spec
+
+    def __call__(self, out: Mapping[str, Any], batch: Mapping[str, Any]) -> tuple[Tensor, dict[str, Tensor]]:
+        target = batch["target"]
+        weights = self.spec.sample_weights(target)
+        _, weight_sum = _global_normalisers(target.shape[0], weights)
+        main = _task_contribution(self.spec, out["pred"], target, weights, weight_sum)
+        return main * world_size(), {"main": main.detach(), "loss": main.detach()}
+
+
+class DistillObjective:
+    """Task loss + weight × distillation towards a teacher's predictions (batch["teacher_pred"]).
+
+    `teacher_pred` is the teacher's raw output, in the student's units (standardised values or
+    logits, same shape as out["pred"]); it is detached here. The distillation term is
+    regression: MSE between the standardised predictions; binary/multiclass: T²·KL(teacher‖student)
+    at temperature T (T² keeps its gradient scale independent of T, Hinton et al.); multilabel: BCE
+    of the student logits against the teacher's sigmoid. It is averaged over the global sample count.
+    """
+
+    def __init__(self, spec: TaskSpec, weight: float = 1.0, temperature: float = 2.0) -> None:
+        if temperature <= 0:
+            raise ValueError(f"distillation temperature must be > 0, got {temperature}")
+        self.spec = spec
+        self.weight = float(weight)
+        self.temperature = float(temperature)
+
+    def sample_distill(self, student: Tensor, teacher: Tensor) -> Tensor:
+        """Per-sample distillation loss [B]."""
+        s = _upcast(student)
+        t = teacher.detach().to(s.dtype)
+        if self.spec.task == "regression":
+            return ((s.reshape(s.shape[0], -1) - t.reshape(t.shape[0], -1)) ** 2).mean(dim=1)
+        if self.spec.task == "multilabel":
+            return F.binary_cross_entropy_with_logits(s, torch.sigmoid(t), reduction="none").mean(dim=1)
+        temp = self.temperature
+        log_ps = F.log_softmax(s / temp, dim=-1)
+        log_pt = F.log_softmax(t / temp, dim=-1)
+        return (log_pt.exp() * (log_pt - log_ps)).sum(dim=-1) * temp**2
+
+    def __call__(self, out: Mapping[str, Any], batch: Mapping[str, Any]) -> tuple[Tensor, dict[str, Tensor]]:
+        target = batch["target"]
+        if "teacher_pred" not in batch:
+            raise KeyError("distillation needs batch['teacher_pred'] (the teacher's predictions)")
+        weights = self.spec.sample_weights(target)
+        count, weight_sum = _global_normalisers(target.shape[0], weights)
+        main = _task_contribution(self.spec, out["pred"], target, weights, weight_sum)
+        d = self.sample_distill(out["pred"], batch["teacher_pred"]).sum()
+        distill = d / count.to(d.dtype)
+        total = main + self.weight * distill
+        logs = {"main": main.detach(), "distill": distill.detach(), "loss": total.detach()}
+        return total * world_size(), logs
+
+
+Objective = MDiCoObjective | SupervisedObjective | DistillObjective
+
+
+def build_objective(
+    method: str,
+    cfg: ObjectiveConfig,
+    spec: TaskSpec,
+    modalities: list[str],
+    distill_weight: float = 1.0,
+    distill_temperature: float = 2.0,
+) -> Objective:
+    """The objective of a training method (`ModelConfig.method`)."""
+    if method == "mdico":
+        return MDiCoObjective(cfg, spec, modalities)
+    if method in ("single", "fusion", "dropout"):
+        return SupervisedObjective(spec)
+    if method == "distill":
+        return DistillObjective(spec, distill_weight, distill_temperature)
+    raise ValueError(f"unknown method {method!r}; expected mdico, single, fusion, dropout or distill")

@@ -1,0 +1,755 @@
+"""Archive -> WebDataset tar shards + `manifest.json` (format: docs/DESIGN.md "Shards", shards/README.md).
+
+Why it is built this way:
+
+* Deterministic to the byte: same archive + seed -> same files, whatever the number of workers, so
+  a shard's sha256 identifies its content and a rerun can be checked with `verify_shards`.
+  Every random draw comes from its own seed stream ([seed, purpose, split, window]), tars are
+  written with fixed TarInfo fields, and results are merged in a fixed order.
+* Bounded memory: a split's sorted rows are cut into windows of `shuffle_window` samples; a
+  worker reads one window from zarr (in chunk-aligned blocks), shuffles it, writes its shards and
+  returns only small summaries (shard name, count, sha256, per-band sums). Nothing holds all data.
+* The manifest is written last and atomically, so a directory with a manifest is complete.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import multiprocessing
+import os
+import sys
+import tarfile
+from collections import deque
+from concurrent.futures import Future, ProcessPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import zarr
+from tqdm import tqdm
+
+from .archive import SPLIT_CODES, SPLITS, Archive, nan_safe_mean_std, open_archive
+
+FORMAT = "colearn-shards"
+VERSION = 1
+MANIFEST_NAME = "manifest.json"
+KEY_DIGITS = 10
+RESERVED_MEMBERS = ("target", "month", "meta")
+
+# Seed-stream tags, so every random draw is independent of the others and of the worker count.
+_TAG_WINDOW_ORDER = 1
+_TAG_WINDOW_SHUFFLE = 2
+_TAG_VAL = 3
+
+
+class ShardError(ValueError):
+    """Shards or a manifest that cannot be used; the message names the file and the problem."""
+
+
+def shard_name(split: str, k: int) -> str:
+    return f"{split}-{k:06d}.tar"
+
+
+def sample_key(index: int) -> str:
+    """The WebDataset key of an archive row; fixed width so keys sort like rows."""
+    return f"{int(index):0{KEY_DIGITS}d}"
+
+
+# --------------------------------------------------------------------------------------------
+# Manifest
+
+
+@dataclass
+class Manifest:
+    """The parsed `manifest.json`: everything the loader and the model builder need about the shards.
+
+    Fields (JSON key in brackets where it differs):
+
+    * `path`: the shard directory (not stored; where the manifest was read from / written to).
+    * `task`: "binary" | "multiclass" | "multilabel" | "regression"; `class_names`: list[str].
+    * `target_name`, `target_unit`: str; `target_shape`: [] (one value per sample) or [K] (multilabel).
+    * `modalities`: name -> {"kind": "series"|"static"|"categorical", "shape": per-sample shape
+      ([T, C], [C] or [T]), "dtype": numpy dtype name, "bands", "units", "time_step",
+      "num_classes", "missing_value"}; in archive order.
+    * `has_month`: whether each sample has a `month.npy` member (int64 [T], 1..12).
+    * `stats`: modality -> {"mean": [C], "std": [C]} per band (float, NaN-aware, train split only,
+      std floored to 1 for constant bands); categorical modalities are absent.
+    * `target_stats`: regression {"mean", "std"}; binary/multiclass {"class_counts": [K]};
+      multilabel {"positive_counts": [K], "num_samples"}; all on the train split.
+    * `splits`: split -> {"num_samples": n, "shards": [{"name", "num_samples", "sha256"}]} for
+      train, val and test (an empty split has no shards).
+    * `seed`, `samples_per_shard`, `archive` (the archive path), `val_split` (how val was made:
+      {"source": "archive"|"carved"|"none", "by": "group"|"random"|null, "fraction", "num_groups"}).
+    """
+
+    path: Path
+    task: str
+    class_names: list[str]
+    target_name: str
+    target_unit: str
+    target_shape: list[int]
+    modalities: dict[str, dict[str, Any]]
+    has_month: bool
+    stats: dict[str, dict[str, list[float]]]
+    target_stats: dict[str, Any]
+    splits: dict[str, dict[str, Any]]
+    seed: int
+    samples_per_shard: int
+    archive: str = ""
+    val_split: dict[str, Any] = field(default_factory=dict)
+    version: int = VERSION
+
+    def shard_paths(self, split: str) -> list[Path]:
+        """Shard files of a split in shard order (empty list for an empty split)."""
+        self._check_split(split)
+        return [self.path / s["name"] for s in self.splits[split]["shards"]]
+
+    def split_size(self, split: str) -> int:
+        self._check_split(split)
+        return int(self.splits[split]["num_samples"])
+
+    def shard_sizes(self, split: str) -> list[int]:
+        """Samples per shard, for splitting shards evenly over ranks and loader workers."""
+        self._check_split(split)
+        return [int(s["num_samples"]) for s in self.splits[split]["shards"]]
+
+    def _check_split(self, split: str) -> None:
+        if split not in self.splits:
+            raise ShardError(f"{self.path / MANIFEST_NAME}: no split {split!r}; splits are {list(self.splits)}")
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "format": FORMAT,
+            "version": self.version,
+            "archive": self.archive,
+            "seed": self.seed,
+            "samples_per_shard": self.samples_per_shard,
+            "task": self.task,
+            "class_names": list(self.class_names),
+            "target_name": self.target_name,
+            "target_unit": self.target_unit,
+            "target_shape": list(self.target_shape),
+            "modalities": self.modalities,
+            "has_month": self.has_month,
+            "stats": self.stats,
+            "target_stats": self.target_stats,
+            "val_split": self.val_split,
+            "splits": self.splits,
+        }
+
+    def summary(self) -> str:
+        """A short human summary, for the CLI."""
+        lines = [f"{self.path}: {self.task} shards of {self.archive or '?'} (seed {self.seed})"]
+        for split, info in self.splits.items():
+            lines.append(f"  {split:<5} {info['num_samples']:>9} samples in {len(info['shards'])} shards")
+        for name, mod in self.modalities.items():
+            lines.append(f"  {name:<8} {mod['kind']:<11} {str(mod['shape']):<10} {mod['dtype']}")
+        return "\n".join(lines)
+
+
+_REQUIRED_KEYS = (
+    "task", "class_names", "target_name", "target_unit", "target_shape", "modalities",
+    "has_month", "stats", "target_stats", "splits", "seed", "samples_per_shard",
+)  # fmt: skip
+
+
+def load_manifest(out_dir: str | Path) -> Manifest:
+    """Read and check `manifest.json` (`out_dir` may also be the manifest file itself)."""
+    out_dir = Path(out_dir)
+    file = out_dir if out_dir.name == MANIFEST_NAME else out_dir / MANIFEST_NAME
+    if not file.exists():
+        raise ShardError(f"{file}: no shard manifest (write shards first: write_shards / `colearn-dist shard`)")
+    try:
+        data = json.loads(file.read_text())
+    except (OSError, ValueError) as exc:
+        raise ShardError(f"{file}: not readable JSON ({exc})") from exc
+    if not isinstance(data, dict) or data.get("format") != FORMAT:
+        got = data.get("format") if isinstance(data, dict) else type(data).__name__
+        raise ShardError(f"{file}: key 'format' is {got!r}, expected {FORMAT!r}")
+    if data.get("version") != VERSION:
+        raise ShardError(f"{file}: key 'version' is {data.get('version')!r}, this code reads version {VERSION}")
+    missing = [k for k in _REQUIRED_KEYS if k not in data]
+    if missing:
+        raise ShardError(f"{file}: missing key(s) {missing}")
+    for split in SPLITS:
+        if split not in data["splits"]:
+            raise ShardError(f"{file}: key 'splits' has no {split!r} entry")
+    return Manifest(
+        path=file.parent,
+        task=data["task"],
+        class_names=list(data["class_names"]),
+        target_name=data["target_name"],
+        target_unit=data["target_unit"],
+        target_shape=list(data["target_shape"]),
+        modalities=dict(data["modalities"]),
+        has_month=bool(data["has_month"]),
+        stats=data["stats"],
+        target_stats=data["target_stats"],
+        splits=data["splits"],
+        seed=int(data["seed"]),
+        samples_per_shard=int(data["samples_per_shard"]),
+        archive=str(data.get("archive", "")),
+        val_split=dict(data.get("val_split") or {}),
+        version=int(data["version"]),
+    )
+
+
+def _write_json_atomic(file: Path, data: dict[str, Any]) -> None:
+    tmp = file.with_name(f".{file.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=2, allow_nan=False) + "\n")
+    os.replace(tmp, file)
+
+
+# --------------------------------------------------------------------------------------------
+# Worker side: one window -> its shards
+
+
+@dataclass
+class _ModInfo:
+    name: str
+    kind: str
+
+
+@dataclass
+class _Window:
+    """One unit of parallel work: a window of one split's rows (sorted), and where its shards start."""
+
+    archive: str
+    out_dir: str
+    split: str
+    window: int
+    rows: np.ndarray
+    ids: np.ndarray
+    group: np.ndarray | None
+    first_shard: int
+    seed: int
+    samples_per_shard: int
+    modalities: list[_ModInfo]
+    task: str
+    has_month: bool
+    with_stats: bool
+
+
+@dataclass
+class _WindowResult:
+    shards: list[tuple[str, int, str]]
+    band_sums: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] | None
+    target_sums: dict[str, Any] | None
+
+
+_GROUPS: dict[tuple[int, str], zarr.Group] = {}
+
+
+def _group(path: str) -> zarr.Group:
+    """One open zarr group per process (keyed by pid, so a forked worker never reuses the parent's)."""
+    key = (os.getpid(), path)
+    if key not in _GROUPS:
+        _GROUPS[key] = zarr.open_group(path, mode="r")
+    return _GROUPS[key]
+
+
+def _take(arr: zarr.Array, rows: np.ndarray) -> np.ndarray:
+    """arr[rows] for sorted rows, reading contiguous slices inside chunk-aligned blocks.
+
+    A window of a sparse split can span much of the archive; reading block by block keeps the
+    memory at one block plus the window, and each zarr chunk is decoded once.
+    """
+    chunk = int(arr.chunks[0])
+    block = chunk * max(1, 8192 // chunk)
+    pieces = []
+    i = 0
+    while i < len(rows):
+        end_of_block = (int(rows[i]) // block + 1) * block
+        j = int(np.searchsorted(rows, end_of_block, side="left"))
+        lo, hi = int(rows[i]), int(rows[j - 1]) + 1
+        data = np.asarray(arr[lo:hi])
+        pieces.append(data[rows[i:j] - lo])
+        i = j
+    if not pieces:
+        return np.empty((0,) + tuple(arr.shape[1:]), dtype=arr.dtype)
+    return np.concatenate(pieces) if len(pieces) > 1 else pieces[0]
+
+
+_HEADERS: dict[tuple[str, tuple[int, ...]], bytes] = {}
+
+
+def _npy_header(dtype: np.dtype, shape: tuple[int, ...]) -> bytes:
+    """The exact bytes np.save writes before the data, cached: saves a np.save call per member."""
+    key = (np.dtype(dtype).str, tuple(shape))
+    if key not in _HEADERS:
+        buf = io.BytesIO()
+        sample = np.zeros(shape, dtype=dtype)
+        np.save(buf, sample, allow_pickle=False)
+        raw = buf.getvalue()
+        _HEADERS[key] = raw[: len(raw) - sample.nbytes]
+    return _HEADERS[key]
+
+
+def _npy_bytes(value: np.ndarray) -> bytes:
+    value = np.asarray(value)
+    if not value.flags.c_contiguous:  # not np.ascontiguousarray: it turns a 0-d target into shape (1,)
+        value = value.copy(order="C")
+    return _npy_header(value.dtype, value.shape) + value.tobytes()
+
+
+def _add(tar: tarfile.TarFile, name: str, payload: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(payload)
+    info.mtime = 0
+    info.mode = 0o644
+    info.uid = info.gid = 0
+    info.uname = info.gname = ""
+    info.type = tarfile.REGTYPE
+    tar.addfile(info, io.BytesIO(payload))
+
+
+def _band_sums(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """NaN-aware float64 sum, sum of squares and count per band (last axis)."""
+    x = x.reshape(-1, x.shape[-1]).astype(np.float64)
+    finite = np.isfinite(x)
+    x = np.where(finite, x, 0.0)
+    return x.sum(axis=0), (x * x).sum(axis=0), finite.sum(axis=0).astype(np.float64)
+
+
+def _target_sums(task: str, target: np.ndarray) -> dict[str, Any]:
+    if task == "regression":
+        s, ss, c = _band_sums(target.reshape(-1, 1))
+        return {"sum": s, "sumsq": ss, "count": c}
+    if task == "multilabel":
+        return {"positive": target.astype(np.int64).sum(axis=0), "num_samples": int(target.shape[0])}
+    return {"counts": np.bincount(target.astype(np.int64).ravel())}
+
+
+def _write_window(w: _Window) -> _WindowResult:
+    """Read one window, shuffle it with its own seed stream, write its shards; return summaries."""
+    root = _group(w.archive)
+    rows = w.rows
+    data = {m.name: _take(root[f"modalities/{m.name}"], rows) for m in w.modalities}
+    target = _take(root["target"], rows)
+    month = _take(root["month"], rows).astype(np.int64) if w.has_month else None
+
+    result = _WindowResult(shards=[], band_sums=None, target_sums=None)
+    if w.with_stats:
+        result.band_sums = {m.name: _band_sums(data[m.name]) for m in w.modalities if m.kind != "categorical"}
+        result.target_sums = _target_sums(w.task, target)
+
+    perm = np.random.default_rng([w.seed, _TAG_WINDOW_SHUFFLE, SPLIT_CODES[w.split], w.window]).permutation(len(rows))
+    float_target = w.task == "regression"
+    out_dir = Path(w.out_dir)
+    for k, start in enumerate(range(0, len(rows), w.samples_per_shard)):
+        name = shard_name(w.split, w.first_shard + k)
+        picked = perm[start : start + w.samples_per_shard]
+        buf = io.BytesIO()
+        with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
+            for i in picked:
+                row = int(rows[i])
+                key = sample_key(row)
+                for m in w.modalities:
+                    _add(tar, f"{key}.{m.name}.npy", _npy_bytes(data[m.name][i]))
+                t = target[i]
+                _add(tar, f"{key}.target.npy", _npy_bytes(np.asarray(t, dtype=np.float32) if float_target else np.asarray(t)))
+                if month is not None:
+                    _add(tar, f"{key}.month.npy", _npy_bytes(month[i]))
+                meta = {
+                    "id": str(w.ids[i]),
+                    "index": row,
+                    "group": None if w.group is None else str(w.group[i]),
+                    "split": w.split,
+                }
+                _add(tar, f"{key}.meta.json", json.dumps(meta).encode("utf-8"))
+        raw = buf.getvalue()
+        tmp = out_dir / f".{name}.tmp"
+        tmp.write_bytes(raw)
+        os.replace(tmp, out_dir / name)
+        result.shards.append((name, len(picked), hashlib.sha256(raw).hexdigest()))
+    return result
+
+
+# --------------------------------------------------------------------------------------------
+# Parent side
+
+
+def _log(message: str) -> None:
+    print(f"write_shards: {message}", file=sys.stderr, flush=True)
+
+
+def _carve_val(archive: Archive, split: np.ndarray, val_fraction: float, seed: int) -> dict[str, Any]:
+    """Move about `val_fraction` of train into val, whole groups at a time when there are groups.
+
+    Changes `split` in place; returns the manifest's `val_split` record.
+    """
+    train_code, val_code = SPLIT_CODES["train"], SPLIT_CODES["val"]
+    if (split == val_code).any():
+        return {"source": "archive", "by": None, "fraction": None, "num_groups": None}
+    if val_fraction <= 0:
+        _log("archive has no val split and val_fraction is 0: no val split")
+        return {"source": "none", "by": None, "fraction": 0.0, "num_groups": None}
+    train = np.flatnonzero(split == train_code)
+    goal = val_fraction * len(train)
+    rng = np.random.default_rng([seed, _TAG_VAL, 0, 0])
+    if archive.group is not None:
+        names, inverse, counts = np.unique(archive.group[train], return_inverse=True, return_counts=True)
+        if len(names) < 2:
+            _log(f"archive has no val split and only {len(names)} group: cannot carve a grouped val split; no val split")
+            return {"source": "none", "by": "group", "fraction": val_fraction, "num_groups": 0}
+        chosen: list[int] = []
+        total = 0
+        for g in rng.permutation(len(names)):
+            if abs(total + counts[g] - goal) < abs(total - goal):
+                chosen.append(int(g))
+                total += int(counts[g])
+        if not chosen:  # every group is bigger than twice the goal: take the one closest to it
+            chosen = [int(np.argmin(np.abs(counts - goal)))]
+        if len(chosen) == len(names):  # keep at least one group for training
+            chosen = chosen[:-1]
+        val_rows = train[np.isin(inverse, chosen)]
+        split[val_rows] = val_code
+        _log(
+            f"archive has no val split: moved {len(val_rows)} of {len(train)} train samples "
+            f"({len(chosen)} of {len(names)} groups) to val, grouped by 'group' "
+            f"(val_fraction={val_fraction}, seed={seed})"
+        )
+        return {"source": "carved", "by": "group", "fraction": val_fraction, "num_groups": len(chosen)}
+    k = int(round(goal))
+    k = min(max(k, 1), len(train) - 1)
+    if k < 1:
+        _log("archive has no val split and too few train samples to carve one; no val split")
+        return {"source": "none", "by": "random", "fraction": val_fraction, "num_groups": None}
+    val_rows = rng.choice(train, size=k, replace=False)
+    split[val_rows] = val_code
+    _log(f"archive has no val split: moved {k} of {len(train)} random train samples to val (val_fraction={val_fraction}, seed={seed})")
+    return {"source": "carved", "by": "random", "fraction": val_fraction, "num_groups": None}
+
+
+def _prepare_out(out: Path, overwrite: bool) -> None:
+    """Refuse to mix two shard sets; with overwrite, remove only files this module writes."""
+    if out.exists() and not out.is_dir():
+        raise ShardError(f"{out}: exists and is not a directory")
+    out.mkdir(parents=True, exist_ok=True)
+    ours = [p for p in out.iterdir() if p.name == MANIFEST_NAME or _is_our_file(p.name)]
+    if ours and not overwrite:
+        raise ShardError(f"{out}: already holds shards ({len(ours)} files; pass overwrite=True / --overwrite to replace them)")
+    for p in ours:
+        p.unlink()
+
+
+def _is_our_file(name: str) -> bool:
+    bare = name[1:-4] if name.startswith(".") and name.endswith(".tmp") else name
+    return bare == MANIFEST_NAME or any(bare.startswith(f"{s}-") and bare.endswith(".tar") for s in SPLITS)
+
+
+def _plan(
+    archive: Archive,
+    archive_path: str,
+    out_dir: str,
+    split: np.ndarray,
+    *,
+    seed: int,
+    samples_per_shard: int,
+    window_size: int,
+    mods: list[_ModInfo],
+    has_month: bool,
+) -> tuple[dict[str, list[int]], Iterator[_Window]]:
+    """Shard counts per window (known up front) and a lazy stream of window tasks."""
+    counts: dict[str, list[int]] = {}
+    layout: list[tuple[str, int, int, int, int]] = []  # split, window id, start, stop, first shard
+    for name in SPLITS:
+        code = SPLIT_CODES[name]
+        n = int((split == code).sum())
+        n_windows = -(-n // window_size)
+        order = np.random.default_rng([seed, _TAG_WINDOW_ORDER, code, 0]).permutation(n_windows)
+        first = 0
+        counts[name] = []
+        for w in order.tolist():
+            start, stop = w * window_size, min(n, (w + 1) * window_size)
+            layout.append((name, w, start, stop, first))
+            k = -(-(stop - start) // samples_per_shard)
+            counts[name].append(k)
+            first += k
+
+    def tasks() -> Iterator[_Window]:
+        current, indices = None, np.empty(0, dtype=np.int64)
+        for name, w, start, stop, first in layout:
+            if name != current:
+                current, indices = name, np.flatnonzero(split == SPLIT_CODES[name])
+            rows = indices[start:stop]
+            yield _Window(
+                archive=archive_path,
+                out_dir=out_dir,
+                split=name,
+                window=w,
+                rows=rows,
+                ids=archive.ids[rows],
+                group=None if archive.group is None else archive.group[rows],
+                first_shard=first,
+                seed=seed,
+                samples_per_shard=samples_per_shard,
+                modalities=mods,
+                task=archive.task,
+                has_month=has_month,
+                with_stats=name == "train",
+            )
+
+    return counts, tasks()
+
+
+def _run(tasks: Iterator[_Window], workers: int, n_tasks: int, on_done) -> list[_WindowResult]:
+    """Run window tasks, at most 2 x workers queued at once (bounded memory in the parent)."""
+    results: list[_WindowResult | None] = [None] * n_tasks
+    if workers <= 1 or n_tasks <= 1:
+        for i, task in enumerate(tasks):
+            results[i] = _write_window(task)
+            on_done(results[i])
+        return results  # type: ignore[return-value]
+    method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
+    with ProcessPoolExecutor(max_workers=min(workers, n_tasks), mp_context=multiprocessing.get_context(method)) as pool:
+        pending: deque[tuple[int, Future]] = deque()
+        it = enumerate(tasks)
+        try:
+            for i, task in it:
+                pending.append((i, pool.submit(_write_window, task)))
+                while len(pending) >= 2 * workers:
+                    j, fut = pending.popleft()
+                    results[j] = fut.result()
+                    on_done(results[j])
+            while pending:
+                j, fut = pending.popleft()
+                results[j] = fut.result()
+                on_done(results[j])
+        except BaseException:
+            for _, fut in pending:
+                fut.cancel()
+            raise
+    return results  # type: ignore[return-value]
+
+
+def write_shards(
+    archive_path: str | Path,
+    out_dir: str | Path,
+    *,
+    samples_per_shard: int = 512,
+    seed: int = 0,
+    workers: int = 2,
+    val_fraction: float = 0.15,
+    shuffle_window: int | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> Manifest:
+    """Write the archive's splits as shuffled tar shards and the manifest (see module docstring).
+
+    Train statistics (per band, NaN-aware) are computed while writing, from train rows only
+    (a carved val split is excluded), so normalisation never sees val or test.
+    """
+    if samples_per_shard < 1:
+        raise ShardError(f"samples_per_shard must be >= 1, got {samples_per_shard}")
+    if not 0 <= val_fraction < 1:
+        raise ShardError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    if workers < 1:
+        raise ShardError(f"workers must be >= 1, got {workers}")
+    if seed < 0:
+        raise ShardError(f"seed must be >= 0, got {seed}")
+    window_size = int(shuffle_window) if shuffle_window is not None else 16 * samples_per_shard
+    if window_size < 1:
+        raise ShardError(f"shuffle_window must be >= 1, got {shuffle_window}")
+
+    archive_path = Path(archive_path).resolve()
+    archive = open_archive(archive_path)
+    for name in archive.modalities:
+        if "." in name or "/" in name or name in RESERVED_MEMBERS:
+            raise ShardError(f"{archive_path}: modality name {name!r} cannot be a shard member name (no '.', '/', {list(RESERVED_MEMBERS)})")
+    out = Path(out_dir)
+    _prepare_out(out, overwrite)
+
+    split = archive.split.copy()
+    val_split = _carve_val(archive, split, val_fraction, seed)
+    mods = [_ModInfo(name, spec.kind) for name, spec in archive.modalities.items()]
+    has_month = archive.month is not None
+    counts, tasks = _plan(
+        archive,
+        str(archive_path),
+        str(out),
+        split,
+        seed=seed,
+        samples_per_shard=samples_per_shard,
+        window_size=window_size,
+        mods=mods,
+        has_month=has_month,
+    )
+    n_tasks = sum(len(c) for c in counts.values())
+    n_shards = sum(sum(c) for c in counts.values())
+
+    bar = tqdm(total=n_shards, unit="shard", desc=f"sharding {archive_path.name}", disable=not progress, file=sys.stderr)
+    try:
+        results = _run(tasks, workers, n_tasks, lambda r: bar.update(len(r.shards)))
+    finally:
+        bar.close()
+
+    # Results come back in plan order (split, then permuted windows), whatever the worker count.
+    splits: dict[str, dict[str, Any]] = {}
+    pos = 0
+    for name in SPLITS:
+        shards = []
+        for _ in counts[name]:
+            shards.extend({"name": s, "num_samples": n, "sha256": h} for s, n, h in results[pos].shards)
+            pos += 1
+        shards.sort(key=lambda s: s["name"])
+        splits[name] = {"num_samples": sum(s["num_samples"] for s in shards), "shards": shards}
+
+    train_results = [r for r in results if r.band_sums is not None]
+    stats = {}
+    for m in mods:
+        if m.kind == "categorical":
+            continue
+        c_bands = archive.array(m.name).shape[-1]
+        s, ss, c = (np.zeros(c_bands), np.zeros(c_bands), np.zeros(c_bands))
+        for r in train_results:
+            s += r.band_sums[m.name][0]
+            ss += r.band_sums[m.name][1]
+            c += r.band_sums[m.name][2]
+        empty = [archive.modalities[m.name].bands[i] for i in np.flatnonzero(c == 0)]
+        if empty:
+            _log(f"modality {m.name!r}: band(s) {empty} have no value in the train split; mean 0, std 1")
+        mean, std = nan_safe_mean_std(s, ss, c)
+        stats[m.name] = {"mean": mean.tolist(), "std": std.tolist()}
+
+    manifest = Manifest(
+        path=out,
+        task=archive.task,
+        class_names=list(archive.class_names),
+        target_name=archive.target_name,
+        target_unit=archive.target_unit,
+        target_shape=list(archive.target.shape[1:]),
+        modalities={
+            name: {
+                "kind": spec.kind,
+                "shape": list(archive.array(name).shape[1:]),
+                "dtype": str(np.dtype(archive.array(name).dtype)),
+                "bands": list(spec.bands),
+                "units": list(spec.units) if spec.units else [""] * len(spec.bands),
+                "time_step": spec.time_step,
+                "num_classes": spec.num_classes,
+                "missing_value": spec.missing_value,
+            }
+            for name, spec in archive.modalities.items()
+        },
+        has_month=has_month,
+        stats=stats,
+        target_stats=_merge_target_stats(archive, [r.target_sums for r in train_results]),
+        splits=splits,
+        seed=seed,
+        samples_per_shard=samples_per_shard,
+        archive=str(archive_path),
+        val_split=val_split,
+    )
+    _write_json_atomic(out / MANIFEST_NAME, manifest.to_json())
+    if progress:
+        _log(
+            f"{out}: "
+            + ", ".join(f"{s} {splits[s]['num_samples']} samples / {len(splits[s]['shards'])} shards" for s in SPLITS)
+        )
+    return manifest
+
+
+def _merge_target_stats(archive: Archive, parts: list[dict[str, Any] | None]) -> dict[str, Any]:
+    parts = [p for p in parts if p is not None]
+    if archive.task == "regression":
+        s = sum((p["sum"] for p in parts), np.zeros(1))
+        ss = sum((p["sumsq"] for p in parts), np.zeros(1))
+        c = sum((p["count"] for p in parts), np.zeros(1))
+        mean, std = nan_safe_mean_std(s, ss, c)
+        return {"mean": float(mean[0]), "std": float(std[0])}
+    if archive.task == "multilabel":
+        k = archive.target.shape[1]
+        pos = sum((p["positive"] for p in parts), np.zeros(k, dtype=np.int64))
+        return {"positive_counts": [int(v) for v in pos], "num_samples": int(sum(p["num_samples"] for p in parts))}
+    k = len(archive.class_names) or (2 if archive.task == "binary" else 0)
+    k = max([k] + [len(p["counts"]) for p in parts])
+    counts = np.zeros(k, dtype=np.int64)
+    for p in parts:
+        counts[: len(p["counts"])] += p["counts"]
+    return {"class_counts": [int(v) for v in counts]}
+
+
+# --------------------------------------------------------------------------------------------
+# Verification
+
+
+def verify_shards(out_dir: str | Path) -> list[str]:
+    """Check shards against the manifest; returns the problems found (empty list = all good).
+
+    Checks: every listed shard exists, its sha256 matches, it reads as a tar, its sample count
+    matches, every sample has all its members, no sample key appears twice, no unlisted shard.
+    """
+    try:
+        manifest = load_manifest(out_dir)
+    except ShardError as exc:
+        return [str(exc)]
+    out = manifest.path
+    expected = {f"{m}.npy" for m in manifest.modalities} | {"target.npy", "meta.json"}
+    if manifest.has_month:
+        expected.add("month.npy")
+    problems: list[str] = []
+    seen: dict[str, str] = {}
+    listed: set[str] = set()
+    for split in SPLITS:
+        total = 0
+        for entry in manifest.splits[split]["shards"]:
+            name = entry["name"]
+            listed.add(name)
+            file = out / name
+            if not file.exists():
+                problems.append(f"{file}: missing (listed in the manifest, split {split!r})")
+                continue
+            digest = hashlib.sha256()
+            with open(file, "rb") as fh:
+                for block in iter(lambda: fh.read(1 << 20), b""):
+                    digest.update(block)
+            if digest.hexdigest() != entry["sha256"]:
+                problems.append(f"{file}: sha256 {digest.hexdigest()[:12]}... does not match the manifest's {entry['sha256'][:12]}...")
+            members: dict[str, set[str]] = {}
+            try:
+                with tarfile.open(file, mode="r:") as tar:
+                    for info in tar:
+                        key, _, ext = info.name.partition(".")
+                        members.setdefault(key, set()).add(ext)
+            except (tarfile.TarError, OSError, EOFError) as exc:
+                problems.append(f"{file}: cannot be read as a tar ({exc})")
+                continue
+            if len(members) != entry["num_samples"]:
+                problems.append(f"{file}: holds {len(members)} samples, the manifest says {entry['num_samples']}")
+            incomplete = []
+            for key, exts in members.items():
+                if key in seen:
+                    problems.append(f"{file}: sample key {key} also appears in {seen[key]}")
+                seen[key] = name
+                if exts != expected:
+                    incomplete.append((key, exts))
+            if incomplete:
+                key, exts = incomplete[0]
+                problems.append(
+                    f"{file}: {len(incomplete)} sample(s) with wrong members, e.g. {key} has {sorted(exts)}, "
+                    f"expected {sorted(expected)}"
+                )
+            total += entry["num_samples"]
+        if total != manifest.splits[split]["num_samples"]:
+            problems.append(f"{out / MANIFEST_NAME}: split {split!r} lists {total} samples in shards but num_samples {manifest.splits[split]['num_samples']}")
+    for p in sorted(out.glob("*.tar")):
+        if p.name not in listed:
+            problems.append(f"{p}: shard file not listed in the manifest")
+    return problems
+
+
+__all__ = [
+    "FORMAT",
+    "MANIFEST_NAME",
+    "Manifest",
+    "ShardError",
+    "load_manifest",
+    "sample_key",
+    "shard_name",
+    "verify_shards",
+    "write_shards",
+]

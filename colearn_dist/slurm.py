@@ -1,0 +1,175 @@
+"""Slurm through Submitit: submit runs, survive time limits and preemption, resume in a new allocation.
+
+Submitit's own signal handler checkpoints by calling a method *inside* the signal handler, on rank 0
+only. A DeepSpeed checkpoint is collective and must happen between steps, so instead the engine
+catches Slurm's warning signal on every rank, all ranks agree at the next step boundary, write the
+checkpoint together, and rank 0 requeues the job. The requeued job runs the same pickled `TrainJob`,
+which finds `latest` in the run directory and continues.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import submitit
+
+from .config import RunConfig, SlurmConfig, load_config
+
+
+@dataclass
+class TrainJob:
+    """A picklable callable: one run, one rank per Slurm task."""
+
+    config: str
+    overrides: list[str]
+
+    def __call__(self) -> dict[str, Any]:
+        from .engine import train
+
+        submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+        cfg = load_config(self.config, self.overrides)
+        result = train(cfg)
+        if result["status"] == "stopped":
+            self._requeue_and_wait()
+        return result
+
+    def _requeue_and_wait(self) -> None:
+        env = submitit.JobEnvironment()
+        if env.cluster != "slurm":
+            return  # local executor: the run simply stops, `submit --resume` continues it
+        if env.global_rank == 0:
+            subprocess.check_call(["scontrol", "requeue", env.job_id], timeout=60)
+            print(f"requeued job {env.job_id} after checkpointing", file=sys.stderr, flush=True)
+        time.sleep(120)  # Slurm ends this allocation; exiting now would read as "job finished"
+        sys.exit(-1)
+
+    def checkpoint(self, *args: Any, **kwargs: Any) -> submitit.helpers.DelayedSubmission:
+        """Submitit's fallback (should our handler not have run): requeue the same job; it resumes from `latest`."""
+        return submitit.helpers.DelayedSubmission(TrainJob(self.config, self.overrides))
+
+
+def make_executor(folder: Path, slurm: SlurmConfig, local: bool = False) -> submitit.Executor:
+    cluster = "local" if local else None
+    executor = submitit.AutoExecutor(folder=str(folder), cluster=cluster)
+    tasks = slurm.tasks_per_node or max(1, slurm.gpus_per_node)
+    params: dict[str, Any] = {
+        "nodes": slurm.nodes,
+        "tasks_per_node": tasks,
+        "cpus_per_task": slurm.cpus_per_task,
+        "mem_gb": slurm.mem_gb * tasks,
+        "timeout_min": slurm.time_min,
+        "name": slurm.job_name,
+    }
+    if slurm.gpus_per_node:
+        params["gpus_per_node"] = slurm.gpus_per_node
+    if executor.cluster == "slurm":
+        params.update(
+            slurm_signal_delay_s=slurm.signal_delay_s,
+            slurm_max_num_timeout=slurm.max_requeues,
+            slurm_additional_parameters=dict(slurm.extra),
+        )
+        for key in ("partition", "account", "qos", "constraint"):
+            value = getattr(slurm, key)
+            if value:
+                if key == "partition":
+                    params["slurm_partition"] = value
+                else:
+                    params["slurm_additional_parameters"][key] = value
+    executor.update_parameters(**params)
+    return executor
+
+
+def _with_dependency(executor: submitit.Executor, job_ids: list[str]) -> None:
+    if job_ids and executor.cluster == "slurm":
+        extra = dict(executor.parameters.get("additional_parameters", {}) or {})
+        extra["dependency"] = "afterok:" + ":".join(job_ids)
+        executor.update_parameters(slurm_additional_parameters=extra)
+
+
+def submit_runs(
+    jobs: list[TrainJob],
+    run_dirs: list[Path],
+    slurm: SlurmConfig,
+    *,
+    local: bool = False,
+    after: list[str] | None = None,
+) -> list[submitit.Job]:
+    """Submit runs as one job (one run) or one array job; records job ids in each run directory."""
+    folder = run_dirs[0].parent / "slurm" if len(run_dirs) > 1 else run_dirs[0] / "slurm"
+    executor = make_executor(folder, slurm, local)
+    _with_dependency(executor, list(after or []))
+    if len(jobs) == 1:
+        submitted = [executor.submit(jobs[0])]
+    else:
+        with executor.batch():
+            submitted = [executor.submit(job) for job in jobs]
+    for job, run_dir in zip(submitted, run_dirs):
+        run_dir.mkdir(parents=True, exist_ok=True)
+        record = run_dir / "jobs.json"
+        history = json.loads(record.read_text()) if record.exists() else []
+        history.append({"job_id": job.job_id, "submitted": time.strftime("%Y-%m-%dT%H:%M:%S"), "cluster": executor.cluster})
+        record.write_text(json.dumps(history, indent=1))
+    return submitted
+
+
+def status(run_dir: str | Path) -> str:
+    """Job state, last checkpoint and the last logged lines of a run, as text."""
+    from .checkpoint import Checkpointer
+
+    run_dir = Path(run_dir)
+    lines = [f"run {run_dir}"]
+    record = run_dir / "jobs.json"
+    if record.exists():
+        last = json.loads(record.read_text())[-1]
+        lines.append(f"  job {last['job_id']} ({last['cluster']}, submitted {last['submitted']}): {job_state(last['job_id'])}")
+    else:
+        lines.append("  no job submitted from here")
+    latest = Checkpointer(run_dir).latest()
+    if latest is None:
+        lines.append("  no checkpoint yet")
+    else:
+        state = json.loads((latest / "state.json").read_text())
+        lines.append(f"  last checkpoint {latest.name}: step {state['step']}, epoch {state['epoch']}, world size {state['world_size']}")
+        if state.get("history"):
+            h = state["history"][-1]
+            lines.append(f"  last validation: epoch {h['epoch']} score {h['score']:.4f} (higher is better)")
+    metrics = run_dir / "metrics_test.json"
+    if metrics.exists():
+        for rec in json.loads(metrics.read_text()):
+            shown = ", ".join(f"{k} {v:.4g}" for k, v in list(rec["metrics"].items())[:4])
+            lines.append(f"  test {rec['sensors']}: {shown}")
+    log = run_dir / "train.log"
+    if log.exists():
+        tail = log.read_text().splitlines()[-3:]
+        lines += ["  log: " + t for t in tail]
+    return "\n".join(lines)
+
+
+def job_state(job_id: str) -> str:
+    for cmd in (["squeue", "-h", "-j", job_id, "-o", "%T"], ["sacct", "-n", "-X", "-j", job_id, "-o", "State"]):
+        if shutil.which(cmd[0]) is None:
+            continue
+        out = subprocess.run(cmd, capture_output=True, text=True)
+        state = out.stdout.strip().split("\n")[0].strip() if out.returncode == 0 else ""
+        if state:
+            return state
+    return "unknown (not in squeue/sacct)"
+
+
+def resume_config(run_dir: str | Path) -> tuple[str, RunConfig]:
+    """The config a run was started with (its run_dir/config.yaml), to continue it in a new allocation."""
+    path = Path(run_dir) / "config.yaml"
+    if not path.exists():
+        raise FileNotFoundError(f"{run_dir}: no config.yaml (was this run started by colearn-dist?)")
+    return str(path), load_config(path)
+
+
+__all__ = ["TrainJob", "make_executor", "resume_config", "status", "submit_runs"]
+

@@ -1,0 +1,136 @@
+"""Methods × seeds from one config: the comparison the project exists for.
+
+A sweep is a list of ordinary runs (one config each, differing by method, sensor and seed), so the
+same list can run here one after another or become a Slurm array. Finished runs (those with test
+metrics) are skipped, so an interrupted sweep continues where it stopped.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .config import RunConfig, load_config
+
+# Training order matters: distillation students need their fusion teacher of the same seed.
+ORDER = ("fusion", "mdico", "single", "dropout", "distill")
+
+
+@dataclass
+class PlannedRun:
+    config: str
+    run_dir: Path
+    method: str
+    seed: int
+    modality: str | None = None
+    overrides: list[str] = field(default_factory=list)
+
+    def load(self) -> RunConfig:
+        return load_config(self.config, self.overrides)
+
+    @property
+    def done(self) -> bool:
+        return (self.run_dir / "metrics_test.json").exists()
+
+
+def plan_sweep(
+    config: str | Path,
+    methods: list[str],
+    seeds: list[int],
+    overrides: list[str] | None = None,
+    root: str | Path | None = None,
+) -> list[PlannedRun]:
+    overrides = list(overrides or [])
+    base = load_config(config, overrides)
+    root = Path(root or base.run_dir)
+    modalities = base.data.modalities or _manifest_modalities(base)
+    unknown = sorted(set(methods) - set(ORDER))
+    if unknown:
+        raise ValueError(f"unknown method(s) {unknown}; known: {list(ORDER)}")
+    runs: list[PlannedRun] = []
+    for seed in seeds:
+        for method in sorted(methods, key=ORDER.index):
+            per_sensor = method in ("single", "distill")
+            for modality in modalities if per_sensor else [None]:
+                name = f"{method}-{modality}" if modality else method
+                run_dir = root / name / f"seed{seed}"
+                sets = [f"model.method={method}", f"train.seed={seed}", f"run_dir={run_dir}", f"name={name}-seed{seed}"]
+                if modality:
+                    sets.append(f"model.modality={modality}")
+                if method == "distill":
+                    if "fusion" not in methods:
+                        raise ValueError("method 'distill' needs 'fusion' in the same sweep (its teacher)")
+                    sets.append(f"model.teacher={root / 'fusion' / f'seed{seed}'}")
+                runs.append(PlannedRun(str(config), run_dir, method, seed, modality, overrides + sets))
+    return runs
+
+
+def _manifest_modalities(cfg: RunConfig) -> list[str]:
+    from .shards import load_manifest
+
+    return list(load_manifest(cfg.data.shards).modalities)
+
+
+def run_sweep(runs: list[PlannedRun], nproc: int = 1, out: str | Path | None = None, reference: str | None = None) -> int:
+    from .engine import train
+    from .evaluate import evaluate_runs
+    from .launch import launch_local
+
+    for i, run in enumerate(runs, 1):
+        if run.done:
+            print(f"[{i}/{len(runs)}] {run.run_dir}: done, skipped")
+            continue
+        print(f"[{i}/{len(runs)}] {run.run_dir}")
+        if nproc > 1:
+            code = launch_local(nproc, ["train", run.config] + [a for s in run.overrides for a in ("--set", s)])
+            if code:
+                return code
+        else:
+            result = train(run.load())
+            if result["status"] != "finished":
+                return 3
+    if not runs:
+        return 0
+    out = Path(out) if out else runs[0].run_dir.parent.parent / "results"
+    print(evaluate_runs([r.run_dir for r in runs], out, reference=load_reference(reference)))
+    print(f"tables and figures in {out}")
+    return 0
+
+
+def load_reference(path: str | None) -> dict[str, dict[str, float]] | None:
+    """Reference scores per dataset and inference sensor set (e.g. the random forests of configs/reference.yaml)."""
+    if not path:
+        return None
+    data: Any = yaml.safe_load(Path(path).read_text())
+    return {str(k): {str(s): float(v) for s, v in d.items()} for k, d in (data or {}).items()}
+
+
+def demo(datasets: list[str], seeds: list[int], methods: list[str], quick: bool = False) -> int:
+    """The main job on the bundled data: import → shard → train every method → evaluate → print the table."""
+    from .archive import describe, open_archive
+    from .importers.presto import BUNDLED, import_presto
+    from .shards import write_shards
+
+    configs = Path(__file__).resolve().parent / "configs"
+    for name in datasets:
+        if name not in BUNDLED:
+            raise ValueError(f"unknown bundled dataset {name!r}; have {sorted(BUNDLED)}")
+        archive = Path("archives") / f"{name}.zarr"
+        if not archive.exists():
+            import_presto(BUNDLED[name], archive)
+        print(describe(open_archive(archive)))
+        shards = Path("shards") / name
+        if not (shards / "manifest.json").exists():
+            write_shards(archive, shards, samples_per_shard=256, seed=0)
+        overrides = [f"data.shards={shards}"]
+        if quick:
+            overrides += ["train.epochs=3", "train.patience=0"]
+        root = Path("runs") / ("demo-quick" if quick else "demo") / name
+        runs = plan_sweep(configs / f"{name}.yaml", methods, seeds, overrides, root)
+        code = run_sweep(runs, out=root / "results", reference=str(configs / "reference.yaml"))
+        if code:
+            return code
+    return 0

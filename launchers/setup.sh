@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# Installs colearn_dist with its test extras. torch goes first: on this CPU machine the pinned
+# version is a local CPU wheel; on a GPU cluster install your CUDA build of torch before this script
+# (it keeps an installed torch as it is).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+if ! "$PY" -c "import torch" 2>/dev/null; then
+  "$PY" -m pip install -q torch==2.13.0
+fi
+"$PY" -m pip install -q -e '.[test]'

@@ -1,0 +1,183 @@
+"""The archive format: round trip, and every validation failure names the array at fault."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import zarr
+
+from colearn_dist.archive import (
+    ArchiveError,
+    ModalitySpec,
+    SPLIT_CODES,
+    describe,
+    nan_safe_mean_std,
+    open_archive,
+    write_archive,
+)
+
+
+def _replace(path: Path, key: str, data: np.ndarray, attrs: dict | None = None) -> None:
+    """Swap one array of a written archive, keeping its attributes (simulates a hand-edited archive)."""
+    root = zarr.open_group(str(path), mode="r+")
+    old_attrs = dict(root[key].attrs) if key in root else {}
+    del root[key]
+    arr = root.create_array(key, data=data)
+    arr.attrs.update(attrs if attrs is not None else old_attrs)
+
+
+def test_round_trip(synthetic_archive):
+    path = synthetic_archive(n=50, task="multiclass", num_classes=4, with_val=True)
+    a = open_archive(path)
+    assert a.num_samples == 50 and a.task == "multiclass"
+    assert list(a.modalities) == ["s1", "s2", "srtm", "dw"]
+    assert a.modalities["dw"].num_classes == 5 and a.modalities["dw"].missing_value == 4
+    assert a.array("s2").shape == (50, 6, 4) and a.array("s2").dtype == np.float32
+    assert a.array("srtm").shape == (50, 2)
+    assert a.class_names == ("class0", "class1", "class2", "class3")
+    counts = a.split_counts()
+    assert sum(counts.values()) == 50 and counts["val"] > 0 and counts["test"] > 0
+    assert a.month is not None and 1 <= a.month[:].min() and a.month[:].max() <= 12
+    assert a.group is not None and len(a.ids) == 50
+    assert "50 samples" in describe(a)
+
+
+def test_write_refuses_existing_without_overwrite(synthetic_archive, tmp_path):
+    path = synthetic_archive(n=20, path=tmp_path / "a.zarr")
+    with pytest.raises(ArchiveError, match="already exists"):
+        synthetic_archive(n=20, path=path)
+    synthetic_archive(n=30, path=path, overwrite=True)
+    assert open_archive(path).num_samples == 30
+
+
+def test_sample_count_mismatch_names_array(synthetic_archive):
+    path = synthetic_archive(n=40)
+    _replace(path, "modalities/s2", np.zeros((39, 6, 4), dtype=np.float32))
+    with pytest.raises(ArchiveError, match=r"'modalities/s2' has 39 samples, 'split' has 40"):
+        open_archive(path)
+
+
+def test_unknown_split_codes_name_split(synthetic_archive):
+    path = synthetic_archive(n=40)
+    split = np.zeros(40, dtype=np.uint8)
+    split[3] = 7
+    _replace(path, "split", split)
+    with pytest.raises(ArchiveError, match=r"array 'split' has unknown codes \[7\]"):
+        open_archive(path)
+
+
+def test_unknown_split_names_rejected_on_write(tmp_path):
+    x = np.ones((4, 3), dtype=np.float32)
+    with pytest.raises(ArchiveError, match=r"array 'split' has unknown values \['validation'\]"):
+        write_archive(
+            tmp_path / "a.zarr",
+            {"s": (x, ModalitySpec("s", "static", ("a", "b", "c")))},
+            target=np.zeros(4),
+            task="regression",
+            split=np.array(["train", "validation", "test", "train"]),
+            ids=np.arange(4),
+        )
+
+
+def test_wrong_dtype_names_array(synthetic_archive):
+    path = synthetic_archive(n=40)
+    _replace(path, "modalities/s1", np.zeros((40, 6, 2), dtype=np.float64))
+    with pytest.raises(ArchiveError, match=r"'modalities/s1' has dtype float64, expected float32"):
+        open_archive(path)
+
+
+def test_float_categorical_names_array(synthetic_archive):
+    path = synthetic_archive(n=40)
+    _replace(path, "modalities/dw", np.zeros((40, 6), dtype=np.float32))
+    with pytest.raises(ArchiveError, match=r"'modalities/dw' \(categorical\) has dtype float32"):
+        open_archive(path)
+
+
+def test_all_nan_band_names_array_and_band(synthetic_archive):
+    path = synthetic_archive(n=40)
+    x = open_archive(path).array("s2")[:]
+    x[..., 2] = np.nan
+    _replace(path, "modalities/s2", x)
+    with pytest.raises(ArchiveError, match=r"'modalities/s2' has all-NaN band\(s\) \['B8'\]"):
+        open_archive(path)
+    assert open_archive(path, check_values=False).num_samples == 40  # the scan is what finds it
+
+
+def test_infinite_value_names_array(synthetic_archive):
+    path = synthetic_archive(n=40)
+    x = open_archive(path).array("srtm")[:]
+    x[5, 1] = np.inf
+    _replace(path, "modalities/srtm", x)
+    with pytest.raises(ArchiveError, match=r"'modalities/srtm' has infinite values"):
+        open_archive(path)
+
+
+def test_duplicate_ids_name_ids(synthetic_archive):
+    path = synthetic_archive(n=40)
+    root = zarr.open_group(str(path), mode="r+")
+    ids = np.array([f"s{i}" for i in range(40)])
+    ids[7] = ids[8]
+    del root["ids"]
+    root.create_array("ids", shape=ids.shape, dtype=str)[:] = ids
+    with pytest.raises(ArchiveError, match=r"array 'ids' has duplicate sample ids"):
+        open_archive(path)
+
+
+@pytest.mark.parametrize("key", ["target", "split", "ids"])
+def test_missing_required_array_named(synthetic_archive, key):
+    path = synthetic_archive(n=30)
+    del zarr.open_group(str(path), mode="r+")[key]
+    with pytest.raises(ArchiveError, match=rf"array '{key}' is missing"):
+        open_archive(path)
+
+
+def test_missing_modality_array_named(synthetic_archive):
+    path = synthetic_archive(n=30)
+    del zarr.open_group(str(path), mode="r+")["modalities/srtm"]
+    with pytest.raises(ArchiveError, match=r"array 'modalities/srtm' is missing"):
+        open_archive(path)
+
+
+def test_band_count_mismatch_named(synthetic_archive):
+    path = synthetic_archive(n=30)
+    _replace(path, "modalities/s1", np.zeros((30, 6, 3), dtype=np.float32))
+    with pytest.raises(ArchiveError, match=r"'modalities/s1' has 3 bands but attribute 'bands' names 2"):
+        open_archive(path)
+
+
+def test_month_out_of_range_named(synthetic_archive):
+    path = synthetic_archive(n=30)
+    _replace(path, "month", np.zeros((30, 6), dtype=np.int64))
+    with pytest.raises(ArchiveError, match=r"array 'month' has values outside 1..12"):
+        open_archive(path)
+
+
+def test_class_ids_out_of_range(synthetic_archive):
+    path = synthetic_archive(n=30, task="multiclass", num_classes=3)
+    _replace(path, "target", np.full(30, 5, dtype=np.int64))
+    with pytest.raises(ArchiveError, match=r"array 'target' has class ids outside \[0, 2\]"):
+        open_archive(path)
+
+
+def test_not_an_archive(tmp_path):
+    with pytest.raises(ArchiveError, match="no such archive"):
+        open_archive(tmp_path / "nope.zarr")
+    zarr.open_group(str(tmp_path / "other.zarr"), mode="w").attrs["format"] = "something"
+    with pytest.raises(ArchiveError, match="attribute 'format'"):
+        open_archive(tmp_path / "other.zarr")
+
+
+def test_split_codes_are_the_documented_ones():
+    assert SPLIT_CODES == {"train": 0, "val": 1, "test": 2}
+
+
+def test_nan_safe_mean_std_matches_numpy_and_floors_constant_bands():
+    rng = np.random.default_rng(0)
+    x = rng.normal(5, 3, size=(1000, 3))
+    x[:, 2] = 7.0
+    mean, std = nan_safe_mean_std(x.sum(0), (x * x).sum(0), np.full(3, 1000.0))
+    np.testing.assert_allclose(mean, x.mean(0))
+    np.testing.assert_allclose(std[:2], x.std(0)[:2], rtol=1e-9)
+    assert std[2] == 1.0
