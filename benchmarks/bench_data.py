@@ -8,9 +8,10 @@ grow with the archive size.
     python benchmarks/bench_data.py --sizes 100000 1000000    # + 1M (minutes, ~8 GB of disk)
 
 Each sharding run happens in a fresh subprocess (`_shard` sub-command), so archive generation and
-earlier runs do not pollute its memory figures. Peak memory is reported three ways: the sharding
-process's own max RSS, the largest worker's max RSS (getrusage RUSAGE_CHILDREN), and the peak of
-the summed RSS of the whole process tree (psutil, sampled every 50 ms).
+earlier runs do not pollute its memory figures. Peak memory is reported four ways: the sharding
+process's own peak RSS (VmHWM), the largest worker's peak RSS (getrusage RUSAGE_CHILDREN), and the
+peaks of the summed RSS and summed PSS of the whole process tree (psutil, sampled every 50 ms; PSS
+counts pages shared between forked processes once).
 """
 
 from __future__ import annotations

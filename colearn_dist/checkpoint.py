@@ -79,9 +79,13 @@ class Checkpointer:
         tag_dir = self.root / pointer.read_text().strip()
         return tag_dir if (tag_dir / COMPLETE).exists() else None
 
+    @staticmethod
+    def tag(step: int) -> str:
+        return f"step{step:09d}"
+
     def save(self, engine: Any, step: int, state: dict[str, Any]) -> Path:
         """Collective: every rank calls it. `state` is the same on every rank (step, epoch, loader, config)."""
-        tag = f"step{step:09d}"
+        tag = self.tag(step)
         tag_dir = self.root / tag
         rank = _rank()
         if rank == 0 and tag_dir.exists():

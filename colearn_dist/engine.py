@@ -231,6 +231,14 @@ class Trainer:
         self.checkpointer = Checkpointer(self.run_dir, keep=cfg.train.keep_checkpoints)
         self.logger = RunLogger(self.run_dir, self.rank)
         self.stop = StopRequested()
+        # Diagnostics: COLEARN_SAMPLE_TRACE=path makes each rank log the samples of every step
+        # (used by the tests that check each sample is seen once per epoch across interruptions).
+        trace = os.environ.get("COLEARN_SAMPLE_TRACE")
+        self._trace = open(f"{trace}.rank{self.rank}", "a", buffering=1) if trace else None
+        # COLEARN_STOP_AFTER_STEPS=n behaves as if Slurm's warning signal arrived after n steps of
+        # this process: a deterministic stand-in for a time limit, for tests and drills.
+        self._stop_after = int(os.environ.get("COLEARN_STOP_AFTER_STEPS", "0"))
+        self._steps_here = 0
         # Progress state, saved in every checkpoint.
         self.step = 0
         self.epoch = 0
@@ -278,6 +286,9 @@ class Trainer:
         }
 
     def save_checkpoint(self) -> Path:
+        latest = self.checkpointer.latest()
+        if latest is not None and latest.name == self.checkpointer.tag(self.step):
+            return latest  # nothing new since (a finished run started again)
         return self.checkpointer.save(self.engine, self.step, self._state())
 
     # ----------------------------------------------------------------- steps
@@ -293,6 +304,9 @@ class Trainer:
 
     def _stop_agreed(self) -> bool:
         """Any rank signalled → every rank stops at the same step boundary."""
+        self._steps_here += 1
+        if self._stop_after and self._steps_here >= self._stop_after:
+            self.stop.flag = True
         flag = torch.tensor([1.0 if self.stop.flag else 0.0])
         return bool(all_reduce_sum(flag).item() > 0) if self.world > 1 else self.stop.flag
 
@@ -307,11 +321,13 @@ class Trainer:
         )
         status = "finished"
         while self.epoch < cfg.train.epochs and not self._early_stopped():
-            done = self._train_epoch()
-            if not done:
+            if not self._train_epoch():
                 status = "stopped"
                 break
             self._end_of_epoch()
+            if self._stop_agreed():
+                status = "stopped"
+                break
             if cfg.train.checkpoint_every_steps and self.epoch < cfg.train.epochs:
                 self.save_checkpoint()
         if status == "stopped":
@@ -359,12 +375,17 @@ class Trainer:
             for k, v in terms.items():
                 acc[k] = acc.get(k, 0.0) + v.detach().float()
             n_acc += 1
+            if self._trace is not None:
+                micro = self.engine.global_steps * cfg.train.grad_accum + self.engine.micro_steps % cfg.train.grad_accum
+                self._trace.write(f"{self.epoch} {micro} {' '.join(map(str, batch['index'].tolist()))}\n")
             if self.engine.micro_steps % cfg.train.grad_accum:
                 continue  # checkpoints and logs only between optimizer steps
             self.step = self.engine.global_steps
             if cfg.train.log_every_steps and self.step % cfg.train.log_every_steps == 0:
                 self._log_train(acc, n_acc, samples, wait, time.perf_counter() - t_log)
                 acc, n_acc, samples, wait, t_log = {}, 0, 0, 0.0, time.perf_counter()
+            if self.train_loader.position()["epoch"] != self.epoch:
+                continue  # the epoch's last step: validation comes first, then its checkpoint
             if cfg.train.checkpoint_every_steps and self.step % cfg.train.checkpoint_every_steps == 0:
                 self.save_checkpoint()
             if self._stop_agreed():

@@ -82,8 +82,10 @@ def predict_loader(
     sets: list[list[str]],
     device: torch.device | str = "cpu",
     dtype: torch.dtype = torch.float32,
+    gather: bool = True,
 ) -> dict[str, dict[str, np.ndarray]]:
-    """Predictions in target units for each sensor set, gathered from every rank (all ranks get them)."""
+    """Predictions in target units for each sensor set; with `gather`, collected from every rank
+    (a collective: all ranks must call it). Without, this process's loader is the whole split."""
     from .engine import set_name, to_device
 
     was_training = model.training
@@ -100,7 +102,7 @@ def predict_loader(
             part["index"].append(batch["index"].cpu().numpy())
     model.train(was_training)
     local = {k: {f: np.concatenate(v[f]) if v[f] else np.zeros(0) for f in v} for k, v in parts.items()}
-    gathered = _gather(local)
+    gathered = _gather(local) if gather else [local]
     return {k: {f: np.concatenate([g[k][f] for g in gathered]) for f in ("pred", "target", "index")} for k in local}
 
 
@@ -112,8 +114,9 @@ def score_loader(
     sets: list[list[str]],
     device: torch.device | str = "cpu",
     dtype: torch.dtype = torch.float32,
+    gather: bool = True,
 ) -> dict[str, dict[str, float]]:
-    preds = predict_loader(model, loader, spec, sets, device, dtype)
+    preds = predict_loader(model, loader, spec, sets, device, dtype, gather)
     return {k: compute_metrics(spec.task, v["target"], v["pred"], list(manifest.class_names)) for k, v in preds.items()}
 
 
@@ -126,7 +129,7 @@ def evaluate_run(run_dir: str | Path, split: str = "test", shards: str | None = 
     cfg = trained.cfg
     loader = ShardLoader(cfg.data.shards, split, batch_size=512, modalities=_data_modalities(trained), shuffle=False)
     sets = sensor_sets(cfg.model.method, trained.modalities)
-    metrics = score_loader(trained.model, loader, trained.spec, trained.manifest, sets)
+    metrics = score_loader(trained.model, loader, trained.spec, trained.manifest, sets, gather=False)
     records = [
         {
             "dataset": Path(cfg.data.shards).name,

@@ -733,6 +733,9 @@ class ShardLoader:
             persistent_workers=False,
             prefetch_factor=2,
             in_order=True,
+            # Its own generator: the DataLoader must not draw from the global RNG, or a run resumed
+            # mid-epoch would get different dropout masks than the uninterrupted run.
+            generator=torch.Generator().manual_seed(self.seed),
         )
         return iter(loader)
 

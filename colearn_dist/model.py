@@ -16,16 +16,16 @@ from torch import Tensor, nn
 from .config import ModelConfig
 from .encoders import (
     CategoricalEmbedding,
+    CategoricalEncoder,
     ModalityInput,
+    TempCNNBank,
     build_encoder,
-    fused_tempcnn,
-    fusion_key,
     group_batch_norm,
-    tempcnn_core,
 )
 
 OUTPUT_KEYS = ("pred", "z_spe", "z_unu", "z_sha", "aux_spe", "aux_sha", "mod_spe", "mod_second")
 SECOND_CLASSIFIER = ("unused", "shared")
+ROLES = ("unique", "common")
 
 
 def make_head(in_dim: int, out_dim: int, hidden: int = 0) -> nn.Sequential:
@@ -72,9 +72,10 @@ class MDiCo(nn.Module):
     ("unused": z_unu, the paper; "shared": z_sha, the public code's behaviour, kept for comparison).
     Inference with modality m needs only m's input.
 
-    `fused=True` runs the TempCNNs of all present modalities (unique and common together) as grouped
-    convolutions and the per-modality projections / heads as batched matmuls: the same parameters and
-    the same numbers (up to float rounding), at a fraction of the op count. `fused=False` is the plain loop.
+    TempCNN encoders (unique and common, all modalities) of one shape live in a `TempCNNBank`. With
+    `fused=True` each bank runs as one computation and the per-modality projections / heads as batched
+    matmuls; `fused=False` runs every encoder and head one by one. Same parameters, same numbers (up to
+    float rounding; dropout masks are drawn differently), so the switch can change at any time.
     """
 
     def __init__(
@@ -97,8 +98,27 @@ class MDiCo(nn.Module):
         self.fused = fused
         emb = cfg.embedding_dim
         self.half = emb // 2
-        self.unique = nn.ModuleDict({m: build_encoder(cfg.encoder_for(m), inp, emb) for m, inp in inputs.items()})
-        self.common = nn.ModuleDict({m: build_encoder(cfg.encoder_for(m), inp, emb) for m, inp in inputs.items()})
+        # Encoders that are not in a bank, and the categorical embeddings in front of bank members.
+        self.encoders = nn.ModuleDict({role: nn.ModuleDict() for role in ROLES})
+        self.embeddings = nn.ModuleDict({role: nn.ModuleDict() for role in ROLES})
+        self.banks = nn.ModuleList()
+        self.slots: dict[tuple[str, str], tuple[int, int]] = {}  # (role, modality) → (bank, member)
+        members: dict[tuple, list[tuple[str, str, int]]] = {}
+        for m, inp in inputs.items():
+            enc = cfg.encoder_for(m)
+            for role in ROLES:
+                if enc.type == "tempcnn" and inp.kind != "static" and enc.depth >= 1:
+                    channels = inp.channels
+                    if inp.kind == "categorical":
+                        self.embeddings[role][m] = CategoricalEmbedding(inp.num_classes, enc.categorical_dim, inp.missing_value)  # type: ignore[arg-type]
+                        channels = enc.categorical_dim
+                    key = (inp.steps, enc.hidden, enc.depth, enc.kernel_size, enc.dropout)
+                    members.setdefault(key, []).append((role, m, channels))
+                else:
+                    self.encoders[role][m] = build_encoder(enc, inp, emb)
+        for (steps, hidden, depth, kernel, dropout), group in members.items():
+            self.banks.append(TempCNNBank([c for _, _, c in group], steps, emb, hidden, depth, kernel, dropout))
+            self.slots.update({(role, m): (len(self.banks) - 1, g) for g, (role, m, _) in enumerate(group)})
         self.project = nn.ModuleDict(
             {m: nn.Sequential(nn.Linear(emb, self.half), nn.BatchNorm1d(self.half), nn.ReLU()) for m in inputs}
         )
@@ -107,33 +127,31 @@ class MDiCo(nn.Module):
         self.mod_spe = nn.Linear(self.half, len(inputs))
         self.mod_second = nn.Linear(self.half, len(inputs))
 
-    # ------------------------------------------------------------------------------------- encoding
-    def _encode_plain(self, inputs: dict[str, Tensor], names: list[str], month: Optional[Tensor]):
-        unique = {m: self.unique[m](inputs[m], month) for m in names}
-        common = {m: self.common[m](inputs[m], month) for m in names}
-        return unique, common
+    def encoder(self, role: str, modality: str) -> nn.Module:
+        """The unique / common encoder of a modality as a standalone module (a copy if it lives in a bank)."""
+        if modality in self.encoders[role]:
+            return self.encoders[role][modality]
+        bank, g = self.slots[(role, modality)]
+        core = self.banks[bank].member(g)  # type: ignore[operator]
+        if modality in self.embeddings[role]:
+            return CategoricalEncoder(self.embeddings[role][modality], core)  # type: ignore[arg-type]
+        return core
 
-    def _encode_fused(self, inputs: dict[str, Tensor], names: list[str], month: Optional[Tensor]):
-        out: dict[tuple[str, str], Tensor] = {}
-        groups: dict[tuple, list[tuple[tuple[str, str], nn.Module | None, nn.Module]]] = {}
-        for m in names:
-            for role, encoders in (("unique", self.unique), ("common", self.common)):
-                parts = tempcnn_core(encoders[m])
-                if parts is None:
-                    out[(role, m)] = encoders[m](inputs[m], month)
-                else:
-                    embed, core = parts
-                    groups.setdefault(fusion_key(core), []).append(((role, m), embed, core))
-        for members in groups.values():
-            if len(members) == 1:
-                (key, embed, core), = members
-                x = inputs[key[1]]
-                out[key] = core(embed(x) if embed is not None else x)
+    # ------------------------------------------------------------------------------------- encoding
+    def _encode(self, inputs: dict[str, Tensor], names: list[str], month: Optional[Tensor]) -> dict[tuple[str, str], Tensor]:
+        """(role, modality) → [B, embedding_dim] for the modalities `names`."""
+        out = {(role, m): self.encoders[role][m](inputs[m], month) for role in ROLES for m in names if m in self.encoders[role]}
+        for b, bank in enumerate(self.banks):
+            keys = [(key, g) for key, (bi, g) in self.slots.items() if bi == b and key[1] in names]
+            if not keys:
                 continue
-            xs = [embed(inputs[key[1]]) if embed is not None else inputs[key[1]] for key, embed, _ in members]
-            ys = fused_tempcnn([core for _, _, core in members], xs)  # type: ignore[misc]
-            out.update({key: y for (key, _, _), y in zip(members, ys.unbind(0))})
-        return {m: out[("unique", m)] for m in names}, {m: out[("common", m)] for m in names}
+            xs = [self.embeddings[role][m](inputs[m]) if m in self.embeddings[role] else inputs[m] for (role, m), _ in keys]
+            if self.fused:
+                ys = list(bank(xs, [g for _, g in keys]).unbind(0))
+            else:
+                ys = [bank.forward_one(g, x) for (_, g), x in zip(keys, xs)]  # type: ignore[operator]
+            out.update({key: y for (key, _), y in zip(keys, ys)})
+        return out
 
     def _project(self, names: list[str], common: dict[str, Tensor]) -> dict[str, Tensor]:
         if not self.fused or len(names) < 2:
@@ -151,11 +169,10 @@ class MDiCo(nn.Module):
         return dict(zip(names, y.unbind(0)))
 
     def _embed(self, inputs: dict[str, Tensor], names: list[str], month: Optional[Tensor]):
-        encode = self._encode_fused if self.fused else self._encode_plain
-        unique, common = encode(inputs, names, month)
-        spe = {m: unique[m][:, : self.half] for m in names}
-        unu = {m: unique[m][:, self.half :] for m in names}
-        return spe, unu, self._project(names, common)
+        z = self._encode(inputs, names, month)
+        spe = {m: z[("unique", m)][:, : self.half] for m in names}
+        unu = {m: z[("unique", m)][:, self.half :] for m in names}
+        return spe, unu, self._project(names, {m: z[("common", m)] for m in names})
 
     # ------------------------------------------------------------------------------------- public
     def forward(self, inputs: dict[str, Tensor], month: Optional[Tensor] = None) -> dict[str, dict[str, Tensor]]:
@@ -262,7 +279,7 @@ class FusionModel(nn.Module):
         blank = -1 if inp.kind == "categorical" else 0.0  # -1: an out-of-range code, embedded as "missing"
         if x is None:
             shape = (like.shape[0],) + ((inp.channels,) if inp.kind == "static" else (inp.steps,) if inp.kind == "categorical" else (inp.steps, inp.channels))
-            dtype = torch.long if inp.kind == "categorical" else torch.float32
+            dtype = torch.long if inp.kind == "categorical" else like.dtype if like.is_floating_point() else torch.get_default_dtype()
             return torch.full(shape, blank, dtype=dtype, device=like.device)  # type: ignore[arg-type]
         if keep is None:
             return x
@@ -283,7 +300,7 @@ class FusionModel(nn.Module):
             x = self.embeds[m](xs[m]) if kind == "categorical" else xs[m]
             if kind == "static" and self.steps is not None:
                 x = x.unsqueeze(1).expand(-1, self.steps, -1)
-            parts.append(x.to(torch.float32))
+            parts.append(x)
         return self.head(self.encoder(torch.cat(parts, dim=-1), month))
 
     def forward(self, inputs: dict[str, Tensor], month: Optional[Tensor] = None) -> dict[str, Tensor]:
@@ -321,4 +338,21 @@ def build_model(cfg: ModelConfig, inputs: dict[str, ModalityInput], out_dim: int
     raise ValueError(f"unknown method {cfg.method!r}")
 
 
-__all__ = ["FusionModel", "MDiCo", "OUTPUT_KEYS", "build_model", "make_head"]
+
+
+
+class OneSensor(nn.Module):
+    """`model.predict({modality: x}, modalities=[modality])` as a module, so `torch.jit.trace` registers the
+    model's parameters instead of trying to bake grad-requiring tensors into a traced lambda (which fails)."""
+
+    def __init__(self, model: nn.Module, modality: str):
+        super().__init__()
+        if modality not in getattr(model, "modalities", []):
+            raise KeyError(f"{modality!r} is not a modality of the model ({getattr(model, 'modalities', None)})")
+        self.model = model
+        self.modality = modality
+
+    def forward(self, x: Tensor, month: Optional[Tensor] = None) -> Tensor:
+        return self.model.predict({self.modality: x}, month, modalities=[self.modality])  # type: ignore[operator]
+
+__all__ = ["FusionModel", "MDiCo", "OUTPUT_KEYS", "OneSensor", "build_model", "make_head"]

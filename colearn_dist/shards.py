@@ -81,7 +81,8 @@ class Manifest:
       multilabel {"positive_counts": [K], "num_samples"}; all on the train split.
     * `splits`: split -> {"num_samples": n, "shards": [{"name", "num_samples", "sha256"}]} for
       train, val and test (an empty split has no shards).
-    * `seed`, `samples_per_shard`, `archive` (the archive path), `val_split` (how val was made:
+    * `seed`, `samples_per_shard`, `shuffle_window`, `archive` (the archive path): with the archive
+      they determine every byte of the shards; `val_split` (how val was made:
       {"source": "archive"|"carved"|"none", "by": "group"|"random"|null, "fraction", "num_groups"}).
     """
 
@@ -99,6 +100,7 @@ class Manifest:
     seed: int
     samples_per_shard: int
     archive: str = ""
+    shuffle_window: int = 0
     val_split: dict[str, Any] = field(default_factory=dict)
     version: int = VERSION
 
@@ -127,6 +129,7 @@ class Manifest:
             "archive": self.archive,
             "seed": self.seed,
             "samples_per_shard": self.samples_per_shard,
+            "shuffle_window": self.shuffle_window,
             "task": self.task,
             "class_names": list(self.class_names),
             "target_name": self.target_name,
@@ -192,6 +195,7 @@ def load_manifest(out_dir: str | Path) -> Manifest:
         seed=int(data["seed"]),
         samples_per_shard=int(data["samples_per_shard"]),
         archive=str(data.get("archive", "")),
+        shuffle_window=int(data.get("shuffle_window", 0)),
         val_split=dict(data.get("val_split") or {}),
         version=int(data["version"]),
     )
@@ -496,33 +500,57 @@ def _plan(
     return counts, tasks()
 
 
-def _run(tasks: Iterator[_Window], workers: int, n_tasks: int, on_done) -> list[_WindowResult]:
-    """Run window tasks, at most 2 x workers queued at once (bounded memory in the parent)."""
+def _warm(_: int) -> int:
+    return os.getpid()
+
+
+def _start_pool(workers: int) -> ProcessPoolExecutor | None:
+    """Start the worker processes before the archive is opened.
+
+    Forked workers then inherit a small parent (imports only), not its per-sample ids / groups
+    or freed-but-unreturned memory: their footprint stays constant with archive size.
+    """
+    if workers <= 1:
+        return None
+    # fork starts workers instantly; from 3.12 Python warns about forking a threaded process (zarr
+    # runs an IO thread), so use forkserver there. The bytes written do not depend on the method.
+    methods = multiprocessing.get_all_start_methods()
+    if "fork" in methods and sys.version_info < (3, 12):
+        method = "fork"
+    else:
+        method = "forkserver" if "forkserver" in methods else "spawn"
+    pool = ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context(method))
+    if method == "fork":
+        list(pool.map(_warm, range(workers)))
+    return pool
+
+
+def _run(
+    tasks: Iterator[_Window], pool: ProcessPoolExecutor | None, workers: int, n_tasks: int, on_done
+) -> list[_WindowResult]:
+    """Run window tasks in plan order, at most 2 x workers queued at once (bounded parent memory)."""
     results: list[_WindowResult | None] = [None] * n_tasks
-    if workers <= 1 or n_tasks <= 1:
+    if pool is None or n_tasks <= 1:
         for i, task in enumerate(tasks):
             results[i] = _write_window(task)
             on_done(results[i])
         return results  # type: ignore[return-value]
-    method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
-    with ProcessPoolExecutor(max_workers=min(workers, n_tasks), mp_context=multiprocessing.get_context(method)) as pool:
-        pending: deque[tuple[int, Future]] = deque()
-        it = enumerate(tasks)
-        try:
-            for i, task in it:
-                pending.append((i, pool.submit(_write_window, task)))
-                while len(pending) >= 2 * workers:
-                    j, fut = pending.popleft()
-                    results[j] = fut.result()
-                    on_done(results[j])
-            while pending:
+    pending: deque[tuple[int, Future]] = deque()
+    try:
+        for i, task in enumerate(tasks):
+            pending.append((i, pool.submit(_write_window, task)))
+            while len(pending) >= 2 * workers:
                 j, fut = pending.popleft()
                 results[j] = fut.result()
                 on_done(results[j])
-        except BaseException:
-            for _, fut in pending:
-                fut.cancel()
-            raise
+        while pending:
+            j, fut = pending.popleft()
+            results[j] = fut.result()
+            on_done(results[j])
+    except BaseException:
+        for _, fut in pending:
+            fut.cancel()
+        raise
     return results  # type: ignore[return-value]
 
 
@@ -556,11 +584,34 @@ def write_shards(
         raise ShardError(f"shuffle_window must be >= 1, got {shuffle_window}")
 
     archive_path = Path(archive_path).resolve()
+    if not archive_path.exists():
+        open_archive(archive_path)  # raises the archive module's error before any process starts
+    pool = _start_pool(workers)
+    try:
+        return _write_shards(
+            archive_path, Path(out_dir), pool, samples_per_shard, seed, workers, val_fraction, window_size, overwrite, progress
+        )
+    finally:
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _write_shards(
+    archive_path: Path,
+    out: Path,
+    pool: ProcessPoolExecutor | None,
+    samples_per_shard: int,
+    seed: int,
+    workers: int,
+    val_fraction: float,
+    window_size: int,
+    overwrite: bool,
+    progress: bool,
+) -> Manifest:
     archive = open_archive(archive_path)
     for name in archive.modalities:
         if "." in name or "/" in name or name in RESERVED_MEMBERS:
             raise ShardError(f"{archive_path}: modality name {name!r} cannot be a shard member name (no '.', '/', {list(RESERVED_MEMBERS)})")
-    out = Path(out_dir)
     _prepare_out(out, overwrite)
 
     split = archive.split.copy()
@@ -583,7 +634,7 @@ def write_shards(
 
     bar = tqdm(total=n_shards, unit="shard", desc=f"sharding {archive_path.name}", disable=not progress, file=sys.stderr)
     try:
-        results = _run(tasks, workers, n_tasks, lambda r: bar.update(len(r.shards)))
+        results = _run(tasks, pool, workers, n_tasks, lambda r: bar.update(len(r.shards)))
     finally:
         bar.close()
 
@@ -642,6 +693,7 @@ def write_shards(
         seed=seed,
         samples_per_shard=samples_per_shard,
         archive=str(archive_path),
+        shuffle_window=window_size,
         val_split=val_split,
     )
     _write_json_atomic(out / MANIFEST_NAME, manifest.to_json())

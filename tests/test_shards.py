@@ -178,10 +178,11 @@ def test_manifest_fields(archive, tmp_path):
     m = write_shards(archive, tmp_path / "s", samples_per_shard=32, seed=7, **QUIET)
     data = json.loads((tmp_path / "s" / MANIFEST_NAME).read_text())
     assert list(data) == [
-        "format", "version", "archive", "seed", "samples_per_shard", "task", "class_names", "target_name",
+        "format", "version", "archive", "seed", "samples_per_shard", "shuffle_window", "task", "class_names", "target_name",
         "target_unit", "target_shape", "modalities", "has_month", "stats", "target_stats", "val_split", "splits",
     ]  # fmt: skip
     assert data["format"] == FORMAT and data["version"] == 1 and data["seed"] == 7
+    assert data["shuffle_window"] == 16 * 32
     assert data["archive"] == str(Path(archive).resolve())
     assert data["task"] == "regression" and data["target_shape"] == [] and data["has_month"] is True
     assert data["target_name"] == "synthetic target" and data["target_unit"] == "u"

@@ -1,0 +1,239 @@
+"""Encoders: input specs from the manifest, shapes of every type × kind, depth, months, missing classes,
+and the stacked TempCNN bank against the plain TempCNN."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from colearn_dist.config import EncoderConfig
+from colearn_dist.encoders import (
+    CategoricalEmbedding,
+    CategoricalEncoder,
+    MLPEncoder,
+    ModalityInput,
+    Recurrent,
+    TempCNN,
+    TempCNNBank,
+    TemporalAttention,
+    batch_norm_stacked,
+    build_encoder,
+    fast_dropout,
+    modality_inputs,
+    month_encoding,
+)
+
+torch.set_num_threads(1)
+
+B, T = 5, 3
+TYPES = ["tempcnn", "attention", "gru", "lstm", "mlp"]
+INPUTS = {
+    "series": ModalityInput("s2", "series", T, 4),
+    "static": ModalityInput("srtm", "static", None, 2),
+    "categorical": ModalityInput("dw", "categorical", T, 1, num_classes=10, missing_value=9),
+}
+
+
+def small(type_: str, **kw) -> EncoderConfig:
+    return EncoderConfig(type=type_, hidden=8, depth=kw.pop("depth", 2), heads=2, categorical_dim=3, **kw)
+
+
+def batch(inp: ModalityInput, n: int = B) -> torch.Tensor:
+    if inp.kind == "series":
+        return torch.randn(n, inp.steps, inp.channels)
+    if inp.kind == "static":
+        return torch.randn(n, inp.channels)
+    return torch.randint(0, inp.num_classes, (n, inp.steps))
+
+
+MANIFEST = {
+    "s1": {"kind": "series", "shape": [3, 2], "dtype": "float32", "bands": ["VV", "VH"], "num_classes": None, "missing_value": None},
+    "srtm": {"kind": "static", "shape": [2], "dtype": "float32", "bands": ["elevation", "slope"], "num_classes": None, "missing_value": None},
+    "dw": {"kind": "categorical", "shape": [3], "dtype": "uint8", "bands": ["dynamic_world"], "num_classes": 10, "missing_value": 9},
+}
+
+
+def test_modality_inputs_from_manifest():
+    got = modality_inputs(MANIFEST, None)
+    assert list(got) == ["s1", "srtm", "dw"]
+    assert got["s1"] == ModalityInput("s1", "series", 3, 2)
+    assert got["srtm"] == ModalityInput("srtm", "static", None, 2)
+    assert got["dw"] == ModalityInput("dw", "categorical", 3, 1, num_classes=10, missing_value=9)
+    assert list(modality_inputs(MANIFEST, ["dw", "s1"])) == ["dw", "s1"]
+    assert list(modality_inputs(MANIFEST, [])) == ["s1", "srtm", "dw"]  # empty = all, as data.modalities
+
+
+def test_modality_inputs_errors_name_the_modality():
+    with pytest.raises(KeyError, match="s9"):
+        modality_inputs(MANIFEST, ["s9"])
+    bad = {"s1": dict(MANIFEST["s1"], shape=[3])}
+    with pytest.raises(ValueError, match="s1"):
+        modality_inputs(bad)
+    with pytest.raises(ValueError, match="num_classes"):
+        ModalityInput("dw", "categorical", 3, 1)
+    with pytest.raises(ValueError, match="kind"):
+        ModalityInput("x", "image", 3, 1)
+
+
+@pytest.mark.parametrize("kind", list(INPUTS))
+@pytest.mark.parametrize("type_", TYPES)
+def test_every_type_and_kind_gives_batch_by_out_dim(type_, kind):
+    torch.manual_seed(0)
+    inp = INPUTS[kind]
+    enc = build_encoder(small(type_), inp, 6)
+    x = batch(inp)
+    month = torch.randint(1, 13, (B, T))
+    assert enc(x).shape == (B, 6)
+    assert enc(x, month).shape == (B, 6)
+    enc.eval()
+    assert enc(x[:1], None).shape == (1, 6)
+
+
+@pytest.mark.parametrize("type_", ["tempcnn", "attention", "gru", "lstm"])
+def test_static_modality_falls_back_to_mlp(type_):
+    assert isinstance(build_encoder(small(type_), INPUTS["static"], 4), MLPEncoder)
+
+
+@pytest.mark.parametrize("depth", [1, 2, 4])
+def test_depth_is_honoured(depth):
+    count = lambda m, cls: sum(isinstance(x, cls) for x in m.modules())  # noqa: E731
+    series = INPUTS["series"]
+    assert count(build_encoder(small("tempcnn", depth=depth), series, 4), nn.Conv1d) == depth
+    assert count(build_encoder(small("tempcnn", depth=depth), INPUTS["categorical"], 4), nn.Conv1d) == depth
+    assert count(build_encoder(small("attention", depth=depth), series, 4), nn.TransformerEncoderLayer) == depth
+    assert build_encoder(small("gru", depth=depth), series, 4).rnn.num_layers == depth
+    assert build_encoder(small("lstm", depth=depth), series, 4).rnn.num_layers == depth
+    assert count(build_encoder(small("mlp", depth=depth), INPUTS["static"], 4), nn.Linear) == depth + 1
+    assert count(build_encoder(small("mlp", depth=depth), INPUTS["static"], 4), nn.BatchNorm1d) == depth
+    assert len(TempCNNBank([2, 3], T, 4, 8, depth).conv_weight) == depth
+
+
+def test_encoder_classes():
+    assert isinstance(build_encoder(small("tempcnn"), INPUTS["series"], 4), TempCNN)
+    assert isinstance(build_encoder(small("attention"), INPUTS["series"], 4), TemporalAttention)
+    assert isinstance(build_encoder(small("lstm"), INPUTS["series"], 4), Recurrent)
+    enc = build_encoder(small("gru"), INPUTS["categorical"], 4)
+    assert isinstance(enc, CategoricalEncoder) and isinstance(enc.encoder, Recurrent)
+
+
+def test_attention_uses_months_and_their_cycle():
+    torch.manual_seed(0)
+    enc = build_encoder(small("attention"), INPUTS["series"], 4).eval()
+    x = torch.randn(B, T, 4)
+    a = enc(x, torch.tensor([[1, 2, 3]] * B))
+    b = enc(x, torch.tensor([[6, 7, 8]] * B))
+    assert not torch.allclose(a, b)
+    assert not torch.allclose(a, enc(x))  # position encoding without months
+    e = month_encoding(torch.arange(1, 13), 8)
+    dist = lambda i, j: (e[i] - e[j]).norm()  # noqa: E731
+    assert torch.isclose(dist(11, 0), dist(0, 1))  # December is as close to January as January to February
+
+
+def test_categorical_missing_and_out_of_range_codes_embed_to_zero_without_gradient():
+    emb = CategoricalEmbedding(10, 3, missing_value=9)
+    x = torch.tensor([[0, 9, -1, 12, 4]])
+    out = emb(x)
+    assert out.shape == (1, 5, 3)
+    assert torch.equal(out[0, 1:4], torch.zeros(3, 3))
+    assert torch.allclose(out[0, 0], emb.embedding.weight[0]) and torch.allclose(out[0, 4], emb.embedding.weight[4])
+    out.sum().backward()
+    grad = emb.embedding.weight.grad
+    assert grad[[0, 4]].abs().sum() > 0 and grad[[1, 2, 3, 5, 6, 7, 8, 9]].abs().sum() == 0
+
+
+def test_batch_norm_stacked_matches_batch_norm():
+    torch.manual_seed(0)
+    x = torch.randn(3, 7, 4)
+    w, b = torch.rand(3, 4) + 0.5, torch.randn(3, 4)
+    rm, rv = torch.randn(3, 4), torch.rand(3, 4) + 0.5
+    for training in (True, False):
+        out, new_m, new_v = batch_norm_stacked(x, w, b, rm, rv, training, 0.1, 1e-5)
+        for g in range(3):
+            m, v = rm[g].clone(), rv[g].clone()
+            ref = F.batch_norm(x[g], m, v, w[g], b[g], training, 0.1, 1e-5)
+            assert torch.allclose(out[g], ref, atol=1e-5)
+            if training:
+                assert torch.allclose(new_m[g], m, atol=1e-6) and torch.allclose(new_v[g], v, atol=1e-6)
+
+
+def test_fast_dropout():
+    torch.manual_seed(0)
+    x = torch.ones(200, 100)
+    y = fast_dropout(x, 0.25, True)
+    assert abs((y == 0).float().mean().item() - 0.25) < 0.02
+    assert torch.allclose(y[y != 0], torch.full_like(y[y != 0], 1 / 0.75))
+    assert fast_dropout(x, 0.25, False) is x and fast_dropout(x, 0.0, True) is x
+
+
+# ------------------------------------------------------------------------------------------ the bank
+
+
+def make_bank(steps=T, kernel=5, channels=(2, 5, 3), dropout=0.0, depth=2):
+    torch.manual_seed(0)
+    bank = TempCNNBank(list(channels), steps, 6, hidden=8, depth=depth, kernel_size=kernel, dropout=dropout)
+    with torch.no_grad():  # non-trivial statistics, so eval mode tests them
+        for i in range(depth + 1):
+            bank._stats(i)[0].normal_()
+            bank._stats(i)[1].uniform_(0.5, 2.0)
+    xs = [torch.randn(B, steps, c) for c in channels]
+    return bank, xs
+
+
+def test_bank_member_is_a_tempcnn():
+    bank, xs = make_bank()
+    for train in (True, False):
+        b = copy.deepcopy(bank).train(train)
+        for g, x in enumerate(xs):
+            core = b.member(g)
+            assert isinstance(core, TempCNN) and core.training == train
+            assert torch.allclose(core(x), b.forward_one(g, x), atol=1e-6)
+            if train:  # both updated their statistics the same way
+                assert torch.allclose(core.fc[1].running_mean, b.member(g).fc[1].running_mean, atol=1e-6)
+    # load_member / member round trip
+    other = TempCNN(5, T, 6, 8, 2, 5, 0.0)
+    bank.load_member(1, other)
+    for p, q in zip(other.state_dict().values(), bank.member(1).state_dict().values()):
+        assert torch.equal(p, q)
+
+
+@pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel")
+@pytest.mark.parametrize("steps,kernel", [(3, 5), (1, 5), (2, 3), (4, 5), (3, 4), (3, 3), (12, 5)])
+def test_bank_fused_equals_plain(steps, kernel):
+    """Outputs, gradients and running statistics; T ≤ K uses matmuls, T > K the grouped conv."""
+    bank, xs = make_bank(steps, kernel)
+    for train in (True, False):
+        fused, plain = copy.deepcopy(bank).train(train), copy.deepcopy(bank).train(train)
+        y = fused(xs)
+        ref = torch.stack([plain.forward_one(g, x) for g, x in enumerate(xs)])
+        assert y.shape == (3, B, 6)
+        assert torch.allclose(y, ref, atol=1e-5)
+        (y * torch.arange(6.0)).sum().backward()
+        (ref * torch.arange(6.0)).sum().backward()
+        for (name, p), q in zip(fused.named_parameters(), plain.parameters()):
+            assert torch.allclose(p.grad, q.grad, atol=1e-4), name
+        for (name, s), r in zip(fused.state_dict().items(), plain.state_dict().values()):
+            assert torch.allclose(s.float(), r.float(), atol=1e-6), name
+
+
+@pytest.mark.parametrize("members", [[1, 2], [2, 0], [1]])
+def test_bank_runs_a_subset_of_members(members):
+    bank, xs = make_bank()
+    for train in (True, False):
+        fused, plain = copy.deepcopy(bank).train(train), copy.deepcopy(bank).train(train)
+        y = fused([xs[g] for g in members], members)
+        ref = torch.stack([plain.forward_one(g, xs[g]) for g in members])
+        assert torch.allclose(y, ref, atol=1e-5)
+        for (name, s), r in zip(fused.state_dict().items(), plain.state_dict().values()):
+            assert torch.allclose(s.float(), r.float(), atol=1e-6), name
+
+
+def test_bank_dropout_is_active_in_training_only():
+    bank, xs = make_bank(dropout=0.5)
+    bank.train()
+    assert not torch.allclose(bank(xs), bank(xs))
+    bank.eval()
+    assert torch.allclose(bank(xs), bank(xs))

@@ -1,0 +1,288 @@
+"""Models: MDiCo outputs, gradients and any-subset prediction; fusion masking and sensor dropout; the fused
+path against the plain one; build_model dispatch; tracing a per-sensor predictor."""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from colearn_dist.config import EncoderConfig, ModelConfig
+from colearn_dist.encoders import CategoricalEncoder, MLPEncoder, ModalityInput, TempCNN, TemporalAttention
+from colearn_dist.model import OUTPUT_KEYS, FusionModel, MDiCo, OneSensor, build_model
+
+torch.set_num_threads(1)
+
+B, T, OUT = 6, 3, 2
+INPUTS = {
+    "s1": ModalityInput("s1", "series", T, 2),
+    "s2": ModalityInput("s2", "series", T, 5),
+    "srtm": ModalityInput("srtm", "static", None, 2),
+    "dw": ModalityInput("dw", "categorical", T, 1, num_classes=10, missing_value=9),
+}
+
+
+def config(method="mdico", dropout=0.0, **kw) -> ModelConfig:
+    enc = EncoderConfig("tempcnn", hidden=8, depth=2, dropout=dropout, heads=2, categorical_dim=3)
+    return ModelConfig(method=method, embedding_dim=16, encoders=kw.pop("encoders", {"default": enc}), **kw)
+
+
+def batch(n: int = B, seed: int = 0) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return {
+        "s1": torch.randn(n, T, 2, generator=g),
+        "s2": torch.randn(n, T, 5, generator=g),
+        "srtm": torch.randn(n, 2, generator=g),
+        "dw": torch.randint(0, 10, (n, T), generator=g),
+    }
+
+
+def mdico(**kw) -> MDiCo:
+    torch.manual_seed(0)
+    second = kw.pop("second_classifier_on", "unused")
+    return MDiCo(INPUTS, config(**kw), OUT, second_classifier_on=second)
+
+
+# ------------------------------------------------------------------------------------------ MDiCo
+
+
+def test_mdico_outputs_and_shapes():
+    model = mdico()
+    out = model(batch())
+    assert set(out) == set(OUTPUT_KEYS)
+    for key in OUTPUT_KEYS:
+        assert list(out[key]) == list(INPUTS)
+        for m, t in out[key].items():
+            width = {"pred": OUT, "aux_spe": OUT, "aux_sha": OUT, "mod_spe": 4, "mod_second": 4}.get(key, 8)
+            assert t.shape == (B, width), (key, m)
+    assert model.modalities == list(INPUTS)
+
+
+def test_mdico_computes_only_present_modalities():
+    model = mdico()
+    x = batch()
+    out = model({"s2": x["s2"], "dw": x["dw"], "unrelated": torch.zeros(1)})
+    assert all(list(out[k]) == ["s2", "dw"] for k in OUTPUT_KEYS)
+    with pytest.raises(KeyError):
+        model({"other": x["s1"]})
+
+
+def test_unique_and_common_encoders_are_separate_and_depth_is_honoured():
+    model = mdico()
+    for m in INPUTS:
+        u, c = model.encoder("unique", m), model.encoder("common", m)
+        assert u is not c
+        core = u.encoder if isinstance(u, CategoricalEncoder) else u
+        if INPUTS[m].kind == "static":
+            assert isinstance(core, MLPEncoder)
+        else:
+            assert isinstance(core, TempCNN) and len(core.blocks) == 2
+    # a standalone copy computes what the model computes
+    model.eval()
+    x = batch()
+    z = model._encode(x, list(INPUTS), None)
+    for role in ("unique", "common"):
+        for m in INPUTS:
+            assert torch.allclose(model.encoder(role, m).eval()(x[m]), z[(role, m)], atol=1e-5)
+
+
+def _unique_grads(model: MDiCo, m: str) -> list[torch.Tensor]:
+    """The gradient of modality m's unique encoder (its slot, when it lives in a bank)."""
+    if m in model.encoders["unique"]:
+        return [p.grad if p.grad is not None else torch.zeros_like(p) for p in model.encoders["unique"][m].parameters()]
+    bank, g = model.slots[("unique", m)]
+    return [p.grad[g] if p.grad is not None else torch.zeros_like(p[g]) for p in model.banks[bank].parameters()]
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_modality_classifier_on_unused_trains_z_unu(fused):
+    """A loss on mod_second must reach the unique encoders through z_unu ("unused", the paper)
+    and must not in "shared" mode (the reference code's choice: z_sha)."""
+    for mode, expect in (("unused", True), ("shared", False)):
+        model = mdico(second_classifier_on=mode)
+        model.fused = fused
+        out = model(batch())
+        loss = sum(F.cross_entropy(logits, torch.full((B,), i)) for i, logits in enumerate(out["mod_second"].values()))
+        loss.backward()
+        for m in INPUTS:
+            reached = any(g.abs().sum() > 0 for g in _unique_grads(model, m))
+            assert reached == expect, (mode, m)
+        assert model.mod_second.weight.grad.abs().sum() > 0
+    # z_unu really is the unused half of the unique encoder's output
+    model.eval()
+    out = model(batch())
+    z = model._encode(batch(), list(INPUTS), None)
+    assert torch.allclose(out["z_unu"]["s1"], z[("unique", "s1")][:, 8:])
+    assert torch.allclose(out["z_spe"]["s1"], z[("unique", "s1")][:, :8])
+
+
+def test_mdico_predict_averages_heads_over_any_subset():
+    model = mdico().eval()
+    x = batch()
+    pred = model(x)["pred"]
+    for subset in (["s1"], ["dw"], ["s2", "srtm"], list(INPUTS)):
+        expect = torch.stack([pred[m] for m in subset]).mean(0)
+        assert torch.allclose(model.predict(x, modalities=subset), expect, atol=1e-5), subset
+    assert torch.allclose(model.predict(x), torch.stack(list(pred.values())).mean(0), atol=1e-5)
+    # one sensor needs only its own input
+    assert torch.allclose(model.predict({"s2": x["s2"]}), pred["s2"], atol=1e-5)
+    with pytest.raises(KeyError, match="s1"):
+        model.predict({"s2": x["s2"]}, modalities=["s1"])
+    with pytest.raises(KeyError, match="nope"):
+        model.predict(x, modalities=["nope"])
+
+
+def test_mdico_fused_equals_plain():
+    """Same parameters, same outputs, gradients and updated statistics (dropout off: masks differ)."""
+    fused = mdico()
+    plain = copy.deepcopy(fused)
+    plain.fused = False
+    x = batch()
+    for train in (True, False):
+        fused.train(train), plain.train(train)
+        a, b = fused(x), plain(x)
+        for key in OUTPUT_KEYS:
+            for m in INPUTS:
+                assert torch.allclose(a[key][m], b[key][m], atol=1e-5), (key, m)
+        if train:
+            loss = lambda o: sum((t * torch.linspace(-1, 1, t.shape[1])).sum() for k in OUTPUT_KEYS for t in o[k].values())  # noqa: E731
+            loss(a).backward()
+            loss(b).backward()
+            for (name, p), q in zip(fused.named_parameters(), plain.parameters()):
+                assert torch.allclose(p.grad, q.grad, atol=1e-4), name
+    for (name, s), r in zip(fused.state_dict().items(), plain.state_dict().values()):
+        assert torch.allclose(s.float(), r.float(), atol=1e-6), name
+    for subset in (["s1"], ["s2", "dw"]):
+        assert torch.allclose(fused.predict(x, modalities=subset), plain.predict(x, modalities=subset), atol=1e-5)
+
+
+def test_mdico_with_other_encoder_types_and_months():
+    cfg = config(
+        encoders={
+            "default": EncoderConfig("attention", hidden=8, depth=1, heads=2, categorical_dim=3),
+            "s1": EncoderConfig("gru", hidden=8, depth=2),
+            "s2": EncoderConfig("tempcnn", hidden=8, depth=1),
+        }
+    )
+    torch.manual_seed(0)
+    model = MDiCo(INPUTS, cfg, OUT)
+    assert isinstance(model.encoder("common", "dw").encoder, TemporalAttention)
+    assert isinstance(model.encoder("unique", "srtm"), MLPEncoder)
+    month = torch.randint(1, 13, (B, T))
+    out = model(batch(), month)
+    assert out["pred"]["dw"].shape == (B, OUT)
+    model.eval()
+    assert not torch.allclose(model.predict(batch(), month, ["dw"]), model.predict(batch(), None, ["dw"]))
+
+
+# ------------------------------------------------------------------------------------------ fusion
+
+
+def fusion(modalities=None, sensor_dropout=0.0, inputs=INPUTS, **kw) -> FusionModel:
+    torch.manual_seed(0)
+    return FusionModel(inputs, config(**kw), OUT, modalities or list(inputs), sensor_dropout)
+
+
+def test_fusion_is_early_and_single_is_one_sensor():
+    model = fusion()
+    assert model.early and model.modalities == list(INPUTS)
+    assert model(batch())["pred"].shape == (B, OUT)
+    single = fusion(["s2"])
+    assert single.modalities == ["s2"] and isinstance(single.encoder, TempCNN)
+    assert single(batch())["pred"].shape == (B, OUT)  # other inputs are ignored
+    static = fusion(["srtm"])
+    assert isinstance(static.encoder, MLPEncoder) and static(batch())["pred"].shape == (B, OUT)
+
+
+def test_fusion_falls_back_to_late_fusion_without_a_common_time_axis():
+    inputs = dict(INPUTS, s2=ModalityInput("s2", "series", 5, 5))
+    model = fusion(inputs=inputs)
+    assert not model.early
+    x = dict(batch(), s2=torch.randn(B, 5, 5))
+    assert model(x)["pred"].shape == (B, OUT)
+    model.eval()
+    zeroed = dict(x, s2=torch.zeros(B, 5, 5))
+    assert torch.allclose(model.predict(x, modalities=["s1", "srtm", "dw"]), model.predict(zeroed), atol=1e-6)
+
+
+def test_fusion_masks_absent_modalities():
+    model = fusion().eval()
+    x = batch()
+    blanked = dict(x, s2=torch.zeros(B, T, 5), srtm=torch.zeros(B, 2), dw=torch.full((B, T), 9))
+    dropped = model.predict(x, modalities=["s1"])
+    assert torch.allclose(dropped, model.predict(blanked), atol=1e-6)
+    assert torch.allclose(dropped, model.predict({"s1": x["s1"]}), atol=1e-6)
+    assert not torch.allclose(dropped, model.predict(x))
+    with pytest.raises(KeyError):
+        model.predict(x, modalities=["nope"])
+
+
+def test_sensor_dropout_keeps_at_least_one_sensor():
+    model = fusion(sensor_dropout=0.9)
+    torch.manual_seed(1)
+    keep = model.sensor_mask(4000, 4)
+    assert keep.any(dim=1).all()
+    assert 0.05 < keep.float().mean().item() < 0.35  # mostly dropped, never all
+    single = fusion(sensor_dropout=0.5)
+    torch.manual_seed(2)
+    assert single.sensor_mask(1000, 1).all()
+
+
+def test_sensor_dropout_zeroes_inputs_in_training_only():
+    model = fusion(sensor_dropout=0.5).train()
+    x = batch(n=16)
+    torch.manual_seed(3)
+    got = model(x)["pred"]
+    torch.manual_seed(3)
+    keep = model.sensor_mask(16, 4)
+    manual = dict(x)
+    for j, m in enumerate(INPUTS):
+        k = keep[:, j].view(-1, *([1] * (x[m].dim() - 1)))
+        manual[m] = torch.where(k, x[m], torch.full_like(x[m], 9 if m == "dw" else 0))
+    ref = model._run(manual, list(INPUTS), None, None)
+    assert torch.allclose(got, ref, atol=1e-6)
+    model.eval()
+    assert torch.allclose(model(x)["pred"], model.predict(x))
+
+
+# ------------------------------------------------------------------------------------------ dispatch
+
+
+@pytest.mark.parametrize(
+    "method,cls,modalities",
+    [("mdico", MDiCo, list(INPUTS)), ("single", FusionModel, ["s2"]), ("fusion", FusionModel, list(INPUTS)),
+     ("dropout", FusionModel, list(INPUTS)), ("distill", FusionModel, ["s2"])],
+)  # fmt: skip
+def test_build_model_dispatches_on_method(method, cls, modalities):
+    model = build_model(config(method, modality="s2", sensor_dropout=0.3, teacher="runs/t"), INPUTS, OUT, "shared")
+    assert type(model) is cls and model.modalities == modalities
+    if method == "dropout":
+        assert model.sensor_dropout == 0.3
+    if method == "mdico":
+        assert model.second_classifier_on == "shared"
+    with pytest.raises(KeyError):
+        build_model(config("single", modality="nope"), INPUTS, OUT)
+
+
+# ------------------------------------------------------------------------------------------ tracing
+
+
+@pytest.mark.parametrize("kind", ["mdico", "fusion"])
+def test_per_sensor_trace_matches_eager(kind):
+    model = (mdico() if kind == "mdico" else fusion()).eval()
+    x = batch()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for m in INPUTS:
+            traced = torch.jit.trace(OneSensor(model, m), (x[m],))
+            other = batch(n=3, seed=1)[m]  # another batch size: the trace must not bake shapes in
+            for inp in (x[m], other):
+                assert torch.allclose(traced(inp), model.predict({m: inp}, modalities=[m]), atol=1e-5), m
+        # the export's form, a lambda: works once parameters need no gradient
+        model.requires_grad_(False)
+        fn = torch.jit.trace(lambda t: model.predict({"s2": t}, modalities=["s2"]), (x["s2"],))
+        assert torch.allclose(fn(x["s2"]), model.predict(x, modalities=["s2"]), atol=1e-5)
+    assert not [w for w in caught if issubclass(w.category, torch.jit.TracerWarning)]
