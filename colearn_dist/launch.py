@@ -12,6 +12,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 from dataclasses import dataclass
 
 import torch
@@ -54,7 +55,6 @@ def rendezvous_from_env() -> ProcessInfo:
     if "RANK" not in env:
         env.update({"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1"})
         env.setdefault("MASTER_ADDR", "127.0.0.1")
-        env.setdefault("MASTER_PORT", str(free_port()))
     world = int(env["WORLD_SIZE"])
     return ProcessInfo(
         rank=int(env["RANK"]),
@@ -71,8 +71,13 @@ def init_distributed() -> ProcessInfo:
     info = rendezvous_from_env()
     if torch.cuda.is_available():
         torch.cuda.set_device(info.local_rank)
-    if not torch.distributed.is_initialized():
-        deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo", verbose=False)
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if not torch.distributed.is_initialized() and info.world_size == 1 and "MASTER_PORT" not in os.environ:
+        # One process needs no network rendezvous: a file store cannot collide on a port with
+        # other jobs on the same machine.
+        store = tempfile.NamedTemporaryFile(prefix="colearn-pg-", delete=False).name
+        torch.distributed.init_process_group(backend, init_method=f"file://{store}", rank=0, world_size=1)
+    deepspeed.init_distributed(dist_backend=backend, verbose=False)
     return info
 
 
