@@ -4,8 +4,8 @@ All encoders share the call `forward(x, month=None)` so models can treat them al
 attention encoder uses `month` (the others accept and ignore it). Inputs follow docs/DESIGN.md:
 series `[B, T, C]` float, static `[B, C]` float, categorical `[B, T]` int64.
 
-`fused_tempcnn` runs several TempCNNs of the same shape as one grouped computation; it reads the
-parameters of the ordinary modules, so it is an execution strategy, not a different model.
+`TempCNNBank` holds several TempCNNs of one shape with their parameters stacked, so MDiCo can run all
+its TempCNN encoders as one computation; each member is still exactly a TempCNN (see the bank's tests).
 """
 
 from __future__ import annotations
@@ -45,7 +45,9 @@ class ModalityInput:
             raise ValueError(f"modality {self.name!r}: channels must be ≥ 1, got {self.channels}")
 
 
-def modality_inputs(manifest_modalities: Mapping[str, Mapping[str, Any]], names: Sequence[str] | None = None) -> dict[str, ModalityInput]:
+def modality_inputs(
+    manifest_modalities: Mapping[str, Mapping[str, Any]], names: Sequence[str] | None = None
+) -> dict[str, ModalityInput]:
     """Build the inputs from the manifest's "modalities" mapping; `names` (None or empty = all) picks and orders them."""
     names = list(names) if names else list(manifest_modalities)
     out: dict[str, ModalityInput] = {}
@@ -86,7 +88,9 @@ def modality_inputs(manifest_modalities: Mapping[str, Mapping[str, Any]], names:
 class TempCNN(nn.Module):
     """Pelletier et al. (2019): `depth` conv blocks, then a dense layer over the flattened time axis."""
 
-    def __init__(self, channels: int, steps: int, out_dim: int, hidden: int = 64, depth: int = 3, kernel_size: int = 5, dropout: float = 0.2):
+    def __init__(
+        self, channels: int, steps: int, out_dim: int, hidden: int = 64, depth: int = 3, kernel_size: int = 5, dropout: float = 0.2
+    ):
         super().__init__()
         self.steps, self.hidden, self.kernel_size, self.dropout = steps, hidden, kernel_size, dropout
         self.blocks = nn.ModuleList(
@@ -129,14 +133,18 @@ def position_encoding(steps: int, dim: int, device: torch.device | None = None) 
 class TemporalAttention(nn.Module):
     """A small pre-norm Transformer encoder over time, mean-pooled: order-aware via month or position sinusoids."""
 
-    def __init__(self, channels: int, steps: int, out_dim: int, hidden: int = 64, depth: int = 3, heads: int = 4, dropout: float = 0.2):
+    def __init__(
+        self, channels: int, steps: int, out_dim: int, hidden: int = 64, depth: int = 3, heads: int = 4, dropout: float = 0.2
+    ):
         super().__init__()
         if hidden % heads:
             raise ValueError(f"attention encoder: hidden ({hidden}) must be divisible by heads ({heads})")
         self.hidden = hidden
         self.inp = nn.Linear(channels, hidden)
         self.layers = nn.ModuleList(
-            nn.TransformerEncoderLayer(hidden, heads, dim_feedforward=2 * hidden, dropout=dropout, batch_first=True, norm_first=True)
+            nn.TransformerEncoderLayer(
+                hidden, heads, dim_feedforward=2 * hidden, dropout=dropout, batch_first=True, norm_first=True
+            )
             for _ in range(depth)
         )
         self.norm = nn.LayerNorm(hidden)
@@ -304,11 +312,13 @@ def fast_dropout(x: Tensor, p: float, training: bool) -> Tensor:
     calls of F.dropout, whose CPU random draws dominate these small layers. p is rounded to 1/65536."""
     if not training or p <= 0.0:
         return x
+    if p >= 1.0:
+        return x * 0.0
     words = (x.numel() + 3) // 4
     bits = torch.randint(-(2**63), 2**63 - 1, (words,), dtype=torch.int64, device=x.device)
     lanes = bits.view(torch.int16)[: x.numel()].view(x.shape)
-    keep = lanes >= int(round(p * 65536)) - 32768
-    return x * keep.to(x.dtype) * (1.0 / (1.0 - p))
+    mask = (lanes >= int(round(p * 65536)) - 32768).to(x.dtype).mul_(1.0 / (1.0 - p))
+    return x * mask
 
 
 def _conv_as_matmuls(x: Tensor, weight: Tensor, bias: Tensor, steps: int, k: int) -> Tensor:
@@ -374,7 +384,16 @@ class TempCNNBank(nn.Module):
     momentum = 0.1  # nn.BatchNorm1d's defaults, as in TempCNN
     eps = 1e-5
 
-    def __init__(self, channels: Sequence[int], steps: int, out_dim: int, hidden: int = 64, depth: int = 3, kernel_size: int = 5, dropout: float = 0.2):
+    def __init__(
+        self,
+        channels: Sequence[int],
+        steps: int,
+        out_dim: int,
+        hidden: int = 64,
+        depth: int = 3,
+        kernel_size: int = 5,
+        dropout: float = 0.2,
+    ):
         super().__init__()
         if depth < 1:
             raise ValueError(f"TempCNNBank needs depth ≥ 1, got {depth}")
@@ -451,7 +470,8 @@ class TempCNNBank(nn.Module):
         if self.training:
             count[g] += 1
         # mean[g] / var[g] are views: F.batch_norm updates the bank's statistics in place.
-        return F.batch_norm(x, mean[g], var[g], self.norm_weight[i][g], self.norm_bias[i][g], self.training, self.momentum, self.eps)
+        weight, bias = self.norm_weight[i][g], self.norm_bias[i][g]
+        return F.batch_norm(x, mean[g], var[g], weight, bias, self.training, self.momentum, self.eps)
 
     def forward_one(self, g: int, x: Tensor, month: Optional[Tensor] = None) -> Tensor:
         """Member g on x [B, T, C]: TempCNN.forward, step for step."""

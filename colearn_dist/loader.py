@@ -70,7 +70,6 @@ from typing import Any, Iterator, Literal, Sequence
 import numpy as np
 import torch
 import webdataset as wds
-from webdataset import tariterators
 
 PLANS = ("train", "eval")
 _LEG_KEYS = ("world_size", "workers", "batch_size", "plan", "shuffle_buffer")
@@ -342,12 +341,39 @@ class _ReaderTask:
     spec: _DecodeSpec = field(repr=False)
 
 
-def _sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+def _tar_samples(data: bytes, members: frozenset[str], url: str) -> Iterator[dict[str, Any]]:
+    """Samples of one tar held in memory: members grouped by key, as webdataset's `tar_file_expander`
+    + `group_by_keys` do, at a fraction of the cost (tarfile's header parsing was 75% of the
+    loader's time). Header checksums are verified and truncation detected, so corruption still raises."""
+    off, end = 0, len(data)
+    sample: dict[str, Any] = {}
+    key = None
+    while off + 512 <= end:
+        header = data[off : off + 512]
+        if header == _ZERO_BLOCK:
+            break
+        stored = int(header[148:156].split(b"\0", 1)[0].strip() or b"0", 8)
+        if stored != sum(header) - sum(header[148:156]) + 256:
+            raise CorruptShardError(f"tar header checksum mismatch at byte {off}")
+        name = header[:100].split(b"\0", 1)[0].decode()
+        size = int(header[124:136].split(b"\0", 1)[0].strip() or b"0", 8)
+        off += 512
+        if off + size > end:
+            raise CorruptShardError(f"tar ends inside member {name!r} (truncated?)")
+        if header[156:157] in (b"0", b"\0"):
+            k, _, ext = name.partition(".")
+            if k != key:
+                if sample:
+                    yield sample
+                key, sample = k, {"__key__": k, "__url__": url}
+            if ext in members:
+                sample[ext] = data[off : off + size]
+        off += (size + 511) // 512 * 512
+    if sample:
+        yield sample
+
+
+_ZERO_BLOCK = bytes(512)
 
 
 def _raw_samples(task: _ReaderTask) -> Iterator[dict[str, Any]]:
@@ -359,28 +385,25 @@ def _raw_samples(task: _ReaderTask) -> Iterator[dict[str, Any]]:
         expected = int(task.shard_starts[s + 1] - task.shard_starts[s])
         got = 0
         try:
+            with open(path, "rb") as f:
+                data = f.read()
             if task.verify:
-                digest = _sha256(path)
+                digest = hashlib.sha256(data).hexdigest()
                 if task.shard_sha256[s] and digest != task.shard_sha256[s]:
                     raise CorruptShardError(f"sha256 {digest[:12]}… differs from the manifest's {task.shard_sha256[s][:12]}…")
-            with open(path, "rb") as f:
-                files = tariterators.tar_file_expander(
-                    [{"url": path, "stream": f}],
-                    select_files=lambda name: name.split(".", 1)[-1] in task.members,
-                )
-                samples = tariterators.group_by_keys(files, lcase=False)
-                last = int(wanted[-1])
-                pos = 0
-                for offset, raw in enumerate(samples):
-                    if offset == wanted[pos]:
-                        raw["__pos__"] = int(task.shard_starts[s]) + offset
-                        got += 1
-                        pos += 1
-                        yield raw
-                    if offset >= last:
-                        break
-                if got < len(wanted):
-                    raise CorruptShardError(f"tar ends before sample {int(wanted[got])} of the manifest's {expected} (truncated?)")
+            samples = _tar_samples(data, task.members, path)
+            last = int(wanted[-1])
+            pos = 0
+            for offset, raw in enumerate(samples):
+                if offset == wanted[pos]:
+                    raw["__pos__"] = int(task.shard_starts[s]) + offset
+                    got += 1
+                    pos += 1
+                    yield raw
+                if offset >= last:
+                    break
+            if got < len(wanted):
+                raise CorruptShardError(f"tar ends before sample {int(wanted[got])} of the manifest's {expected} (truncated?)")
         except Exception as exc:
             message = str(exc) if isinstance(exc, CorruptShardError) else f"{type(exc).__name__}: {exc}"
             if not task.spec.skip_corrupt:

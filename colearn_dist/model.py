@@ -110,8 +110,9 @@ class MDiCo(nn.Module):
                 if enc.type == "tempcnn" and inp.kind != "static" and enc.depth >= 1:
                     channels = inp.channels
                     if inp.kind == "categorical":
-                        self.embeddings[role][m] = CategoricalEmbedding(inp.num_classes, enc.categorical_dim, inp.missing_value)  # type: ignore[arg-type]
+                        assert inp.num_classes is not None
                         channels = enc.categorical_dim
+                        self.embeddings[role][m] = CategoricalEmbedding(inp.num_classes, channels, inp.missing_value)
                     key = (inp.steps, enc.hidden, enc.depth, enc.kernel_size, enc.dropout)
                     members.setdefault(key, []).append((role, m, channels))
                 else:
@@ -200,7 +201,9 @@ class MDiCo(nn.Module):
         out["mod_second"] = dict(zip(names, mod_second))
         return out
 
-    def predict(self, inputs: dict[str, Tensor], month: Optional[Tensor] = None, modalities: Optional[list[str]] = None) -> Tensor:
+    def predict(
+        self, inputs: dict[str, Tensor], month: Optional[Tensor] = None, modalities: Optional[list[str]] = None
+    ) -> Tensor:
         """Mean of the heads P_m over `modalities` (default: those in `inputs`): any subset of sensors.
         Raw outputs (logits / regression values) are averaged; apply softmax / sigmoid afterwards."""
         names = _present(self.modalities, inputs) if modalities is None else list(modalities)
@@ -278,9 +281,10 @@ class FusionModel(nn.Module):
         inp = self.inputs[m]
         blank = -1 if inp.kind == "categorical" else 0.0  # -1: an out-of-range code, embedded as "missing"
         if x is None:
-            shape = (like.shape[0],) + ((inp.channels,) if inp.kind == "static" else (inp.steps,) if inp.kind == "categorical" else (inp.steps, inp.channels))
-            dtype = torch.long if inp.kind == "categorical" else like.dtype if like.is_floating_point() else torch.get_default_dtype()
-            return torch.full(shape, blank, dtype=dtype, device=like.device)  # type: ignore[arg-type]
+            layout = {"static": (inp.channels,), "categorical": (inp.steps,), "series": (inp.steps, inp.channels)}[inp.kind]
+            float_dtype = like.dtype if like.is_floating_point() else torch.get_default_dtype()
+            dtype = torch.long if inp.kind == "categorical" else float_dtype
+            return torch.full((like.shape[0], *layout), blank, dtype=dtype, device=like.device)  # type: ignore[arg-type]
         if keep is None:
             return x
         return x.masked_fill(~keep.view((-1,) + (1,) * (x.dim() - 1)), blank)
@@ -312,7 +316,9 @@ class FusionModel(nn.Module):
             keep = self.sensor_mask(inputs[names[0]].shape[0], len(names), inputs[names[0]].device)
         return {"pred": self._run(inputs, names, keep, month)}
 
-    def predict(self, inputs: dict[str, Tensor], month: Optional[Tensor] = None, modalities: Optional[list[str]] = None) -> Tensor:
+    def predict(
+        self, inputs: dict[str, Tensor], month: Optional[Tensor] = None, modalities: Optional[list[str]] = None
+    ) -> Tensor:
         """Prediction from `modalities` (default: those in `inputs`); every other sensor is blanked."""
         if modalities is not None:
             _check_known(self.modalities, list(modalities))
@@ -323,7 +329,9 @@ class FusionModel(nn.Module):
         return self._run(inputs, names, None, month)
 
 
-def build_model(cfg: ModelConfig, inputs: dict[str, ModalityInput], out_dim: int, second_classifier_on: str = "unused") -> nn.Module:
+def build_model(
+    cfg: ModelConfig, inputs: dict[str, ModalityInput], out_dim: int, second_classifier_on: str = "unused"
+) -> nn.Module:
     """The model for `cfg.method`; distill builds the student only (the engine loads the fusion teacher)."""
     if cfg.method == "mdico":
         return MDiCo(inputs, cfg, out_dim, second_classifier_on=second_classifier_on)

@@ -180,6 +180,24 @@ def _nt_xent_sums(za: Tensor, zb: Tensor, ga: Tensor, gb: Tensor, offset: int, t
     return (torch.logsumexp(logits, dim=1) - logits[rows, pos_col]).sum()
 
 
+def _pairwise_nt_xent_sums(local: Tensor, glob: Tensor, offset: int, temperature: float) -> Tensor:
+    """[M, M]: entry (a, b) is the summed NT-Xent of this rank's anchors of modality a against the
+    global candidates of b (positive: the same sample) and of a (self excluded) — the ordered half
+    of `_nt_xent_sums(z_a, z_b, …)`, for all pairs in a few kernels instead of a loop of them.
+
+    `local` [M, n, D] and `glob` [M, N, D] are L2-normalised; rows offset..offset+n of `glob` are local."""
+    m, n = local.shape[0], local.shape[1]
+    sim = torch.einsum("and,bkd->abnk", local, glob) / temperature  # [M, M, n, N]
+    rows = torch.arange(n, device=local.device)
+    cols = rows + offset
+    same_sample = sim[:, :, rows, cols]  # [M, M, n]: positives off the diagonal, self on it
+    diag = torch.arange(m, device=local.device)
+    within = sim[diag, diag].clone()  # [M, n, N]
+    within[:, rows, cols] = float("-inf")
+    lse = torch.logaddexp(torch.logsumexp(sim, dim=-1), torch.logsumexp(within, dim=-1)[:, None, :])
+    return (lse - same_sample).sum(dim=-1)
+
+
 def nt_xent(z_a: Tensor, z_b: Tensor, temperature: float = 0.1) -> Tensor:
     """Symmetric NT-Xent between paired embeddings over the global batch, in rank-contribution form.
 
@@ -233,24 +251,27 @@ class MDiCoObjective:
         count, weight_sum = _global_normalisers(n, weights)
         terms: dict[str, Tensor] = {}
 
-        for m in mods:
-            terms[f"main/{m}"] = _task_contribution(spec, _require(out, "pred", m), target, weights, weight_sum)
-        for m in mods:
-            terms[f"aux_spe/{m}"] = _task_contribution(spec, _require(out, "aux_spe", m), target, weights, weight_sum)
-            terms[f"aux_sha/{m}"] = _task_contribution(spec, _require(out, "aux_sha", m), target, weights, weight_sum)
-        for i, m in enumerate(mods):
-            for key in ("mod_spe", "mod_second"):
-                logits = _upcast(_require(out, key, m))
-                cls = torch.full((n,), i, dtype=torch.long, device=logits.device)
-                terms[f"{key}/{m}"] = F.cross_entropy(logits, cls, reduction="sum") / count.to(logits.dtype)
+        # All task heads in one loss call, all modality classifiers in another (few kernels, not 5·M).
+        heads = [(key, m) for key in ("pred", "aux_spe", "aux_sha") for m in mods]
+        preds = torch.stack([_upcast(_require(out, key, m)) for key, m in heads])  # [3M, n, out]
+        losses = spec.sample_losses(preds.flatten(0, 1), target.repeat(len(heads), *([1] * (target.dim() - 1))))
+        task = (losses.view(len(heads), n) * weights).sum(dim=1) / weight_sum.to(losses.dtype)
+        for (key, m), value in zip(heads, task):
+            terms[f"{'main' if key == 'pred' else key}/{m}"] = value
+        classifiers = [(key, i, m) for key in ("mod_spe", "mod_second") for i, m in enumerate(mods)]
+        logits = torch.stack([_upcast(_require(out, key, m)) for key, _, m in classifiers])  # [2M, n, M]
+        cls = torch.tensor([i for _, i, _ in classifiers], device=logits.device).repeat_interleave(n)
+        ce = F.cross_entropy(logits.flatten(0, 1), cls, reduction="none").view(len(classifiers), n).sum(dim=1)
+        for (key, _, m), value in zip(classifiers, ce / count.to(ce.dtype)):
+            terms[f"{key}/{m}"] = value
 
-        # gather each modality once; every pair reuses it
-        local = {m: F.normalize(_upcast(_require(out, "z_sha", m)), dim=1) for m in mods}
-        gathered = {m: gather_with_grad(local[m]) for m in mods}
+        # every modality in one gather, every ordered pair in one similarity tensor
+        local = F.normalize(torch.stack([_upcast(_require(out, "z_sha", m)) for m in mods], dim=1), dim=2)
+        gathered, offset = gather_with_grad(local)
+        sums = _pairwise_nt_xent_sums(local.transpose(0, 1), gathered.transpose(0, 1), offset, cfg.temperature)
+        index = {m: i for i, m in enumerate(mods)}
         for a, b in self.pairs:
-            (ga, offset), (gb, _) = gathered[a], gathered[b]
-            s = _nt_xent_sums(local[a], local[b], ga, gb, offset, cfg.temperature)
-            terms[f"con/{a}-{b}"] = s / (2 * ga.shape[0])
+            terms[f"con/{a}-{b}"] = (sums[index[a], index[b]] + sums[index[b], index[a]]) / (2 * gathered.shape[0])
 
         num_m = len(mods)
         main = sum(terms[f"main/{m}"] for m in mods) / num_m

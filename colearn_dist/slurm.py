@@ -45,8 +45,9 @@ class TrainJob:
         if env.cluster != "slurm":
             return  # local executor: the run simply stops, `submit --resume` continues it
         if env.global_rank == 0:
-            subprocess.check_call(["scontrol", "requeue", env.job_id], timeout=60)
-            print(f"requeued job {env.job_id} after checkpointing", file=sys.stderr, flush=True)
+            # Fails harmlessly when Slurm is already requeueing the job (scontrol requeue, preemption).
+            done = subprocess.run(["scontrol", "requeue", env.job_id], capture_output=True, text=True, timeout=60)
+            print(f"checkpointed; requeue {env.job_id}: {done.stderr.strip() or 'ok'}", file=sys.stderr, flush=True)
         time.sleep(120)  # Slurm ends this allocation; exiting now would read as "job finished"
         sys.exit(-1)
 
@@ -56,8 +57,7 @@ class TrainJob:
 
 
 def make_executor(folder: Path, slurm: SlurmConfig, local: bool = False) -> submitit.Executor:
-    cluster = "local" if local else None
-    executor = submitit.AutoExecutor(folder=str(folder), cluster=cluster)
+    executor = submitit.AutoExecutor(folder=str(folder), cluster="local" if local else None, slurm_max_num_timeout=slurm.max_requeues)
     tasks = slurm.tasks_per_node or max(1, slurm.gpus_per_node)
     params: dict[str, Any] = {
         "nodes": slurm.nodes,
@@ -70,18 +70,11 @@ def make_executor(folder: Path, slurm: SlurmConfig, local: bool = False) -> subm
     if slurm.gpus_per_node:
         params["gpus_per_node"] = slurm.gpus_per_node
     if executor.cluster == "slurm":
-        params.update(
-            slurm_signal_delay_s=slurm.signal_delay_s,
-            slurm_max_num_timeout=slurm.max_requeues,
-            slurm_additional_parameters=dict(slurm.extra),
-        )
+        params["slurm_signal_delay_s"] = slurm.signal_delay_s
+        params["slurm_additional_parameters"] = dict(slurm.extra)
         for key in ("partition", "account", "qos", "constraint"):
-            value = getattr(slurm, key)
-            if value:
-                if key == "partition":
-                    params["slurm_partition"] = value
-                else:
-                    params["slurm_additional_parameters"][key] = value
+            if getattr(slurm, key):
+                params[f"slurm_{key}"] = getattr(slurm, key)
     executor.update_parameters(**params)
     return executor
 

@@ -49,8 +49,13 @@ def shards(tmp_path_factory):
     return root / "shards"
 
 
+# What an in-process run leaves in os.environ must not leak into a child: it would join that rendezvous.
+RENDEZVOUS = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")
+
+
 def run_cli(args: list[str], env_extra: dict[str, str] | None = None, **kw) -> subprocess.Popen:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **(env_extra or {})}
+    env = {k: v for k, v in os.environ.items() if k not in RENDEZVOUS}
+    env.update({"OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **(env_extra or {})})
     return subprocess.Popen([sys.executable, "-m", "colearn_dist.cli", *args], env=env, **kw)
 
 
