@@ -184,7 +184,7 @@ def _convert(tp: Any, value: Any, where: str) -> Any:
     if origin is dict:
         if not isinstance(value, Mapping):
             raise ConfigError(f"{where}: expected a mapping, got {value!r}")
-        return {str(k): _convert(args[1], v, f"{where}.{k}") for k, v in value.items()}
+        return {str(k): _convert(args[1], v, _key(where, k)) for k, v in value.items()}
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{where}: expected a number, got {value!r}")
@@ -204,6 +204,11 @@ def _convert(tp: Any, value: Any, where: str) -> Any:
     return value
 
 
+def _key(where: str, key: Any) -> str:
+    """'file.yaml: ' + 'train' → 'file.yaml: train'; 'file.yaml: train' + 'lr' → 'file.yaml: train.lr'."""
+    return f"{where}{key}" if where.endswith(": ") else f"{where}.{key}"
+
+
 def from_dict(cls: type, data: Any, where: str = "config") -> Any:
     """Build dataclass `cls` from a mapping, rejecting unknown keys and wrong types by name."""
     if data is None:
@@ -214,8 +219,8 @@ def from_dict(cls: type, data: Any, where: str = "config") -> Any:
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - names)
     if unknown:
-        raise ConfigError(f"{where}: unknown key(s) {unknown}; known: {sorted(names)}")
-    kwargs = {k: _convert(hints[k], v, f"{where}.{k}") for k, v in data.items()}
+        raise ConfigError(f"{where.removesuffix(': ')}: unknown key(s) {unknown}; known: {sorted(names)}")
+    kwargs = {k: _convert(hints[k], v, _key(where, k)) for k, v in data.items()}
     return cls(**kwargs)
 
 
@@ -262,7 +267,7 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConf
         raise ConfigError(f"{path}: not valid YAML ({exc})") from exc
     for item in overrides or []:
         apply_override(data, item, str(path))
-    return validate(from_dict(RunConfig, data, str(path)), str(path))
+    return validate(from_dict(RunConfig, data, f"{path}: "), str(path))
 
 
 def apply_override(data: dict[str, Any], item: str, where: str = "override") -> None:

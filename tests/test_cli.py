@@ -1,0 +1,60 @@
+"""The command line on the bundled data, the way the README uses it."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from test_engine import RENDEZVOUS
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+def cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k not in RENDEZVOUS} | {"OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", "colearn_dist.cli", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.slow
+def test_bundled_fuel_moisture_import_shard_sweep_evaluate_export_predict(tmp_path):
+    out = cli("import", "presto", "fuel_moisture", "fm.zarr", cwd=tmp_path)
+    assert out.returncode == 0 and "train 1578, test 735" in out.stdout, out.stderr
+    out = cli("shard", "fm.zarr", "shards/fm", "--samples-per-shard", "256", "--workers", "1", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert cli("shards", "verify", "shards/fm", cwd=tmp_path).stdout.strip().endswith("OK")
+
+    sets = ["--set", "data.shards=shards/fm", "--set", "train.epochs=2", "--set", "model.embedding_dim=32"]
+    out = cli("sweep", str(CONFIGS / "fuel_moisture_s1s2.yaml"), "--methods", "mdico,single", "--seeds", "0", "--root", "runs", *sets, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    # the per-sensor table: rows s1, s2, all; columns the methods
+    assert "| s1 " in out.stdout and "| s2 " in out.stdout and "mdico" in out.stdout and "single" in out.stdout
+    rows = list(csv.DictReader(open(tmp_path / "runs" / "results" / "results_test.csv")))
+    assert {(r["method"], r["sensors"]) for r in rows} == {
+        ("mdico", "s1"), ("mdico", "s2"), ("mdico", "all"), ("single", "s1"), ("single", "s2")
+    }
+    assert list((tmp_path / "runs" / "results").glob("*.png"))
+
+    out = cli("export", "runs/mdico/seed0", "--modality", "s2", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    out = cli("predict", out.stdout.strip(), "fm.zarr", "--split", "test", "--out", "pred.csv", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    preds = list(csv.DictReader(open(tmp_path / "pred.csv")))
+    assert len(preds) == 735 and all(float(p["prediction"]) > 0 for p in preds)  # moisture in %, not z-scores
+
+    status = cli("status", "runs/mdico/seed0", cwd=tmp_path)
+    assert "last checkpoint step" in status.stdout
+    metrics = json.loads((tmp_path / "runs" / "mdico" / "seed0" / "metrics_test.json").read_text())
+    assert {m["sensors"] for m in metrics} == {"s1", "s2", "all"}
+
+
+def test_errors_are_reported_not_raised(tmp_path):
+    out = cli("shard", "missing.zarr", "shards/x", cwd=tmp_path)
+    assert out.returncode == 2 and "missing.zarr" in out.stderr and "Traceback" not in out.stderr
+    (tmp_path / "bad.yaml").write_text("train: {lr: fast}\n")
+    out = cli("train", "bad.yaml", cwd=tmp_path)
+    assert out.returncode == 2 and "bad.yaml: train.lr: expected a number" in out.stderr
