@@ -45,13 +45,6 @@ def sensor_sets(method: str, modalities: list[str]) -> list[list[str]]:
     return singles + [list(modalities)] if len(modalities) > 1 else singles
 
 
-def selection_sets(method: str, modalities: list[str]) -> list[list[str]]:
-    """What model selection averages over: the single sensors, except for early fusion, whose job is all of them."""
-    if method == "fusion":
-        return [list(modalities)]
-    return [[m] for m in modalities] if method != "single" and method != "distill" else [modalities]
-
-
 def set_name(sensors: list[str], all_modalities: list[str]) -> str:
     return "all" if len(sensors) > 1 and sorted(sensors) == sorted(all_modalities) else "+".join(sensors)
 
@@ -89,7 +82,7 @@ def build(cfg: RunConfig, manifest: Manifest) -> Built:
     if cfg.model.method == "distill":
         from .evaluate import load_trained
 
-        teacher = load_trained(cfg.model.teacher).model.eval()
+        teacher = load_trained(cfg.model.teacher, "all").model.eval()
         for p in teacher.parameters():
             p.requires_grad_(False)
         modalities = list(dict.fromkeys(names + list(teacher.modalities)))
@@ -247,7 +240,9 @@ class Trainer:
         # Progress state, saved in every checkpoint.
         self.step = 0
         self.epoch = 0
-        self.best_score = -math.inf
+        # Each inference sensor set keeps its own best weights: a sensor's deployed model is the
+        # checkpoint that sensor did best with on the validation split.
+        self.best_scores: dict[str, float] = {}
         self.bad_epochs = 0
         self.history: list[dict[str, Any]] = []
         self._resume(allow_config_change)
@@ -269,7 +264,7 @@ class Trainer:
         state = self.checkpointer.load(self.engine, latest)
         self.step = state["step"]
         self.epoch = state["epoch"]
-        self.best_score = state["best_score"]
+        self.best_scores = state["best_scores"]
         self.bad_epochs = state["bad_epochs"]
         self.history = state["history"]
         self.train_loader.set_position(state["loader"])
@@ -281,7 +276,7 @@ class Trainer:
         return {
             "step": self.step,
             "epoch": self.epoch,
-            "best_score": self.best_score,
+            "best_scores": self.best_scores,
             "bad_epochs": self.bad_epochs,
             "history": self.history,
             "loader": self.train_loader.position(),
@@ -426,11 +421,15 @@ class Trainer:
 
     def _end_of_epoch(self) -> None:
         self.epoch += 1
+        names = self.built.model_modalities
+        sets = [set_name(s, names) for s in sensor_sets(self.cfg.model.method, names)]
         if not self.has_val:
             if self.rank == 0:
-                self._save_best({"score": None})
+                for name in sets:
+                    self._save_best(name, {"score": None})
             return
         from .evaluate import score_loader
+        from .metrics import PRIMARY
 
         val_loader = ShardLoader(
             self.cfg.data.shards,
@@ -442,43 +441,40 @@ class Trainer:
             workers=0,
             shuffle=False,
         )
-        names = self.built.model_modalities
-        sets = selection_sets(self.cfg.model.method, names)
-        metrics = score_loader(self.engine.module, val_loader, self.built.spec, self.manifest, sets, self.device, self.dtype)
-        score = None
-        if self.rank == 0:
-            from .metrics import PRIMARY
-
-            key, lower_better = PRIMARY[self.built.spec.task]
-            values = [metrics[set_name(s, names)][key] for s in sets]
-            score = -float(np.mean(values)) if lower_better else float(np.mean(values))
-        score_t = torch.tensor([score if score is not None else 0.0], dtype=torch.float64)
-        if self.world > 1:
-            dist.broadcast(score_t, 0)
-        score = float(score_t.item())
-        improved = score > self.best_score
-        if improved:
-            self.best_score = score
-            self.bad_epochs = 0
+        metrics = score_loader(
+            self.engine.module, val_loader, self.built.spec, self.manifest, sensor_sets(self.cfg.model.method, names), self.device, self.dtype
+        )
+        key, lower_better = PRIMARY[self.built.spec.task]
+        scores = {name: (-1.0 if lower_better else 1.0) * float(metrics[name][key]) for name in sets}
+        improved = [name for name in sets if scores[name] > self.best_scores.get(name, -math.inf)]
+        for name in improved:
+            self.best_scores[name] = scores[name]
             if self.rank == 0:
-                self._save_best({"score": score, "val": metrics})
-        else:
-            self.bad_epochs += 1
+                self._save_best(name, {"score": scores[name], "val": metrics[name]})
+        self.bad_epochs = 0 if improved else self.bad_epochs + 1
         if self.rank == 0:
             flat = {f"{s}/{k}": v for s, m in metrics.items() for k, v in m.items()}
             self.logger.scalars(self.step, flat, prefix="val/")
-            self.history.append({"epoch": self.epoch, "step": self.step, "score": score})
+            self.history.append({"epoch": self.epoch, "step": self.step, "scores": scores})
             self.logger.line(
-                f"epoch {self.epoch:3d} val " + "  ".join(f"{s} {_fmt_metrics(m, self.built.spec.task)}" for s, m in metrics.items())
-                + ("  *best*" if improved else f"  (no gain {self.bad_epochs}/{self.cfg.train.patience})")
+                f"epoch {self.epoch:3d} val "
+                + "  ".join(f"{s}{'*' if s in improved else ''} {_fmt_metrics(m, self.built.spec.task)}" for s, m in metrics.items())
+                + (f"  (no gain {self.bad_epochs}/{self.cfg.train.patience})" if not improved else "")
             )
 
-    def _save_best(self, info: dict[str, Any]) -> None:
+    def _save_best(self, sensors: str, info: dict[str, Any]) -> None:
+        """Weights for inference with `sensors`, in fp32, written atomically."""
         module = self.engine.module
         state = {k: v.detach().float().cpu() if v.is_floating_point() else v.cpu() for k, v in module.state_dict().items()}
-        tmp = self.run_dir / "best.pt.tmp"
-        torch.save({"model": state, "config": self.cfg.to_dict(), "epoch": self.epoch, "step": self.step, **info}, tmp)
-        os.replace(tmp, self.run_dir / "best.pt")
+        path = best_path(self.run_dir, sensors)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        torch.save({"model": state, "config": self.cfg.to_dict(), "epoch": self.epoch, "step": self.step, "sensors": sensors, **info}, tmp)
+        os.replace(tmp, path)
+
+
+def best_path(run_dir: str | Path, sensors: str) -> Path:
+    return Path(run_dir) / "best" / f"{sensors}.pt"
 
 
 def _fmt_metrics(metrics: dict[str, float], task: str) -> str:

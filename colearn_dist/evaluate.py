@@ -13,6 +13,7 @@ from typing import Any, Iterable
 
 import numpy as np
 import torch
+import yaml
 import torch.distributed as dist
 
 from .config import RunConfig, from_dict
@@ -30,6 +31,7 @@ class Trained:
     manifest: Manifest
     modalities: list[str]
     run_dir: Path
+    epoch: int = 0  # when validation chose these weights
 
     @property
     def spec(self):
@@ -38,14 +40,18 @@ class Trained:
         return TaskSpec.from_manifest(self.manifest)
 
 
-def load_trained(run_dir: str | Path, shards: str | None = None) -> Trained:
-    """The best weights of a run (as chosen on the validation split), ready for inference on CPU."""
-    from .engine import build
+def load_trained(run_dir: str | Path, sensors: str, shards: str | None = None) -> Trained:
+    """The weights of a run chosen (on the validation split) for inference with `sensors`
+    ("s1", "s1+s2", "all" …), ready for inference on CPU."""
+    from .engine import best_path, build
 
     run_dir = Path(run_dir)
-    best = run_dir / "best.pt"
+    best = best_path(run_dir, sensors)
     if not best.exists():
-        raise FileNotFoundError(f"{run_dir}: no best.pt (has this run finished at least one epoch?)")
+        have = sorted(p.stem for p in (run_dir / "best").glob("*.pt"))
+        if not have:
+            raise FileNotFoundError(f"{run_dir}: no best weights (has this run finished at least one epoch?)")
+        raise ValueError(f"{run_dir}: no sensor {sensors!r} (the model has weights for {have})")
     saved = torch.load(best, map_location="cpu", weights_only=False)
     cfg = from_dict(RunConfig, saved["config"], f"{best}:config")
     if shards:
@@ -54,7 +60,7 @@ def load_trained(run_dir: str | Path, shards: str | None = None) -> Trained:
     built = _build_without_teacher(cfg, manifest, build)
     built.model.load_state_dict(saved["model"])
     built.model.eval()
-    return Trained(cfg=cfg, model=built.model, manifest=manifest, modalities=built.model_modalities, run_dir=run_dir)
+    return Trained(cfg=cfg, model=built.model, manifest=manifest, modalities=built.model_modalities, run_dir=run_dir, epoch=saved["epoch"])
 
 
 def _build_without_teacher(cfg: RunConfig, manifest: Manifest, build: Any) -> Any:
@@ -122,32 +128,49 @@ def score_loader(
 
 def evaluate_run(run_dir: str | Path, split: str = "test", shards: str | None = None, embeddings: bool = True) -> list[dict[str, Any]]:
     """Score a run's best weights on `split` with every inference sensor set; writes metrics_<split>.json."""
-    from .engine import sensor_sets
+    from .engine import sensor_sets, set_name
     from .loader import ShardLoader
 
-    trained = load_trained(run_dir, shards)
-    cfg = trained.cfg
-    loader = ShardLoader(cfg.data.shards, split, batch_size=512, modalities=_data_modalities(trained), shuffle=False)
-    sets = sensor_sets(cfg.model.method, trained.modalities)
-    metrics = score_loader(trained.model, loader, trained.spec, trained.manifest, sets, gather=False)
-    records = [
-        {
-            "dataset": Path(cfg.data.shards).name,
-            "setting": "+".join(cfg.data.modalities or list(trained.manifest.modalities)),
-            "method": cfg.model.method,
-            "task": trained.manifest.task,
-            "seed": cfg.train.seed,
-            "sensors": sensors,
-            "split": split,
-            "run": str(run_dir),
-            "metrics": m,
-        }
-        for sensors, m in metrics.items()
-    ]
+    run_dir = Path(run_dir)
+    cfg = from_dict(RunConfig, yaml.safe_load((run_dir / "config.yaml").read_text()), f"{run_dir}/config.yaml")
+    if shards:
+        cfg.data.shards = shards
+    records = []
+    names = _model_modalities(cfg)
+    for sensors in sensor_sets(cfg.model.method, names):
+        trained = load_trained(run_dir, set_name(sensors, names), shards)
+        loader = ShardLoader(trained.cfg.data.shards, split, batch_size=512, modalities=_data_modalities(trained), shuffle=False)
+        metrics = score_loader(trained.model, loader, trained.spec, trained.manifest, [sensors], gather=False)
+        for name, m in metrics.items():
+            records.append(
+                {
+                    "dataset": Path(cfg.data.shards).name,
+                    "setting": "+".join(cfg.data.modalities or list(trained.manifest.modalities)),
+                    "method": cfg.model.method,
+                    "task": trained.manifest.task,
+                    "seed": cfg.train.seed,
+                    "sensors": name,
+                    "split": split,
+                    "run": str(run_dir),
+                    "epoch": trained.epoch,
+                    "metrics": m,
+                }
+            )
     Path(run_dir, f"metrics_{split}.json").write_text(json.dumps(records, indent=1))
     if embeddings and cfg.model.method == "mdico":
+        trained = load_trained(run_dir, "all", shards)
+        loader = ShardLoader(trained.cfg.data.shards, split, batch_size=512, modalities=_data_modalities(trained), shuffle=False)
         _write_embeddings(trained, loader, split)
     return records
+
+
+def _model_modalities(cfg: RunConfig) -> list[str]:
+    """The sensors a run's model reads (one for single-sensor methods)."""
+    if cfg.model.method in ("single", "distill"):
+        return [str(cfg.model.modality)]
+    if cfg.data.modalities:
+        return list(cfg.data.modalities)
+    return list(load_manifest(cfg.data.shards).modalities)
 
 
 def _data_modalities(trained: Trained) -> list[str]:

@@ -57,10 +57,8 @@ def example_input(trained: Trained, modality: str, batch: int = 4) -> tuple[torc
 
 
 def export_sensor(run_dir: str | Path, modality: str, out: str | Path | None = None) -> Path:
-    """Trace the run's best weights for `modality` and save a TorchScript file with its metadata."""
-    trained = load_trained(run_dir)
-    if modality not in trained.modalities:
-        raise ValueError(f"{run_dir}: the model has no sensor {modality!r} (it has {trained.modalities})")
+    """Trace the weights validation chose for `modality` and save a TorchScript file with its metadata."""
+    trained = load_trained(run_dir, modality)
     module = SensorModel(trained, modality).eval()
     example = example_input(trained, modality)
     with torch.no_grad():

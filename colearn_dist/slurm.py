@@ -132,7 +132,8 @@ def status(run_dir: str | Path) -> str:
         lines.append(f"  last checkpoint {latest.name}: step {state['step']}, epoch {state['epoch']}, world size {state['world_size']}")
         if state.get("history"):
             h = state["history"][-1]
-            lines.append(f"  last validation: epoch {h['epoch']} score {h['score']:.4f} (higher is better)")
+            shown = ", ".join(f"{k} {v:.4g}" for k, v in h["scores"].items())
+            lines.append(f"  last validation (epoch {h['epoch']}, higher is better): {shown}")
     metrics = run_dir / "metrics_test.json"
     if metrics.exists():
         for rec in json.loads(metrics.read_text()):

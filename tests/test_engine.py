@@ -109,7 +109,8 @@ def test_single_process_run_end_to_end(shards, tmp_path):
     # s1 carries the signal in the synthetic target: after 3 epochs its head beats predicting the mean.
     s1 = next(r for r in records if r["sensors"] == "s1")["metrics"]
     assert s1["r2"] > 0.0
-    assert (run / "best.pt").exists() and (run / "config.yaml").exists()
+    assert {p.stem for p in (run / "best").glob("*.pt")} == {"s1", "s2", "srtm", "dw", "all"}
+    assert (run / "config.yaml").exists()
     assert list((run / "tb").glob("events.out.tfevents.*"))
     log = (run / "train.log").read_text()
     assert "samples/s" in log and "val" in log

@@ -36,7 +36,7 @@ def test_exported_model_matches_in_framework_predictions(trained_run, modality, 
     module, meta = load_exported(path)
     assert meta["modality"] == modality and meta["task"] == "regression"
 
-    trained = load_trained(run)
+    trained = load_trained(run, modality)
     loader = ShardLoader(trained.cfg.data.shards, "test", batch_size=64, shuffle=False)
     expected = predict_loader(trained.model, loader, trained.spec, [[modality]], gather=False)[modality]
     ids, got = predict_archive(path, archive, split="test")
@@ -53,7 +53,7 @@ def test_exported_model_matches_in_framework_predictions(trained_run, modality, 
 def test_export_refuses_an_unknown_sensor(trained_run):
     from colearn_dist.export import export_sensor
 
-    with pytest.raises(ValueError, match="no sensor 'radar'"):
+    with pytest.raises(ValueError, match="no sensor 'radar'.*weights for \\['all', 'dw', 's1', 's2', 'srtm'\\]"):
         export_sensor(trained_run[0], "radar")
 
 
