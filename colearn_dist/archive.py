@@ -16,7 +16,7 @@ import zarr
 FORMAT = "colearn-archive"
 VERSION = 1
 TASKS = ("binary", "multiclass", "multilabel", "regression")
-KINDS = ("series", "static", "categorical")
+KINDS = ("series", "static", "categorical", "image")
 SPLITS = ("train", "val", "test")
 SPLIT_CODES = {name: code for code, name in enumerate(SPLITS)}
 
@@ -100,6 +100,11 @@ class Archive:
 
     def split_counts(self) -> dict[str, int]:
         return {name: int((self.split == code).sum()) for name, code in SPLIT_CODES.items()}
+
+
+def channel_axis(kind: str) -> int:
+    """Axis of the bands in a modality's [N, ...] array: last, except [N, C, H, W] images (channels first, as torch)."""
+    return 1 if kind == "image" else -1
 
 
 def _chunks(shape: tuple[int, ...], chunk_size: int) -> tuple[int, ...]:
@@ -228,11 +233,11 @@ def open_archive(path: str | Path, *, check_values: bool = True) -> Archive:
         arr = root[key]
         spec = ModalitySpec.from_attrs(name, arr.attrs)
         expect_n(key, arr)
-        expected_ndim = {"series": 3, "static": 2, "categorical": 2}.get(spec.kind)
+        expected_ndim = {"series": 3, "static": 2, "categorical": 2, "image": 4}.get(spec.kind)
         if expected_ndim is None:
             raise ArchiveError(f"{where}: array {key!r} has kind {spec.kind!r}, expected one of {list(KINDS)}")
         if arr.ndim != expected_ndim:
-            layout = {"series": "[N, T, C]", "static": "[N, C]", "categorical": "[N, T]"}[spec.kind]
+            layout = {"series": "[N, T, C]", "static": "[N, C]", "categorical": "[N, T]", "image": "[N, C, H, W]"}[spec.kind]
             raise ArchiveError(f"{where}: array {key!r} ({spec.kind}) has shape {arr.shape}, expected {layout}")
         if spec.kind == "categorical":
             if np.dtype(arr.dtype).kind not in "iu":
@@ -244,9 +249,10 @@ def open_archive(path: str | Path, *, check_values: bool = True) -> Archive:
         else:
             if np.dtype(arr.dtype) != np.float32:
                 raise ArchiveError(f"{where}: array {key!r} has dtype {arr.dtype}, expected float32")
-            if len(spec.bands) != arr.shape[-1]:
+            channels = arr.shape[channel_axis(spec.kind)]
+            if len(spec.bands) != channels:
                 raise ArchiveError(
-                    f"{where}: array {key!r} has {arr.shape[-1]} bands but attribute 'bands' names {len(spec.bands)}"
+                    f"{where}: array {key!r} has {channels} bands but attribute 'bands' names {len(spec.bands)}"
                 )
         specs[name] = spec
 
@@ -314,11 +320,13 @@ def open_archive(path: str | Path, *, check_values: bool = True) -> Archive:
 def _check_bands(where: str, name: str, spec: ModalitySpec, arr: zarr.Array) -> None:
     """Fail on an all-NaN band or an infinite value, reading one chunk at a time."""
     chunk = arr.chunks[0]
-    finite_count = np.zeros(arr.shape[-1], dtype=np.int64)
+    axis = channel_axis(spec.kind)
+    finite_count = np.zeros(arr.shape[axis], dtype=np.int64)
     for start in range(0, arr.shape[0], chunk):
         block = np.asarray(arr[start : start + chunk])
         if np.isinf(block).any():
             raise ArchiveError(f"{where}: array 'modalities/{name}' has infinite values (use NaN for missing)")
+        block = np.moveaxis(block, axis, -1)
         finite_count += np.isfinite(block).reshape(-1, block.shape[-1]).sum(axis=0)
     empty = [spec.bands[i] for i in np.flatnonzero(finite_count == 0)]
     if empty:
@@ -355,6 +363,7 @@ __all__ = [
     "SPLITS",
     "SPLIT_CODES",
     "TASKS",
+    "channel_axis",
     "describe",
     "open_archive",
     "write_archive",

@@ -23,7 +23,7 @@ class ConfigError(ValueError):
 
 
 Method = Literal["mdico", "single", "fusion", "dropout", "distill"]
-EncoderType = Literal["tempcnn", "attention", "gru", "lstm", "mlp"]
+EncoderType = Literal["tempcnn", "attention", "gru", "lstm", "mlp", "cnn"]
 
 
 @dataclass

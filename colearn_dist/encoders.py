@@ -2,7 +2,7 @@
 
 All encoders share the call `forward(x, month=None)` so models can treat them alike; only the temporal
 attention encoder uses `month` (the others accept and ignore it). Inputs follow docs/DESIGN.md:
-series `[B, T, C]` float, static `[B, C]` float, categorical `[B, T]` int64.
+series `[B, T, C]` float, static `[B, C]` float, categorical `[B, T]` int64, image `[B, C, H, W]` float.
 
 `TempCNNBank` holds several TempCNNs of one shape with their parameters stacked, so MDiCo can run all
 its TempCNN encoders as one computation; each member is still exactly a TempCNN (see the bank's tests).
@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from .config import EncoderConfig
 
-KINDS = ("series", "static", "categorical")
+KINDS = ("series", "static", "categorical", "image")
 
 
 @dataclass(frozen=True)
@@ -28,21 +28,25 @@ class ModalityInput:
     """What a model needs to know about one modality's tensors (from the shard manifest)."""
 
     name: str
-    kind: str  # "series" [B,T,C] float | "static" [B,C] float | "categorical" [B,T] int64
-    steps: int | None  # T; None for static
+    kind: str  # "series" [B,T,C] float | "static" [B,C] float | "categorical" [B,T] int64 | "image" [B,C,H,W] float
+    steps: int | None  # T; None for static and image
     channels: int  # C; 1 for categorical
     num_classes: int | None = None
     missing_value: int | None = None
+    height: int | None = None  # image only
+    width: int | None = None  # image only
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
             raise ValueError(f"modality {self.name!r}: kind {self.kind!r} is not one of {list(KINDS)}")
-        if self.kind != "static" and (self.steps is None or self.steps < 1):
+        if self.kind in ("series", "categorical") and (self.steps is None or self.steps < 1):
             raise ValueError(f"modality {self.name!r} ({self.kind}) needs steps ≥ 1, got {self.steps}")
         if self.kind == "categorical" and (self.num_classes is None or self.num_classes < 1):
             raise ValueError(f"modality {self.name!r} (categorical) needs num_classes ≥ 1, got {self.num_classes}")
         if self.channels < 1:
             raise ValueError(f"modality {self.name!r}: channels must be ≥ 1, got {self.channels}")
+        if self.kind == "image" and not (self.height and self.width and self.height >= 1 and self.width >= 1):
+            raise ValueError(f"modality {self.name!r} (image) needs height and width ≥ 1, got {self.height} × {self.width}")
 
 
 def modality_inputs(
@@ -57,16 +61,19 @@ def modality_inputs(
         meta = manifest_modalities[name]
         kind = meta.get("kind")
         shape = list(meta.get("shape") or [])
-        layout = {"series": 2, "static": 1, "categorical": 1}
+        layout = {"series": 2, "static": 1, "categorical": 1, "image": 3}
         if kind not in layout:
             raise ValueError(f"modality {name!r}: kind {kind!r} is not one of {list(KINDS)}")
         if len(shape) != layout[kind]:
-            expected = {"series": "[T, C]", "static": "[C]", "categorical": "[T]"}[kind]
+            expected = {"series": "[T, C]", "static": "[C]", "categorical": "[T]", "image": "[C, H, W]"}[kind]
             raise ValueError(f"modality {name!r} ({kind}): manifest shape {shape} is not {expected}")
+        height = width = None
         if kind == "series":
             steps, channels = int(shape[0]), int(shape[1])
         elif kind == "static":
             steps, channels = None, int(shape[0])
+        elif kind == "image":
+            steps, channels, height, width = None, int(shape[0]), int(shape[1]), int(shape[2])
         else:
             steps, channels = int(shape[0]), 1
         num_classes = meta.get("num_classes")
@@ -78,6 +85,8 @@ def modality_inputs(
             channels=channels,
             num_classes=None if num_classes is None else int(num_classes),
             missing_value=None if missing is None else int(missing),
+            height=height,
+            width=width,
         )
     return out
 
@@ -221,6 +230,54 @@ class CategoricalEncoder(nn.Module):
         return self.encoder(self.embed(x), month)
 
 
+class ResidualBlock(nn.Module):
+    """Two 3×3 convolutions with a shortcut (He et al. 2016); stride 2 halves the resolution."""
+
+    def __init__(self, in_channels: int, out_channels: int, stride: int = 1):
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Conv2d(in_channels, out_channels, 3, stride=stride, padding=1, bias=False),
+            nn.BatchNorm2d(out_channels),
+            nn.ReLU(),
+            nn.Conv2d(out_channels, out_channels, 3, padding=1, bias=False),
+            nn.BatchNorm2d(out_channels),
+        )
+        self.shortcut: nn.Module = nn.Identity()
+        if stride != 1 or in_channels != out_channels:
+            self.shortcut = nn.Sequential(
+                nn.Conv2d(in_channels, out_channels, 1, stride=stride, bias=False), nn.BatchNorm2d(out_channels)
+            )
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.relu(self.body(x) + self.shortcut(x))
+
+
+class ImageCNN(nn.Module):
+    """A small ResNet for image patches [B, C, H, W], trained from scratch (no weights to download).
+
+    Stem (3×3 conv, stride 2), then `depth` residual blocks that each halve the resolution and double the
+    width (capped at 4·hidden), then global average pooling: any patch size works, from 8×8 test patches
+    to 304×304 aerial ones, and the cost falls fast with resolution.
+    """
+
+    def __init__(self, channels: int, out_dim: int, hidden: int = 64, depth: int = 3, dropout: float = 0.2):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(channels, hidden, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(hidden), nn.ReLU())
+        blocks: list[nn.Module] = []
+        width = hidden
+        for i in range(depth):
+            out = min(hidden * 2**i, 4 * hidden)
+            blocks.append(ResidualBlock(width, out, stride=2))
+            width = out
+        self.blocks = nn.Sequential(*blocks)
+        self.dropout = nn.Dropout(dropout)
+        self.fc = nn.Linear(width, out_dim)
+
+    def forward(self, x: Tensor, month: Optional[Tensor] = None) -> Tensor:
+        h = self.blocks(self.stem(x))
+        return self.fc(self.dropout(h.mean(dim=(2, 3))))
+
+
 def _series_encoder(cfg: EncoderConfig, channels: int, steps: int, out_dim: int) -> nn.Module:
     if cfg.type == "tempcnn":
         return TempCNN(channels, steps, out_dim, cfg.hidden, cfg.depth, cfg.kernel_size, cfg.dropout)
@@ -230,6 +287,8 @@ def _series_encoder(cfg: EncoderConfig, channels: int, steps: int, out_dim: int)
         return Recurrent(channels, out_dim, cfg.hidden, cfg.depth, cfg.dropout, cell=cfg.type)
     if cfg.type == "mlp":
         return MLPEncoder(channels * steps, out_dim, cfg.hidden, cfg.depth, cfg.dropout)
+    if cfg.type == "cnn":
+        raise ValueError("encoder type 'cnn' is for image modalities [B, C, H, W]; give series a temporal type (e.g. tempcnn)")
     raise ValueError(f"unknown encoder type {cfg.type!r}")
 
 
@@ -240,6 +299,9 @@ def build_encoder(cfg: EncoderConfig, inp: ModalityInput, out_dim: int) -> nn.Mo
         raise ValueError(f"encoder {cfg.type!r} for {inp.name!r}: depth {cfg.depth} is too small")
     if inp.kind == "static":
         return MLPEncoder(inp.channels, out_dim, cfg.hidden, cfg.depth, cfg.dropout)
+    if inp.kind == "image":
+        # Like static → MLP: an image has no time axis, so whatever temporal type "default" names, it gets the CNN.
+        return ImageCNN(inp.channels, out_dim, cfg.hidden, cfg.depth, cfg.dropout)
     assert inp.steps is not None
     if inp.kind == "categorical":
         assert inp.num_classes is not None
@@ -530,9 +592,11 @@ class TempCNNBank(nn.Module):
 __all__ = [
     "CategoricalEmbedding",
     "CategoricalEncoder",
+    "ImageCNN",
     "MLPEncoder",
     "ModalityInput",
     "Recurrent",
+    "ResidualBlock",
     "TempCNN",
     "TempCNNBank",
     "TemporalAttention",

@@ -359,6 +359,7 @@ class Trainer:
         n_acc = 0
         samples = 0
         wait = 0.0
+        self.epoch_stats = {"samples": 0, "wait_s": 0.0}  # this rank's, for benchmarks
         t_log = time.perf_counter()
         t0 = time.perf_counter()
         it = iter(self.train_loader)
@@ -368,7 +369,10 @@ class Trainer:
                 batch = next(it)
             except StopIteration:
                 break
-            wait += time.perf_counter() - t_wait
+            waited = time.perf_counter() - t_wait
+            wait += waited
+            self.epoch_stats["wait_s"] += waited
+            self.epoch_stats["samples"] += int(batch["target"].shape[0])
             batch = to_device(batch, self.device, self.dtype)
             loss, terms = self.step_fn(batch)
             samples += int(batch["target"].shape[0])
@@ -392,7 +396,7 @@ class Trainer:
                 return False
         if n_acc:
             self._log_train(acc, n_acc, samples, wait, time.perf_counter() - t_log)
-        self.epoch_seconds = time.perf_counter() - t0
+        self.epoch_stats["seconds"] = time.perf_counter() - t0
         return True
 
     def _log_train(self, acc: dict[str, Any], n: int, samples: int, wait: float, seconds: float) -> None:

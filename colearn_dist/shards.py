@@ -31,7 +31,7 @@ import numpy as np
 import zarr
 from tqdm import tqdm
 
-from .archive import SPLIT_CODES, SPLITS, Archive, nan_safe_mean_std, open_archive
+from .archive import SPLIT_CODES, SPLITS, Archive, channel_axis, nan_safe_mean_std, open_archive
 
 FORMAT = "colearn-shards"
 VERSION = 1
@@ -71,11 +71,11 @@ class Manifest:
     * `path`: the shard directory (not stored; where the manifest was read from / written to).
     * `task`: "binary" | "multiclass" | "multilabel" | "regression"; `class_names`: list[str].
     * `target_name`, `target_unit`: str; `target_shape`: [] (one value per sample) or [K] (multilabel).
-    * `modalities`: name -> {"kind": "series"|"static"|"categorical", "shape": per-sample shape
-      ([T, C], [C] or [T]), "dtype": numpy dtype name, "bands", "units", "time_step",
+    * `modalities`: name -> {"kind": "series"|"static"|"categorical"|"image", "shape": per-sample shape
+      ([T, C], [C], [T] or [C, H, W]), "dtype": numpy dtype name, "bands", "units", "time_step",
       "num_classes", "missing_value"}; in archive order.
     * `has_month`: whether each sample has a `month.npy` member (int64 [T], 1..12).
-    * `stats`: modality -> {"mean": [C], "std": [C]} per band (float, NaN-aware, train split only,
+    * `stats`: modality -> {"mean": [C], "std": [C]} per band (images: per channel over H×W; NaN-aware, train split only,
       std floored to 1 for constant bands); categorical modalities are absent.
     * `target_stats`: regression {"mean", "std"}; binary/multiclass {"class_counts": [K]};
       multilabel {"positive_counts": [K], "num_samples"}; all on the train split.
@@ -310,8 +310,9 @@ def _add(tar: tarfile.TarFile, name: str, payload: bytes) -> None:
     tar.addfile(info, io.BytesIO(payload))
 
 
-def _band_sums(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """NaN-aware float64 sum, sum of squares and count per band (last axis)."""
+def _band_sums(x: np.ndarray, axis: int = -1) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """NaN-aware float64 sum, sum of squares and count per band (`axis`; images [N, C, H, W]: per channel over H×W)."""
+    x = np.moveaxis(x, axis, -1)
     x = x.reshape(-1, x.shape[-1]).astype(np.float64)
     finite = np.isfinite(x)
     x = np.where(finite, x, 0.0)
@@ -337,7 +338,9 @@ def _write_window(w: _Window) -> _WindowResult:
 
     result = _WindowResult(shards=[], band_sums=None, target_sums=None)
     if w.with_stats:
-        result.band_sums = {m.name: _band_sums(data[m.name]) for m in w.modalities if m.kind != "categorical"}
+        result.band_sums = {
+            m.name: _band_sums(data[m.name], channel_axis(m.kind)) for m in w.modalities if m.kind != "categorical"
+        }
         result.target_sums = _target_sums(w.task, target)
 
     perm = np.random.default_rng([w.seed, _TAG_WINDOW_SHUFFLE, SPLIT_CODES[w.split], w.window]).permutation(len(rows))
@@ -654,7 +657,7 @@ def _write_shards(
     for m in mods:
         if m.kind == "categorical":
             continue
-        c_bands = archive.array(m.name).shape[-1]
+        c_bands = archive.array(m.name).shape[channel_axis(m.kind)]
         s, ss, c = (np.zeros(c_bands), np.zeros(c_bands), np.zeros(c_bands))
         for r in train_results:
             s += r.band_sums[m.name][0]
