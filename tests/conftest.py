@@ -180,3 +180,14 @@ def presto_archive(tmp_path_factory: pytest.TempPathFactory):
         return cache[name]
 
     return factory
+
+
+@pytest.fixture(scope="module")
+def run_shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Shards of a 400-sample synthetic archive with a grouped val split: what training tests run on."""
+    from colearn_dist.shards import write_shards
+
+    root = tmp_path_factory.mktemp("run-shards")
+    archive = make_synthetic_archive(root / "a.zarr", n=400, t=4, groups=20)
+    write_shards(archive, root / "shards", samples_per_shard=40, workers=1, val_fraction=0.15, progress=False)
+    return root / "shards"

@@ -38,15 +38,8 @@ def write_config(path: Path, shards: Path, run_dir: Path, **sections) -> Path:
 
 
 @pytest.fixture(scope="module")
-def shards(tmp_path_factory):
-    from colearn_dist.shards import write_shards
-
-    from conftest import make_synthetic_archive
-
-    root = tmp_path_factory.mktemp("engine")
-    archive = make_synthetic_archive(root / "a.zarr", n=400, t=4, groups=20)
-    write_shards(archive, root / "shards", samples_per_shard=40, workers=1, val_fraction=0.15, progress=False)
-    return root / "shards"
+def shards(run_shards):
+    return run_shards
 
 
 # What an in-process run leaves in os.environ must not leak into a child: it would join that rendezvous.

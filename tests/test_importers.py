@@ -66,7 +66,9 @@ def test_fuel_moisture_ids_groups_and_target(presto_archive):
 def test_algae_ids_and_target(presto_archive):
     a = open_archive(presto_archive("algae_blooms"))
     np.testing.assert_array_equal(a.ids, np.load(bundled_path("algae_blooms") / "uid.npy"))
-    assert a.group is None
+    # one sample per uid: grouped by 1° cell instead, and no test cell is also a train cell
+    assert a.group[0].startswith("cell") and 50 < len(set(a.group)) < 200
+    assert not set(a.group[a.split == 0]) & set(a.group[a.split == 2])
     assert (a.target_name, a.target_unit) == ("bloom severity", "1-5")
     assert set(np.unique(a.target[:]).tolist()) == {1.0, 2.0, 3.0, 4.0, 5.0}
 

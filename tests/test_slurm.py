@@ -20,15 +20,8 @@ CLUSTER = Path(__file__).resolve().parent / "slurm" / "cluster.sh"
 
 
 @pytest.fixture(scope="module")
-def shards(tmp_path_factory):
-    from conftest import make_synthetic_archive
-
-    from colearn_dist.shards import write_shards
-
-    root = tmp_path_factory.mktemp("slurm")
-    archive = make_synthetic_archive(root / "a.zarr", n=400, t=4, groups=20)
-    write_shards(archive, root / "shards", samples_per_shard=40, workers=1, val_fraction=0.15, progress=False)
-    return root / "shards"
+def shards(run_shards):
+    return run_shards
 
 
 @pytest.fixture(scope="module")

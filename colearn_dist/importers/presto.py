@@ -114,6 +114,12 @@ def ndvi(nir: np.ndarray, red: np.ndarray) -> np.ndarray:
     return out
 
 
+def geographic_cells(latlon: np.ndarray, degrees: float = 1.0) -> np.ndarray:
+    """A group id per sample: the `degrees` × `degrees` lat/lon cell it falls in."""
+    cell = np.floor(np.asarray(latlon, dtype=np.float64) / degrees).astype(np.int64)
+    return np.array([f"cell{lat:+04d}{lon:+05d}" for lat, lon in cell])
+
+
 def import_presto(src_dir: str | Path, out_path: str | Path, *, overwrite: bool = False) -> Path:
     """Convert one Presto task folder into an archive (see module docstring for the corrections)."""
     src = Path(src_dir)
@@ -158,7 +164,9 @@ def import_presto(src_dir: str | Path, out_path: str | Path, *, overwrite: bool 
         group = arrays["site"].astype(str)
         ids = np.array([f"fm{i:05d}" for i in range(n)])
     else:
-        group = None  # every uid is its own sample; no grouping beyond the stored geographic test split
+        # Every uid is its own sample, so group by 1° cell: the test split is geographic (its cells
+        # share none with train's), and a validation split carved by cell shifts the same way.
+        group = geographic_cells(arrays["latlon"])
         ids = arrays["uid"].astype(str)
 
     month_spec = dict(time_step="month")
