@@ -11,11 +11,44 @@ from pathlib import Path
 def _import(args: argparse.Namespace) -> int:
     from .archive import describe, open_archive
 
-    if args.format == "presto":
+    fmt = args.format
+    folds = dict(folds=args.folds, fold=args.fold, seed=args.seed)
+    if fmt == "presto":
         from .importers.presto import BUNDLED, import_presto
 
         src = BUNDLED.get(args.src, args.src)
         path = import_presto(src, args.out, overwrite=args.overwrite)
+    elif fmt == "lfmc":
+        from .importers.lfmc import import_lfmc
+
+        path = import_lfmc(
+            args.src, args.out, modalities=args.modalities_yaml, group_folds=args.group_folds, overwrite=args.overwrite, **folds
+        )
+    elif fmt == "cropharvest":
+        from .importers.cropharvest import import_cropharvest
+
+        path = import_cropharvest(
+            args.src, args.out, task=args.task or "binary", labels=args.labels, overwrite=args.overwrite, **folds
+        )
+    elif fmt == "treesatai":
+        from .importers.treesatai import import_treesatai
+
+        path = import_treesatai(
+            args.src, args.out, lists=args.lists, labels=args.labels, aerial_pool=args.aerial_pool, overwrite=args.overwrite
+        )
+    elif fmt == "mdico_netcdf":
+        from .importers.mdico_netcdf import import_mdico_netcdf
+
+        path = import_mdico_netcdf(
+            args.src,
+            args.out,
+            modalities=args.modalities.split(",") if args.modalities else None,
+            kinds=args.modalities_yaml,
+            task=args.task,
+            heldout=args.heldout,
+            overwrite=args.overwrite,
+            **folds,
+        )
     else:
         from .importers.generic import import_generic
 
@@ -23,7 +56,7 @@ def _import(args: argparse.Namespace) -> int:
             args.src,
             args.out,
             modalities=args.modalities.split(",") if args.modalities else None,
-            task=args.task,
+            task=args.task or "regression",
             class_names=tuple(args.class_names.split(",")) if args.class_names else (),
             overwrite=args.overwrite,
         )
@@ -177,13 +210,35 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="colearn-dist", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
 
-    s = sub.add_parser("import", help="import a dataset into a zarr archive")
-    s.add_argument("format", choices=["presto", "generic"])
-    s.add_argument("src", help="presto: fuel_moisture | algae_blooms (bundled) or a folder; generic: a folder of .npy or an .npz")
+    s = sub.add_parser("import", help="import a dataset into a zarr archive (benchmarks: docs/BENCHMARKS.md)")
+    s.add_argument("format", choices=["presto", "generic", "lfmc", "cropharvest", "treesatai", "mdico_netcdf"])
+    s.add_argument(
+        "src",
+        help="presto: fuel_moisture | algae_blooms (bundled) or a folder; generic: a folder of .npy or an .npz; "
+        "lfmc: the CSV / Parquet table; cropharvest / treesatai: the dataset folder; mdico_netcdf: a .nc file",
+    )
     s.add_argument("out", help="archive path (.zarr)")
-    s.add_argument("--task", default="regression", choices=["binary", "multiclass", "multilabel", "regression"])
-    s.add_argument("--modalities", help="generic: comma-separated array names to use as modalities")
+    s.add_argument(
+        "--task",
+        choices=["binary", "multiclass", "multilabel", "regression"],
+        help="generic: the task (default regression); cropharvest: binary (crop / non-crop, default) or multiclass "
+        "(crop type); mdico_netcdf: inferred from the target unless given",
+    )
+    s.add_argument("--modalities", help="generic / mdico_netcdf: comma-separated arrays / views to use as modalities (mdico_netcdf: A_B concatenates views A and B)")
     s.add_argument("--class-names", help="generic: comma-separated class names")
+    s.add_argument(
+        "--modalities-yaml",
+        help="lfmc: YAML mapping modality → feature names (default: the paper's s1 and optical, plus static); "
+        "mdico_netcdf: YAML mapping view → kind (series | static | image)",
+    )
+    s.add_argument("--labels", help="cropharvest: labels GeoJSON (default SRC/labels.geojson); treesatai: multi-label JSON")
+    s.add_argument("--lists", help="treesatai: folder with {train,val,test}_filenames.lst (default SRC/split)")
+    s.add_argument("--folds", type=int, default=10, help="lfmc / cropharvest (mdico_netcdf without held-out samples): k of the k-fold test split (default 10, as the paper)")
+    s.add_argument("--fold", type=int, default=0, help="lfmc / cropharvest / mdico_netcdf: which fold is the test split (0..k-1)")
+    s.add_argument("--seed", type=int, default=0, help="lfmc / cropharvest / mdico_netcdf: seed of the fold assignment")
+    s.add_argument("--group-folds", action="store_true", help="lfmc: whole sites per fold (the paper uses random folds)")
+    s.add_argument("--aerial-pool", type=int, default=1, help="treesatai: average p×p blocks of the aerial patches (304 → 304/p)")
+    s.add_argument("--heldout", default="test", choices=["val", "test"], help="mdico_netcdf: where train_mask = false samples go")
     s.add_argument("--overwrite", action="store_true")
     s.set_defaults(fn=_import)
 

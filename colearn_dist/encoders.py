@@ -255,9 +255,9 @@ class ResidualBlock(nn.Module):
 class ImageCNN(nn.Module):
     """A small ResNet for image patches [B, C, H, W], trained from scratch (no weights to download).
 
-    Stem (3×3 conv, stride 2), then `depth` residual blocks that each halve the resolution and double the
-    width (capped at 4·hidden), then global average pooling: any patch size works, from 8×8 test patches
-    to 304×304 aerial ones, and the cost falls fast with resolution.
+    Stem (3×3 conv, stride 2, `hidden` channels), then `depth` residual blocks that each halve the
+    resolution (widths hidden, 2·hidden, 4·hidden, 4·hidden, …), then global average pooling: any patch
+    size works, from 8×8 test patches to 304×304 aerial ones, and the cost falls fast with resolution.
     """
 
     def __init__(self, channels: int, out_dim: int, hidden: int = 64, depth: int = 3, dropout: float = 0.2):

@@ -31,8 +31,10 @@ class SensorModel(nn.Module):
         channels = 1 if self.categorical else int(info["shape"][-1])
         mean = np.asarray(stats["mean"], dtype=np.float32) if stats else np.zeros(channels, np.float32)
         std = np.asarray(stats["std"], dtype=np.float32) if stats else np.ones(channels, np.float32)
-        self.register_buffer("mean", torch.from_numpy(mean))
-        self.register_buffer("std", torch.from_numpy(std))
+        # per channel: the last axis of series/static, the first of an image [C, H, W]
+        shape = (-1, 1, 1) if info["kind"] == "image" else (-1,)
+        self.register_buffer("mean", torch.from_numpy(mean).reshape(shape))
+        self.register_buffer("std", torch.from_numpy(std).reshape(shape))
         self.spec = trained.spec
 
     def forward(self, x: torch.Tensor, month: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -50,7 +52,7 @@ def example_input(trained: Trained, modality: str, batch: int = 4) -> tuple[torc
         x = torch.randint(0, int(info["num_classes"]), shape)
     else:
         x = torch.randn(shape)
-    if trained.manifest.has_month and info["kind"] != "static":
+    if trained.manifest.has_month and info["kind"] in ("series", "categorical"):
         steps = int(info["shape"][0])
         return x, torch.randint(1, 13, (batch, steps))
     return (x,)

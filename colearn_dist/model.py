@@ -107,7 +107,7 @@ class MDiCo(nn.Module):
         for m, inp in inputs.items():
             enc = cfg.encoder_for(m)
             for role in ROLES:
-                if enc.type == "tempcnn" and inp.kind != "static" and enc.depth >= 1:
+                if enc.type == "tempcnn" and inp.kind in ("series", "categorical") and enc.depth >= 1:
                     channels = inp.channels
                     if inp.kind == "categorical":
                         assert inp.num_classes is not None
@@ -249,8 +249,8 @@ class FusionModel(nn.Module):
         emb = cfg.embedding_dim
         # One sensor: the same encoder MDiCo gives it, so the baseline compares like with like.
         enc_cfg = cfg.encoder_for(self.modalities[0]) if len(self.modalities) == 1 else cfg.encoder_for("fusion")
-        steps = {inp.steps for inp in self.inputs.values() if inp.kind != "static"}
-        self.early = len(steps) <= 1
+        steps = {inp.steps for inp in self.inputs.values() if inp.kind in ("series", "categorical")}
+        self.early = len(steps) <= 1 and not any(inp.kind == "image" for inp in self.inputs.values())
         if self.early:
             t = steps.pop() if steps else None
             self.embeds = nn.ModuleDict(
@@ -281,7 +281,12 @@ class FusionModel(nn.Module):
         inp = self.inputs[m]
         blank = -1 if inp.kind == "categorical" else 0.0  # -1: an out-of-range code, embedded as "missing"
         if x is None:
-            layout = {"static": (inp.channels,), "categorical": (inp.steps,), "series": (inp.steps, inp.channels)}[inp.kind]
+            layout = {
+                "static": (inp.channels,),
+                "categorical": (inp.steps,),
+                "series": (inp.steps, inp.channels),
+                "image": (inp.channels, inp.height, inp.width),
+            }[inp.kind]
             float_dtype = like.dtype if like.is_floating_point() else torch.get_default_dtype()
             dtype = torch.long if inp.kind == "categorical" else float_dtype
             return torch.full((like.shape[0], *layout), blank, dtype=dtype, device=like.device)  # type: ignore[arg-type]

@@ -29,7 +29,7 @@ def test_overrides_apply_in_order_and_are_typed():
         ({"train": {"lr": "fast"}}, "config.train.lr: expected a number"),
         ({"model": {"method": "mdco"}}, "config.model.method: 'mdco' is not one of"),
         ({"data": {"batch_size": 1.5}}, "config.data.batch_size: expected an integer"),
-        ({"model": {"encoders": {"s1": {"type": "cnn"}}}}, "config.model.encoders.s1.type"),
+        ({"model": {"encoders": {"s1": {"type": "resnet"}}}}, "config.model.encoders.s1.type"),
     ],
 )
 def test_bad_values_are_named(data, message):

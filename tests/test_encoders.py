@@ -76,7 +76,7 @@ def test_modality_inputs_errors_name_the_modality():
     with pytest.raises(ValueError, match="num_classes"):
         ModalityInput("dw", "categorical", 3, 1)
     with pytest.raises(ValueError, match="kind"):
-        ModalityInput("x", "image", 3, 1)
+        ModalityInput("x", "video", 3, 1)
 
 
 @pytest.mark.parametrize("kind", list(INPUTS))

@@ -19,7 +19,7 @@ def _raw(name: str) -> np.ndarray:
 
 
 def test_registry_and_bundled_paths():
-    assert IMPORTERS == {"presto": import_presto, "generic": import_generic}
+    assert IMPORTERS["presto"] is import_presto and IMPORTERS["generic"] is import_generic
     for name, path in BUNDLED.items():
         assert bundled_path(name) == path and (path / STACKED_FILE).exists()
     assert (BUNDLED["fuel_moisture"].parent / "LICENSE").exists()

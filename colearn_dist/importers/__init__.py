@@ -4,9 +4,30 @@ from __future__ import annotations
 
 from typing import Callable
 
+from .cropharvest import import_cropharvest
 from .generic import import_generic
+from .lfmc import import_lfmc
+from .mdico_netcdf import import_mdico_netcdf
 from .presto import BUNDLED, bundled_path, import_presto
+from .treesatai import import_treesatai
 
-IMPORTERS: dict[str, Callable[..., object]] = {"presto": import_presto, "generic": import_generic}
+IMPORTERS: dict[str, Callable[..., object]] = {
+    "presto": import_presto,
+    "generic": import_generic,
+    "lfmc": import_lfmc,
+    "cropharvest": import_cropharvest,
+    "treesatai": import_treesatai,
+    "mdico_netcdf": import_mdico_netcdf,
+}
 
-__all__ = ["BUNDLED", "IMPORTERS", "bundled_path", "import_generic", "import_presto"]
+__all__ = [
+    "BUNDLED",
+    "IMPORTERS",
+    "bundled_path",
+    "import_cropharvest",
+    "import_generic",
+    "import_lfmc",
+    "import_mdico_netcdf",
+    "import_presto",
+    "import_treesatai",
+]

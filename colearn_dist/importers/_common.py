@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import warnings
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -62,9 +63,16 @@ def kfold_split(n: int, folds: int, fold: int, seed: int, groups: np.ndarray | N
     return split
 
 
+def nanmean(x: np.ndarray, axis: int | tuple[int, ...]) -> np.ndarray:
+    """np.nanmean without the warning for all-NaN slices: NaN is the right answer there (no observation)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return np.nanmean(x, axis=axis)
+
+
 def note(name: str, message: str) -> None:
     """What an importer dropped or changed, on stderr so stdout keeps the archive summary."""
     print(f"{name}: {message}", file=sys.stderr, flush=True)
 
 
-__all__ = ["h5py_module", "kfold_split", "note", "open_h5", "shape_text"]
+__all__ = ["h5py_module", "kfold_split", "nanmean", "note", "open_h5", "shape_text"]
