@@ -45,6 +45,7 @@ def overrides(shards: Path, run_dir: Path, args: argparse.Namespace) -> list[str
         f"train.epochs={args.epochs}",
         "train.patience=0",
         "train.log_every_steps=0",
+        f"train.threads={args.threads}",
     ]
 
 
@@ -92,7 +93,7 @@ def plain_loop(shards: Path, args: argparse.Namespace) -> dict[str, float]:
     from colearn_dist.shards import load_manifest
 
     cfg = load_config(CONFIG, overrides(shards, Path(tempfile.mkdtemp()), args))
-    configure_threads(threads_per_rank(1, cfg.data.workers))
+    configure_threads(cfg.train.threads or threads_per_rank(1, cfg.data.workers))
     torch.manual_seed(0)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     built = build(cfg, load_manifest(shards))
@@ -122,7 +123,7 @@ def plain_loop(shards: Path, args: argparse.Namespace) -> dict[str, float]:
 def run_engine(nproc: int, shards: Path, args: argparse.Namespace) -> dict[str, float]:
     run_dir = Path(tempfile.mkdtemp(prefix="bench-run-"))
     me = [str(Path(__file__).resolve()), "--rank-worker", "--shards", str(shards), "--run-dir", str(run_dir)]
-    me += ["--epochs", str(args.epochs), "--modalities", args.modalities, "--workers", str(args.workers)]
+    me += ["--epochs", str(args.epochs), "--modalities", args.modalities, "--workers", str(args.workers), "--threads", str(args.threads)]
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "LOCAL_RANK")}
     if nproc == 1:
         cmd = [sys.executable, *me]
@@ -141,6 +142,7 @@ def main() -> None:
     p.add_argument("--epochs", type=int, default=6)
     p.add_argument("--nproc", type=int, default=2)
     p.add_argument("--workers", type=int, default=0)
+    p.add_argument("--threads", type=int, default=0, help="torch threads per rank (0: the engine's rule, cores // ranks - workers)")
     p.add_argument("--modalities", default="s1,s2,era5,srtm,dw")
     p.add_argument("--rank-worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--shards", help=argparse.SUPPRESS)
