@@ -28,73 +28,11 @@ import threading
 import time
 from pathlib import Path
 
-import numpy as np
-
 # --------------------------------------------------------------------------------------------
 # Part 1: sharding
 
-SYNTHETIC_MODALITIES = {  # name -> (kind, bands); series get T steps
-    "s1": ("series", ("VV", "VH")),
-    "s2": ("series", tuple(f"b{i}" for i in range(12))),
-    "era5": ("series", ("temperature_2m", "total_precipitation")),
-    "srtm": ("static", ("elevation", "slope")),
-}
-
-
-def write_synthetic_archive(
-    path: str | Path, n: int, *, t: int = 12, block: int = 50_000, chunk_size: int = 4096, seed: int = 0
-) -> Path:
-    """Write an n-sample archive block by block, so a 1M-sample archive never sits in memory.
-
-    `write_archive` takes whole arrays, so this creates the zarr arrays of the archive format
-    (docs/DESIGN.md) itself and fills them in row blocks; `open_archive` validates the result.
-    """
-    import zarr
-
-    from colearn_dist.archive import FORMAT, SPLIT_CODES, VERSION, ModalitySpec, open_archive
-
-    path = Path(path)
-    root = zarr.open_group(str(path), mode="w")
-    root.attrs.update(
-        {
-            "format": FORMAT,
-            "version": VERSION,
-            "task": "regression",
-            "class_names": [],
-            "target_name": "synthetic",
-            "target_unit": "",
-            "modalities": list(SYNTHETIC_MODALITIES),
-            "description": f"synthetic benchmark archive, {n} samples",
-        }
-    )
-    arrays = {}
-    for name, (kind, bands) in SYNTHETIC_MODALITIES.items():
-        shape = (n, t, len(bands)) if kind == "series" else (n, len(bands))
-        arr = root.create_array(f"modalities/{name}", shape=shape, dtype="float32", chunks=(chunk_size,) + shape[1:])
-        arr.attrs.update(ModalitySpec(name, kind, bands, time_step="month" if kind == "series" else None).attrs())
-        arrays[name] = arr
-    target = root.create_array("target", shape=(n,), dtype="float32", chunks=(chunk_size,))
-    split = root.create_array("split", shape=(n,), dtype="uint8", chunks=(1 << 20,))
-    split.attrs["codes"] = SPLIT_CODES
-    string_chunk = 1 << 16
-    ids = root.create_array("ids", shape=(n,), dtype=str, chunks=(string_chunk,))
-    group = root.create_array("group", shape=(n,), dtype=str, chunks=(string_chunk,))
-    block = max(string_chunk, block // string_chunk * string_chunk)  # whole string chunks per write
-    rng = np.random.default_rng(seed)
-    n_groups = max(2, n // 100)
-    for start in range(0, n, block):
-        stop = min(n, start + block)
-        m = stop - start
-        for name, arr in arrays.items():
-            x = rng.normal(size=(m,) + arr.shape[1:]).astype(np.float32)
-            x[rng.random(x.shape) < 0.02] = np.nan
-            arr[start:stop] = x
-        target[start:stop] = rng.normal(size=m).astype(np.float32)
-        split[start:stop] = np.where(rng.random(m) < 0.2, SPLIT_CODES["test"], SPLIT_CODES["train"]).astype(np.uint8)
-        ids[start:stop] = np.array([f"syn{i:08d}" for i in range(start, stop)])
-        group[start:stop] = np.array([f"site{g:06d}" for g in rng.integers(0, n_groups, size=m)])
-    open_archive(path, check_values=False)
-    return path
+# The one synthetic generator (shared and sensor-specific factors, chunk by chunk): colearn_dist.synthetic.
+from colearn_dist.synthetic import write_synthetic_archive  # noqa: E402
 
 
 def _own_peak_rss_mb() -> float:

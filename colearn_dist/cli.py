@@ -83,9 +83,45 @@ def _shard(args: argparse.Namespace) -> int:
         workers=args.workers,
         val_fraction=args.val_fraction,
         overwrite=args.overwrite,
+        row_range=_row_range(args.rows),
     )
     for split, info in manifest.splits.items():
         print(f"{out}: {split:<5} {info['num_samples']:>8} samples in {len(info['shards'])} shard(s)")
+    return 0
+
+
+def _row_range(text: str | None) -> tuple[int, int] | None:
+    if not text:
+        return None
+    try:
+        start, stop = (int(v) for v in text.split(":"))
+    except ValueError:
+        raise ValueError(f"--rows {text!r}: expected START:STOP (archive rows, STOP excluded)") from None
+    return start, stop
+
+
+def _shards_merge(args: argparse.Namespace) -> int:
+    from .shards import merge_shards
+
+    manifest = merge_shards(args.out, args.parts, overwrite=args.overwrite, copy=args.copy)
+    print(manifest.summary())
+    return 0
+
+
+def _synth(args: argparse.Namespace) -> int:
+    from .archive import describe, open_archive
+    from .synthetic import write_synthetic_archive
+
+    path = write_synthetic_archive(
+        args.out,
+        args.samples,
+        seed=args.seed,
+        chunk_size=args.chunk_size,
+        t=args.steps,
+        labelled=not args.unlabeled,
+        overwrite=args.overwrite,
+    )
+    print(describe(open_archive(path, check_values=False)))
     return 0
 
 
@@ -255,14 +291,31 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--workers", type=int, default=max(1, min(4, (os.cpu_count() or 2))))
     s.add_argument("--val-fraction", type=float, default=0.15, help="carved out of train (by group) when the archive has no val split")
+    s.add_argument("--rows", metavar="START:STOP", help="shard only archive rows START..STOP-1 (one part of a parallel sharding; merge with `shards merge`)")
     s.add_argument("--overwrite", action="store_true")
     s.set_defaults(fn=_shard)
+
+    s = sub.add_parser("synth", help="write a synthetic multi-sensor archive of any size (scale tests, docs/PRETRAINING.md)")
+    s.add_argument("out", help="archive path (.zarr)")
+    s.add_argument("--samples", type=int, required=True)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--chunk-size", type=int, default=4096, help="samples per zarr chunk")
+    s.add_argument("--steps", type=int, default=12, help="monthly time steps of the series sensors")
+    s.add_argument("--unlabeled", action="store_true", help="NaN targets (an archive for pretraining only)")
+    s.add_argument("--overwrite", action="store_true")
+    s.set_defaults(fn=_synth)
 
     s = sub.add_parser("shards", help="shard tools")
     ss = s.add_subparsers(dest="shards_command", required=True)
     v = ss.add_parser("verify", help="check every shard against the manifest")
     v.add_argument("out")
     v.set_defaults(fn=_shards_verify)
+    v = ss.add_parser("merge", help="one manifest over shard folders written by separate jobs (e.g. `shard --rows`)")
+    v.add_argument("out", help="merged folder: the parts' shards are hard-linked (or copied) here, renamed per part")
+    v.add_argument("parts", nargs="+", help="shard folders to merge")
+    v.add_argument("--copy", action="store_true", help="copy the shards instead of hard-linking them")
+    v.add_argument("--overwrite", action="store_true")
+    v.set_defaults(fn=_shards_merge)
 
     def config_args(s: argparse.ArgumentParser) -> None:
         s.add_argument("config", help="experiment YAML (see configs/)")

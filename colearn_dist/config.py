@@ -22,7 +22,7 @@ class ConfigError(ValueError):
     """A configuration that cannot run; the message names the file and the key."""
 
 
-Method = Literal["mdico", "single", "fusion", "dropout", "distill"]
+Method = Literal["mdico", "single", "fusion", "dropout", "distill", "pretrain"]
 EncoderType = Literal["tempcnn", "attention", "gru", "lstm", "mlp", "cnn"]
 
 
@@ -56,6 +56,10 @@ class ModelConfig:
     teacher: str | None = None
     distill_weight: float = 1.0
     distill_temperature: float = 2.0
+    # fine-tuning: a finished `pretrain` run whose encoders / projections initialise this model
+    # (docs/PRETRAINING.md); with freeze_encoders they stay fixed and only the heads learn (a probe).
+    init_from: str | None = None
+    freeze_encoders: bool = False
 
     def encoder_for(self, modality: str) -> EncoderConfig:
         return self.encoders.get(modality, self.encoders.get("default", EncoderConfig()))
@@ -72,6 +76,8 @@ class ObjectiveConfig:
     contrastive_pairs: Literal["normalised", "reference"] = "normalised"
     # "unused": the second modality classifier sees z_unu (the paper); "shared": the public code's z_sha.
     modality_classifier_on: Literal["unused", "shared"] = "unused"
+    # pretrain only: weight of predicting each sensor's z_sha from the mean of the others' (cosine); 0 = off.
+    masked: float = 0.0
 
 
 @dataclass
@@ -88,6 +94,8 @@ class DataConfig:
 @dataclass
 class TrainConfig:
     epochs: int = 100
+    # pretrain: optimizer steps over the endlessly resampled train split; 0 = epochs × steps per epoch.
+    max_steps: int = 0
     lr: float = 1e-3
     weight_decay: float = 0.0
     warmup_steps: int = 0
@@ -153,7 +161,19 @@ class RunConfig:
         content = self.to_dict()
         for where in ("run_dir", "name", "slurm"):
             content.pop(where)
+        # Fields added after runs existed count only when set, so those runs still resume.
+        for (section, key), default in _HASHED_WHEN_SET.items():
+            if content[section].get(key) == default:
+                content[section].pop(key)
         return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:16]
+
+
+_HASHED_WHEN_SET: dict[tuple[str, str], Any] = {
+    ("model", "init_from"): None,
+    ("model", "freeze_encoders"): False,
+    ("objective", "masked"): 0.0,
+    ("train", "max_steps"): 0,
+}
 
 
 def _convert(tp: Any, value: Any, where: str) -> Any:
@@ -251,8 +271,27 @@ def validate(cfg: RunConfig, where: str = "config") -> RunConfig:
         raise ConfigError(f"{where}: model.modality must name the sensor for method {cfg.model.method!r}")
     if cfg.model.method == "distill" and not cfg.model.teacher:
         raise ConfigError(f"{where}: model.teacher must name the fusion run directory for method 'distill'")
-    if cfg.model.method == "mdico" and cfg.data.modalities and len(cfg.data.modalities) < 2:
-        raise ConfigError(f"{where}: method 'mdico' needs at least 2 modalities, data.modalities has {cfg.data.modalities}")
+    if cfg.model.method in ("mdico", "pretrain") and cfg.data.modalities and len(cfg.data.modalities) < 2:
+        raise ConfigError(
+            f"{where}: method {cfg.model.method!r} needs at least 2 modalities, data.modalities has {cfg.data.modalities}"
+        )
+    if cfg.train.max_steps < 0:
+        raise ConfigError(f"{where}: train.max_steps must be ≥ 0, got {cfg.train.max_steps}")
+    if cfg.train.max_steps and cfg.model.method != "pretrain":
+        raise ConfigError(
+            f"{where}: train.max_steps applies to method 'pretrain' only (the others train in epochs with validation); "
+            f"got method {cfg.model.method!r}"
+        )
+    if cfg.objective.masked < 0:
+        raise ConfigError(f"{where}: objective.masked must be ≥ 0, got {cfg.objective.masked}")
+    if cfg.objective.masked and cfg.model.method != "pretrain":
+        raise ConfigError(f"{where}: objective.masked applies to method 'pretrain' only, got method {cfg.model.method!r}")
+    if cfg.model.init_from and cfg.model.method not in ("mdico", "single"):
+        raise ConfigError(
+            f"{where}: model.init_from initialises methods 'mdico' and 'single' from a pretrain run, not {cfg.model.method!r}"
+        )
+    if cfg.model.freeze_encoders and not cfg.model.init_from:
+        raise ConfigError(f"{where}: model.freeze_encoders needs model.init_from (a probe of random encoders measures nothing)")
     return cfg
 
 

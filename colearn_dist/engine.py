@@ -27,7 +27,7 @@ from .encoders import modality_inputs
 from .launch import ProcessInfo, init_distributed
 from .loader import ShardLoader
 from .logs import RunLogger
-from .model import build_model
+from .model import MDiCo, build_model, freeze_encoders, load_pretrained
 from .objective import TaskSpec, build_objective
 from .shards import Manifest, load_manifest
 
@@ -58,6 +58,8 @@ class Built:
     model: torch.nn.Module
     spec: TaskSpec
     teacher: torch.nn.Module | None = None
+    # fine-tuning: what `model.init_from` provided ({"from", "loaded", "skipped"}); None otherwise
+    init_report: dict[str, Any] | None = None
 
 
 def resolve_modalities(cfg: RunConfig, manifest: Manifest) -> list[str]:
@@ -70,12 +72,26 @@ def resolve_modalities(cfg: RunConfig, manifest: Manifest) -> list[str]:
     return names
 
 
-def build(cfg: RunConfig, manifest: Manifest) -> Built:
-    """Model and task of a run, from its config and the shards' manifest (also used by evaluate/export)."""
+def build(cfg: RunConfig, manifest: Manifest, *, init: bool = True) -> Built:
+    """Model and task of a run, from its config and the shards' manifest (also used by evaluate/export).
+
+    `init`: apply `model.init_from` (training); evaluation loads trained weights over it anyway, and
+    must not depend on the pretraining run still being there."""
     names = resolve_modalities(cfg, manifest)
     spec = TaskSpec.from_manifest(manifest)
     inputs = modality_inputs(manifest.modalities, names)
-    model = build_model(cfg.model, inputs, spec.num_outputs, second_classifier_on=cfg.objective.modality_classifier_on)
+    model = build_model(
+        cfg.model,
+        inputs,
+        spec.num_outputs,
+        second_classifier_on=cfg.objective.modality_classifier_on,
+        predictor=cfg.model.method == "pretrain" and cfg.objective.masked > 0,
+    )
+    init_report = None
+    if cfg.model.init_from and init:
+        init_report = init_from_pretrained(model, cfg.model.init_from)
+    if cfg.model.freeze_encoders:
+        freeze_encoders(model)
     model_modalities = list(getattr(model, "modalities", names))
     teacher = None
     modalities = list(names)
@@ -86,7 +102,28 @@ def build(cfg: RunConfig, manifest: Manifest) -> Built:
         for p in teacher.parameters():
             p.requires_grad_(False)
         modalities = list(dict.fromkeys(names + list(teacher.modalities)))
-    return Built(modalities=modalities, model_modalities=model_modalities, model=model, spec=spec, teacher=teacher)
+    return Built(
+        modalities=modalities, model_modalities=model_modalities, model=model, spec=spec, teacher=teacher, init_report=init_report
+    )
+
+
+def init_from_pretrained(model: torch.nn.Module, run_dir: str | Path) -> dict[str, Any]:
+    """Load a finished pretrain run's final weights (run_dir/best/all.pt) into `model`'s encoders."""
+    from .evaluate import load_trained
+
+    path = best_path(run_dir, "all")
+    if not path.exists():
+        raise FileNotFoundError(
+            f"model.init_from: {path} does not exist; is {run_dir} a pretrain run that has finished "
+            "(its final weights are written when train.max_steps is reached)?"
+        )
+    pretrained = load_trained(run_dir, "all").model
+    if not isinstance(pretrained, MDiCo):
+        raise ValueError(f"model.init_from: {run_dir} holds a {type(pretrained).__name__}, expected a pretrain (MDiCo) run")
+    report = load_pretrained(model, pretrained)
+    if not report["loaded"]:
+        raise ValueError(f"model.init_from: nothing of {run_dir} fits this model: {report['skipped']}")
+    return {"from": str(run_dir), **report}
 
 
 def to_device(batch: dict[str, Any], device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
@@ -183,9 +220,13 @@ class Trainer:
             distill_weight=cfg.model.distill_weight,
             distill_temperature=cfg.model.distill_temperature,
         )
+        # Pretraining resamples the train split endlessly (a fresh shard and buffer order each pass)
+        # and counts steps, not epochs; it never reads val or test.
+        self.pretrain = cfg.model.method == "pretrain"
         self.train_loader = ShardLoader(
             cfg.data.shards,
             "train",
+            endless=self.pretrain,
             batch_size=cfg.data.batch_size,
             modalities=self.built.modalities,
             rank=self.rank,
@@ -199,6 +240,9 @@ class Trainer:
         self.has_val = self.manifest.splits.get("val", {}).get("num_samples", 0) > 0
         self.steps_per_epoch = len(self.train_loader) // cfg.train.grad_accum
         total_steps = self.steps_per_epoch * cfg.train.epochs
+        if self.pretrain and cfg.train.max_steps:
+            total_steps = cfg.train.max_steps
+        self.total_steps = total_steps
         # Dropout / sensor-dropout randomness differs per rank, as it would with different samples.
         torch.manual_seed(cfg.train.seed * 1000 + self.rank + 1)
 
@@ -246,6 +290,13 @@ class Trainer:
         self.bad_epochs = 0
         self.history: list[dict[str, Any]] = []
         self._resume(allow_config_change)
+        if self.built.init_report is not None and self.step == 0:
+            rep = self.built.init_report
+            self.logger.line(
+                f"initialised from {rep['from']}: loaded {', '.join(rep['loaded'])}"
+                + (f"; skipped {'; '.join(rep['skipped'])}" if rep["skipped"] else "")
+                + ("; encoders frozen (probe)" if cfg.model.freeze_encoders else "")
+            )
 
     # ----------------------------------------------------------------- resume
     def _resume(self, allow_config_change: bool) -> None:
@@ -320,7 +371,11 @@ class Trainer:
             f"{len(self.train_loader)} batches/epoch/rank"
         )
         status = "finished"
-        while self.epoch < cfg.train.epochs and not self._early_stopped():
+        if self.pretrain:
+            # One endless pass that ends at total_steps; no validation, nothing to select.
+            if self.step < self.total_steps and not self._train_epoch():
+                status = "stopped"
+        while not self.pretrain and self.epoch < cfg.train.epochs and not self._early_stopped():
             if not self._train_epoch():
                 status = "stopped"
                 break
@@ -337,7 +392,12 @@ class Trainer:
             return {"status": status, "step": self.step}
         self.save_checkpoint()
         result = {"status": status, "step": self.step, "epoch": self.epoch}
-        if self.rank == 0:
+        if self.pretrain:
+            # Final weights where load_trained and model.init_from look; the test split is not touched.
+            if self.rank == 0:
+                self._save_best("all", {"score": None, "pretrain_steps": self.step})
+                self.logger.line(f"pretraining done: {self.step} steps, weights in {best_path(self.run_dir, 'all')}")
+        elif self.rank == 0:
             from .evaluate import evaluate_run
 
             records = evaluate_run(self.run_dir, split="test")
@@ -388,6 +448,15 @@ class Trainer:
             if cfg.train.log_every_steps and self.step % cfg.train.log_every_steps == 0:
                 self._log_train(acc, n_acc, samples, wait, time.perf_counter() - t_log)
                 acc, n_acc, samples, wait, t_log = {}, 0, 0, 0.0, time.perf_counter()
+            if self.pretrain:
+                self.epoch = self.train_loader.position()["epoch"]  # passes over the data, for the logs
+                if self.step >= self.total_steps:
+                    break  # fit() writes the final checkpoint
+                if cfg.train.checkpoint_every_steps and self.step % cfg.train.checkpoint_every_steps == 0:
+                    self.save_checkpoint()
+                if self._stop_agreed():
+                    return False
+                continue
             if self.train_loader.position()["epoch"] != self.epoch:
                 continue  # the epoch's last step: validation comes first, then its checkpoint
             if cfg.train.checkpoint_every_steps and self.step % cfg.train.checkpoint_every_steps == 0:

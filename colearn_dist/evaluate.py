@@ -21,7 +21,9 @@ from .metrics import PRIMARY, compute_metrics
 from .shards import Manifest, load_manifest
 
 
-REFERENCE_NAME = "RF one sensor"
+REFERENCE_NAME = "random forest, same sensors"
+# Columns of the result tables: the method, then the baselines it must beat, the all-sensor reference last.
+METHOD_ORDER = ("mdico", "single", "dropout", "distill", "fusion")
 
 
 @dataclass
@@ -64,12 +66,12 @@ def load_trained(run_dir: str | Path, sensors: str, shards: str | None = None) -
 
 
 def _build_without_teacher(cfg: RunConfig, manifest: Manifest, build: Any) -> Any:
-    """A distillation student needs its teacher only to train."""
+    """A distillation student needs its teacher only to train (and a fine-tuned model its pretrain run)."""
     if cfg.model.method != "distill":
-        return build(cfg, manifest)
+        return build(cfg, manifest, init=False)
     student = from_dict(RunConfig, cfg.to_dict())
     student.model.method = "single"
-    return build(student, manifest)
+    return build(student, manifest, init=False)
 
 
 def _gather(obj: Any) -> list[Any]:
@@ -232,9 +234,25 @@ def evaluate_runs(
         for setting in sorted({r["setting"] for r in rows if r["dataset"] == dataset}):
             sub = [r for r in rows if r["dataset"] == dataset and r["setting"] == setting]
             ref = (reference or {}).get(dataset)
-            sections.append(f"### {dataset} — trained with {setting} ({split} {task_metric})\n\n" + markdown_table(sub, task_metric, ref, reference_name=REFERENCE_NAME))
+            if ref is not None and setting in ref:  # the row "all" of this setting is the setting's sensor set
+                ref = {**ref, "all": ref[setting]}
+            order = {
+                "methods": [m for m in METHOD_ORDER if any(r["method"] == m for r in sub)],
+                "sensors": _sensor_order(sub),
+            }
+            sections.append(f"### {dataset} — trained with {setting} ({split} {task_metric})\n\n" + markdown_table(sub, task_metric, ref, reference_name=REFERENCE_NAME, **order))
             png = out_dir / f"scores_{dataset}_{setting.replace('+', '-')}_{split}.png"
-            plot_scores(sub, task_metric, png, reference=ref, reference_name=REFERENCE_NAME)
+            plot_scores(sub, task_metric, png, reference=ref, reference_name=REFERENCE_NAME, **order)
     text = "\n\n".join(sections) + "\n"
     (out_dir / f"results_{split}.md").write_text(text)
     return text
+
+
+def _sensor_order(rows: list[dict[str, Any]]) -> list[str]:
+    """Single sensors in the order runs list them (the archive's), then combinations."""
+    by_method: dict[str, list[str]] = {}
+    for r in rows:
+        by_method.setdefault(r["method"], []).append(r["sensors"])
+    widest = max(by_method.values(), key=lambda sensors: len(set(sensors)))  # a multi-sensor run lists them in archive order
+    seen = list(dict.fromkeys(widest + [r["sensors"] for r in rows]))
+    return [s for s in seen if "+" not in s and s != "all"] + [s for s in seen if "+" in s or s == "all"]

@@ -7,7 +7,7 @@ engine, evaluation and export treat every method alike.
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
@@ -85,6 +85,7 @@ class MDiCo(nn.Module):
         out_dim: int,
         second_classifier_on: str = "unused",
         fused: bool = True,
+        predictor: bool = False,
     ):
         super().__init__()
         if second_classifier_on not in SECOND_CLASSIFIER:
@@ -127,6 +128,30 @@ class MDiCo(nn.Module):
         self.aux_head = make_head(self.half, out_dim, cfg.head_hidden)
         self.mod_spe = nn.Linear(self.half, len(inputs))
         self.mod_second = nn.Linear(self.half, len(inputs))
+        # Pretraining's masked-sensor term: the other sensors' mean z_sha → this sensor's z_sha.
+        self.predictor = (
+            nn.Sequential(nn.Linear(self.half, self.half), nn.ReLU(), nn.Linear(self.half, self.half)) if predictor else None
+        )
+        self.frozen = False
+
+    def representation(self) -> list[nn.Module]:
+        """The parts that map inputs to z_spe / z_unu / z_sha: what pretraining learns and a probe freezes."""
+        return [self.encoders, self.embeddings, self.banks, self.project]
+
+    def freeze_encoders(self) -> None:
+        """Linear-probe mode: the representation gets no gradient and its BatchNorm statistics stay
+        those of pretraining (eval mode, kept by `train()`), so only the heads and classifiers learn."""
+        self.frozen = True
+        for part in self.representation():
+            part.requires_grad_(False)
+        self.train(self.training)
+
+    def train(self, mode: bool = True) -> "MDiCo":
+        super().train(mode)
+        if self.frozen:
+            for part in self.representation():
+                part.eval()
+        return self
 
     def encoder(self, role: str, modality: str) -> nn.Module:
         """The unique / common encoder of a modality as a standalone module (a copy if it lives in a bank)."""
@@ -199,6 +224,10 @@ class MDiCo(nn.Module):
         out["aux_sha"] = dict(zip(names, aux[n:]))
         out["mod_spe"] = dict(zip(names, mod_spe))
         out["mod_second"] = dict(zip(names, mod_second))
+        if self.predictor is not None and n > 1:
+            stacked = torch.stack([sha[m] for m in names])  # [M, B, half]
+            others = (stacked.sum(dim=0, keepdim=True) - stacked) / (n - 1)  # leave-one-out means
+            out["z_sha_pred"] = dict(zip(names, self.predictor(others.flatten(0, 1)).split(sizes)))
         return out
 
     def predict(
@@ -269,6 +298,13 @@ class FusionModel(nn.Module):
             self.encoders = nn.ModuleDict({m: build_encoder(cfg.encoder_for(m), inp, emb) for m, inp in self.inputs.items()})
             head_in = emb * len(self.modalities)
         self.head = make_head(head_in, out_dim, cfg.head_hidden)
+        self.frozen = False  # a probe of a pretrained single-sensor encoder (see freeze_encoders)
+
+    def train(self, mode: bool = True) -> "FusionModel":
+        super().train(mode)
+        if self.frozen:
+            self.encoder.eval()
+        return self
 
     def sensor_mask(self, batch_size: int, count: int, device: torch.device | None = None) -> Tensor:
         """[B, count] bool: which sensors each sample keeps; each dropped with p = sensor_dropout, ≥ 1 kept."""
@@ -335,11 +371,16 @@ class FusionModel(nn.Module):
 
 
 def build_model(
-    cfg: ModelConfig, inputs: dict[str, ModalityInput], out_dim: int, second_classifier_on: str = "unused"
+    cfg: ModelConfig,
+    inputs: dict[str, ModalityInput],
+    out_dim: int,
+    second_classifier_on: str = "unused",
+    predictor: bool = False,
 ) -> nn.Module:
-    """The model for `cfg.method`; distill builds the student only (the engine loads the fusion teacher)."""
-    if cfg.method == "mdico":
-        return MDiCo(inputs, cfg, out_dim, second_classifier_on=second_classifier_on)
+    """The model for `cfg.method`; distill builds the student only (the engine loads the fusion teacher).
+    `pretrain` is MDiCo (its heads stay untrained), with the masked-sensor `predictor` when asked."""
+    if cfg.method in ("mdico", "pretrain"):
+        return MDiCo(inputs, cfg, out_dim, second_classifier_on=second_classifier_on, predictor=predictor)
     if cfg.method in ("single", "distill"):
         if not cfg.modality or cfg.modality not in inputs:
             raise KeyError(f"model.modality {cfg.modality!r} must name one of {list(inputs)} for method {cfg.method!r}")
@@ -352,6 +393,76 @@ def build_model(
 
 
 
+
+
+def _set_encoder(model: MDiCo, role: str, modality: str, source: nn.Module) -> None:
+    """Copy a standalone encoder (`MDiCo.encoder` of another model) into `model`'s slot, banked or not."""
+    if modality in model.encoders[role]:
+        model.encoders[role][modality].load_state_dict(source.state_dict())
+        return
+    bank, g = model.slots[(role, modality)]
+    if modality in model.embeddings[role]:
+        if not isinstance(source, CategoricalEncoder):
+            raise TypeError(f"{role} encoder of {modality!r}: expected an embedding + encoder, got {type(source).__name__}")
+        model.embeddings[role][modality].load_state_dict(source.embed.state_dict())
+        source = source.encoder
+    model.banks[bank].load_member(g, source)  # type: ignore[operator]
+
+
+def load_pretrained(model: nn.Module, source: MDiCo) -> dict[str, list[str]]:
+    """Initialise `model` from a pretrained MDiCo, part by part; returns what was loaded and skipped.
+
+    Matching is per (role, sensor) rather than by state-dict key, because TempCNN encoders are
+    stacked in banks whose layout depends on which sensors a model has: a fine-tuning run on a
+    subset of the pretraining sensors still gets each sensor's encoders. MDiCo receives the unique
+    and common encoders and the projection of every shared sensor, and the modality classifiers
+    when the sensor lists are equal; the heads start fresh (pretraining never trains them). A
+    single-sensor model receives its sensor's common encoder (the one the contrastive term shaped).
+    A part whose shape differs (another encoder config) is skipped and reported, not an error.
+    """
+    loaded: list[str] = []
+    skipped: list[str] = []
+
+    def attempt(name: str, fn: Any) -> None:
+        try:
+            with torch.no_grad():
+                fn()
+            loaded.append(name)
+        except (RuntimeError, TypeError, KeyError) as exc:
+            skipped.append(f"{name} ({str(exc).splitlines()[0][:120]})")
+
+    if isinstance(model, MDiCo):
+        for m in model.modalities:
+            if m not in source.modalities:
+                skipped.append(f"{m} (not a sensor of the pretrained model {source.modalities})")
+                continue
+            for role in ROLES:
+                attempt(f"{role}/{m}", lambda role=role, m=m: _set_encoder(model, role, m, source.encoder(role, m)))
+            attempt(f"project/{m}", lambda m=m: model.project[m].load_state_dict(source.project[m].state_dict()))
+        if model.modalities == source.modalities:
+            for key in ("mod_spe", "mod_second"):
+                attempt(key, lambda key=key: getattr(model, key).load_state_dict(getattr(source, key).state_dict()))
+    elif isinstance(model, FusionModel) and len(model.modalities) == 1:
+        m = model.modalities[0]
+        if m not in source.modalities:
+            raise KeyError(f"sensor {m!r} is not a sensor of the pretrained model {source.modalities}")
+        attempt(f"common/{m}", lambda: model.encoder.load_state_dict(source.encoder("common", m).state_dict()))
+    else:
+        raise TypeError(f"cannot initialise a {type(model).__name__} over {getattr(model, 'modalities', '?')} from a pretrained MDiCo")
+    return {"loaded": loaded, "skipped": skipped}
+
+
+def freeze_encoders(model: nn.Module) -> None:
+    """Frozen-encoder probe for either model type (see MDiCo.freeze_encoders)."""
+    if isinstance(model, MDiCo):
+        model.freeze_encoders()
+        return
+    if isinstance(model, FusionModel) and len(model.modalities) == 1 and hasattr(model, "encoder"):
+        model.frozen = True
+        model.encoder.requires_grad_(False)
+        model.train(model.training)
+        return
+    raise TypeError(f"cannot freeze the encoders of a {type(model).__name__}")
 
 
 class OneSensor(nn.Module):
@@ -368,4 +479,4 @@ class OneSensor(nn.Module):
     def forward(self, x: Tensor, month: Optional[Tensor] = None) -> Tensor:
         return self.model.predict({self.modality: x}, month, modalities=[self.modality])  # type: ignore[operator]
 
-__all__ = ["FusionModel", "MDiCo", "OUTPUT_KEYS", "OneSensor", "build_model", "make_head"]
+__all__ = ["FusionModel", "MDiCo", "OUTPUT_KEYS", "OneSensor", "build_model", "freeze_encoders", "load_pretrained", "make_head"]

@@ -219,6 +219,44 @@ def _require(out: Mapping[str, Any], key: str, modality: str) -> Tensor:
         raise KeyError(f"model output {key!r} has no entry for modality {modality!r}") from exc
 
 
+def _modality_terms(out: Mapping[str, Any], mods: list[str], n: int, count: Tensor) -> dict[str, Tensor]:
+    """mod_spe/<m> and mod_second/<m>: cross-entropy of both modality classifiers (target: m's index),
+    all 2·M classifiers in one call, in rank-contribution form over the global sample count."""
+    classifiers = [(key, i, m) for key in ("mod_spe", "mod_second") for i, m in enumerate(mods)]
+    logits = torch.stack([_upcast(_require(out, key, m)) for key, _, m in classifiers])  # [2M, n, M]
+    cls = torch.tensor([i for _, i, _ in classifiers], device=logits.device).repeat_interleave(n)
+    ce = F.cross_entropy(logits.flatten(0, 1), cls, reduction="none").view(len(classifiers), n).sum(dim=1)
+    return {f"{key}/{m}": value for (key, _, m), value in zip(classifiers, ce / count.to(ce.dtype))}
+
+
+def _mean_modality_term(terms: Mapping[str, Tensor], mods: list[str]) -> Tensor:
+    return sum(terms[f"mod_spe/{m}"] + terms[f"mod_second/{m}"] for m in mods) / (2 * len(mods))
+
+
+def _contrastive_terms(
+    out: Mapping[str, Any], mods: list[str], pairs: list[tuple[str, str]], temperature: float
+) -> dict[str, Tensor]:
+    """con/<a>-<b>: symmetric NT-Xent between z_sha of a and b over the global batch; every modality in
+    one gather, every ordered pair in one similarity tensor."""
+    local = F.normalize(torch.stack([_upcast(_require(out, "z_sha", m)) for m in mods], dim=1), dim=2)
+    gathered, offset = gather_with_grad(local)
+    sums = _pairwise_nt_xent_sums(local.transpose(0, 1), gathered.transpose(0, 1), offset, temperature)
+    index = {m: i for i, m in enumerate(mods)}
+    return {
+        f"con/{a}-{b}": (sums[index[a], index[b]] + sums[index[b], index[a]]) / (2 * gathered.shape[0]) for a, b in pairs
+    }
+
+
+def _combined_contrastive(terms: Mapping[str, Tensor], pairs: list[tuple[str, str]], mode: str) -> Tensor:
+    con_sum = sum(terms[f"con/{a}-{b}"] for a, b in pairs)
+    return 2 * con_sum if mode == "reference" else con_sum / len(pairs)
+
+
+def _check_pairs_mode(cfg: ObjectiveConfig) -> None:
+    if cfg.contrastive_pairs not in ("normalised", "reference"):
+        raise ValueError(f"contrastive_pairs must be 'normalised' or 'reference', got {cfg.contrastive_pairs!r}")
+
+
 class MDiCoObjective:
     """main·L_main + aux·L_aux + con·L_con + mod·L_mod (Mena et al. 2025).
 
@@ -236,8 +274,7 @@ class MDiCoObjective:
     def __init__(self, cfg: ObjectiveConfig, spec: TaskSpec, modalities: list[str]) -> None:
         if len(modalities) < 2:
             raise ValueError(f"MDiCo needs at least 2 modalities, got {modalities}")
-        if cfg.contrastive_pairs not in ("normalised", "reference"):
-            raise ValueError(f"contrastive_pairs must be 'normalised' or 'reference', got {cfg.contrastive_pairs!r}")
+        _check_pairs_mode(cfg)
         self.cfg = cfg
         self.spec = spec
         self.modalities = list(modalities)
@@ -258,31 +295,64 @@ class MDiCoObjective:
         task = (losses.view(len(heads), n) * weights).sum(dim=1) / weight_sum.to(losses.dtype)
         for (key, m), value in zip(heads, task):
             terms[f"{'main' if key == 'pred' else key}/{m}"] = value
-        classifiers = [(key, i, m) for key in ("mod_spe", "mod_second") for i, m in enumerate(mods)]
-        logits = torch.stack([_upcast(_require(out, key, m)) for key, _, m in classifiers])  # [2M, n, M]
-        cls = torch.tensor([i for _, i, _ in classifiers], device=logits.device).repeat_interleave(n)
-        ce = F.cross_entropy(logits.flatten(0, 1), cls, reduction="none").view(len(classifiers), n).sum(dim=1)
-        for (key, _, m), value in zip(classifiers, ce / count.to(ce.dtype)):
-            terms[f"{key}/{m}"] = value
-
-        # every modality in one gather, every ordered pair in one similarity tensor
-        local = F.normalize(torch.stack([_upcast(_require(out, "z_sha", m)) for m in mods], dim=1), dim=2)
-        gathered, offset = gather_with_grad(local)
-        sums = _pairwise_nt_xent_sums(local.transpose(0, 1), gathered.transpose(0, 1), offset, cfg.temperature)
-        index = {m: i for i, m in enumerate(mods)}
-        for a, b in self.pairs:
-            terms[f"con/{a}-{b}"] = (sums[index[a], index[b]] + sums[index[b], index[a]]) / (2 * gathered.shape[0])
+        terms.update(_modality_terms(out, mods, n, count))
+        terms.update(_contrastive_terms(out, mods, self.pairs, cfg.temperature))
 
         num_m = len(mods)
         main = sum(terms[f"main/{m}"] for m in mods) / num_m
         aux = sum(terms[f"aux_spe/{m}"] + terms[f"aux_sha/{m}"] for m in mods) / (2 * num_m)
-        mod = sum(terms[f"mod_spe/{m}"] + terms[f"mod_second/{m}"] for m in mods) / (2 * num_m)
-        con_sum = sum(terms[f"con/{a}-{b}"] for a, b in self.pairs)
-        con = 2 * con_sum if cfg.contrastive_pairs == "reference" else con_sum / len(self.pairs)
+        mod = _mean_modality_term(terms, mods)
+        con = _combined_contrastive(terms, self.pairs, cfg.contrastive_pairs)
         total = cfg.main * main + cfg.aux * aux + cfg.con * con + cfg.mod * mod
 
         logs = {k: v.detach() for k, v in terms.items()}
         logs.update(main=main.detach(), aux=aux.detach(), con=con.detach(), mod=mod.detach(), loss=total.detach())
+        return total * world_size(), logs
+
+
+class PretrainObjective:
+    """con·L_con + mod·L_mod (+ masked·L_masked): the MDiCo terms that need no label.
+
+    Targets are never read, so an unlabeled archive (target NaN, or anything) pretrains the encoders.
+    L_con and L_mod are exactly MDiCoObjective's. L_masked (optional): for each sensor m, the
+    predictor head maps the mean z_sha of the OTHER sensors to m's z_sha (model output
+    `z_sha_pred`); loss 1 − cos with m's z_sha detached (SimSiam-style stop-gradient: the target is
+    not pulled towards the prediction), mean over samples (global count) and sensors.
+    """
+
+    def __init__(self, cfg: ObjectiveConfig, modalities: list[str]) -> None:
+        if len(modalities) < 2:
+            raise ValueError(f"pretraining needs at least 2 modalities (the terms are cross-sensor), got {modalities}")
+        _check_pairs_mode(cfg)
+        self.cfg = cfg
+        self.modalities = list(modalities)
+        self.pairs = list(itertools.combinations(self.modalities, 2))
+
+    def __call__(self, out: Mapping[str, Any], batch: Mapping[str, Any]) -> tuple[Tensor, dict[str, Tensor]]:
+        cfg, mods = self.cfg, self.modalities
+        z0 = _require(out, "z_sha", mods[0])
+        n = z0.shape[0]
+        count, _ = _global_normalisers(n, torch.ones(n, device=z0.device))
+        terms: dict[str, Tensor] = {}
+        terms.update(_modality_terms(out, mods, n, count))
+        terms.update(_contrastive_terms(out, mods, self.pairs, cfg.temperature))
+        mod = _mean_modality_term(terms, mods)
+        con = _combined_contrastive(terms, self.pairs, cfg.contrastive_pairs)
+        total = cfg.con * con + cfg.mod * mod
+        logs: dict[str, Tensor] = {}
+        if cfg.masked > 0:
+            if "z_sha_pred" not in out:
+                raise KeyError("objective.masked > 0 needs the model's predictor head (model output 'z_sha_pred')")
+            for m in mods:
+                pred = _upcast(_require(out, "z_sha_pred", m))
+                target = _upcast(_require(out, "z_sha", m)).detach()
+                s = (1.0 - F.cosine_similarity(pred, target, dim=1)).sum()
+                terms[f"masked/{m}"] = s / count.to(s.dtype)
+            masked = sum(terms[f"masked/{m}"] for m in mods) / len(mods)
+            total = total + cfg.masked * masked
+            logs["masked"] = masked.detach()
+        logs.update({k: v.detach() for k, v in terms.items()})
+        logs.update(con=con.detach(), mod=mod.detach(), loss=total.detach())
         return total * world_size(), logs
 
 
@@ -344,7 +414,7 @@ class DistillObjective:
         return total * world_size(), logs
 
 
-Objective = MDiCoObjective | SupervisedObjective | DistillObjective
+Objective = MDiCoObjective | SupervisedObjective | DistillObjective | PretrainObjective
 
 
 def build_objective(
@@ -358,8 +428,10 @@ def build_objective(
     """The objective of a training method (`ModelConfig.method`)."""
     if method == "mdico":
         return MDiCoObjective(cfg, spec, modalities)
+    if method == "pretrain":
+        return PretrainObjective(cfg, modalities)
     if method in ("single", "fusion", "dropout"):
         return SupervisedObjective(spec)
     if method == "distill":
         return DistillObjective(spec, distill_weight, distill_temperature)
-    raise ValueError(f"unknown method {method!r}; expected mdico, single, fusion, dropout or distill")
+    raise ValueError(f"unknown method {method!r}; expected mdico, single, fusion, dropout, distill or pretrain")

@@ -43,6 +43,7 @@ RESERVED_MEMBERS = ("target", "month", "meta")
 _TAG_WINDOW_ORDER = 1
 _TAG_WINDOW_SHUFFLE = 2
 _TAG_VAL = 3
+_NO_SPLIT = 255  # split code of rows outside `row_range`: in no split
 
 
 class ShardError(ValueError):
@@ -103,6 +104,11 @@ class Manifest:
     shuffle_window: int = 0
     val_split: dict[str, Any] = field(default_factory=dict)
     version: int = VERSION
+    # Exact float64 train sums behind `stats` / `target_stats`, so parts sharded by separate jobs
+    # merge exactly (`merge_shards`): {"modalities": {m: {"sum", "sumsq", "count"}}, "target": {...}}.
+    train_sums: dict[str, Any] = field(default_factory=dict)
+    # [start, stop) archive rows these shards hold (`write_shards(row_range=...)`); None = all rows.
+    rows: list[int] | None = None
 
     def shard_paths(self, split: str) -> list[Path]:
         """Shard files of a split in shard order (empty list for an empty split)."""
@@ -141,6 +147,8 @@ class Manifest:
             "target_stats": self.target_stats,
             "val_split": self.val_split,
             "splits": self.splits,
+            "train_sums": self.train_sums,
+            "rows": self.rows,
         }
 
     def summary(self) -> str:
@@ -198,6 +206,8 @@ def load_manifest(out_dir: str | Path) -> Manifest:
         shuffle_window=int(data.get("shuffle_window", 0)),
         val_split=dict(data.get("val_split") or {}),
         version=int(data["version"]),
+        train_sums=dict(data.get("train_sums") or {}),
+        rows=list(data["rows"]) if data.get("rows") is not None else None,
     )
 
 
@@ -568,11 +578,16 @@ def write_shards(
     shuffle_window: int | None = None,
     overwrite: bool = False,
     progress: bool = True,
+    row_range: tuple[int, int] | None = None,
 ) -> Manifest:
     """Write the archive's splits as shuffled tar shards and the manifest (see module docstring).
 
     Train statistics (per band, NaN-aware) are computed while writing, from train rows only
     (a carved val split is excluded), so normalisation never sees val or test.
+
+    `row_range=(start, stop)` shards only archive rows [start, stop): K jobs shard K row ranges
+    into K folders and `merge_shards` joins them (docs/PRETRAINING.md). Sample keys are archive
+    rows, so the parts' keys never collide.
     """
     if samples_per_shard < 1:
         raise ShardError(f"samples_per_shard must be >= 1, got {samples_per_shard}")
@@ -592,7 +607,8 @@ def write_shards(
     pool = _start_pool(workers)
     try:
         return _write_shards(
-            archive_path, Path(out_dir), pool, samples_per_shard, seed, workers, val_fraction, window_size, overwrite, progress
+            archive_path, Path(out_dir), pool, samples_per_shard, seed, workers, val_fraction, window_size, overwrite, progress,
+            row_range,
         )
     finally:
         if pool is not None:
@@ -610,6 +626,7 @@ def _write_shards(
     window_size: int,
     overwrite: bool,
     progress: bool,
+    row_range: tuple[int, int] | None = None,
 ) -> Manifest:
     archive = open_archive(archive_path)
     for name in archive.modalities:
@@ -618,6 +635,13 @@ def _write_shards(
     _prepare_out(out, overwrite)
 
     split = archive.split.copy()
+    rows = None
+    if row_range is not None:
+        start, stop = (int(v) for v in row_range)
+        if not 0 <= start < stop <= len(split):
+            raise ShardError(f"{archive_path}: row range {start}:{stop} is not inside the archive's rows 0:{len(split)}")
+        split[:start] = split[stop:] = _NO_SPLIT  # rows outside the range belong to no split
+        rows = [start, stop]
     val_split = _carve_val(archive, split, val_fraction, seed)
     mods = [_ModInfo(name, spec.kind) for name, spec in archive.modalities.items()]
     has_month = archive.month is not None
@@ -654,6 +678,7 @@ def _write_shards(
 
     train_results = [r for r in results if r.band_sums is not None]
     stats = {}
+    sums: dict[str, Any] = {}
     for m in mods:
         if m.kind == "categorical":
             continue
@@ -668,6 +693,7 @@ def _write_shards(
             _log(f"modality {m.name!r}: band(s) {empty} have no value in the train split; mean 0, std 1")
         mean, std = nan_safe_mean_std(s, ss, c)
         stats[m.name] = {"mean": mean.tolist(), "std": std.tolist()}
+        sums[m.name] = {"sum": s.tolist(), "sumsq": ss.tolist(), "count": c.tolist()}
 
     manifest = Manifest(
         path=out,
@@ -698,6 +724,8 @@ def _write_shards(
         archive=str(archive_path),
         shuffle_window=window_size,
         val_split=val_split,
+        train_sums={"modalities": sums, "target": _target_sums_json([r.target_sums for r in train_results])},
+        rows=rows,
     )
     _write_json_atomic(out / MANIFEST_NAME, manifest.to_json())
     if progress:
@@ -726,6 +754,137 @@ def _merge_target_stats(archive: Archive, parts: list[dict[str, Any] | None]) ->
     for p in parts:
         counts[: len(p["counts"])] += p["counts"]
     return {"class_counts": [int(v) for v in counts]}
+
+
+def _target_sums_json(parts: list[dict[str, Any] | None]) -> dict[str, Any]:
+    """The train split's target sums as JSON: the additive form of `target_stats`."""
+    parts = [p for p in parts if p is not None]
+    if not parts:
+        return {}
+    if "sum" in parts[0]:
+        return {key: float(sum(float(p[key][0]) for p in parts)) for key in ("sum", "sumsq", "count")}
+    if "positive" in parts[0]:
+        k = max(len(p["positive"]) for p in parts)
+        pos = np.zeros(k, dtype=np.int64)
+        for p in parts:
+            pos[: len(p["positive"])] += p["positive"]
+        return {"positive_counts": pos.tolist(), "num_samples": int(sum(p["num_samples"] for p in parts))}
+    k = max(len(p["counts"]) for p in parts)
+    counts = np.zeros(k, dtype=np.int64)
+    for p in parts:
+        counts[: len(p["counts"])] += p["counts"]
+    return {"class_counts": counts.tolist()}
+
+
+# --------------------------------------------------------------------------------------------
+# Merging shards written by separate jobs
+
+_SAME_IN_EVERY_PART = ("task", "class_names", "target_shape", "has_month")
+
+
+def merge_shards(out_dir: str | Path, parts: list[str | Path], *, overwrite: bool = False, copy: bool = False) -> Manifest:
+    """One shard set from K parts (e.g. K Slurm array jobs over archive row ranges).
+
+    Part i's shard `train-000012.tar` becomes `OUT/train-p{i:03d}-000012.tar` (hard link; a copy
+    with `copy=True` or across file systems), so names never collide; train statistics are merged
+    exactly from the parts' float64 sums (`train_sums`), never from their means. Parts must share
+    task, modalities (kind, shape, bands) and months; row ranges, when recorded, must not overlap.
+    """
+    out = Path(out_dir)
+    if not parts:
+        raise ShardError("merge_shards: no part to merge")
+    manifests = [load_manifest(p) for p in parts]
+    first = manifests[0]
+    for i, m in enumerate(manifests):
+        for key in _SAME_IN_EVERY_PART:
+            if getattr(m, key) != getattr(first, key):
+                raise ShardError(f"{m.path}: {key} {getattr(m, key)!r} differs from {first.path}'s {getattr(first, key)!r}")
+        layout = {k: (v["kind"], v["shape"], v["bands"]) for k, v in m.modalities.items()}
+        if layout != {k: (v["kind"], v["shape"], v["bands"]) for k, v in first.modalities.items()}:
+            raise ShardError(f"{m.path}: modalities {layout} differ from those of {first.path}")
+        if not m.train_sums:
+            raise ShardError(f"{m.path}: manifest has no 'train_sums' (written by an older version); shard this part again")
+        if m.path.resolve() == out.resolve():
+            raise ShardError(f"{out}: the merged folder cannot be one of the parts")
+    ranges = sorted((tuple(m.rows), str(m.path)) for m in manifests if m.rows is not None)
+    if len({m.archive for m in manifests}) == 1:
+        for (a, pa), (b, pb) in zip(ranges, ranges[1:]):
+            if b[0] < a[1]:
+                raise ShardError(f"{pa} (rows {a[0]}:{a[1]}) and {pb} (rows {b[0]}:{b[1]}) overlap: samples would repeat")
+    _prepare_out(out, overwrite)
+
+    splits: dict[str, dict[str, Any]] = {}
+    for split in SPLITS:
+        shards = []
+        for i, m in enumerate(manifests):
+            for entry in m.splits[split]["shards"]:
+                name = f"{split}-p{i:03d}-{entry['name'].removeprefix(f'{split}-')}"
+                _link_or_copy(m.path / entry["name"], out / name, copy)
+                shards.append({**entry, "name": name})
+        splits[split] = {"num_samples": sum(s["num_samples"] for s in shards), "shards": shards}
+
+    stats, sums = {}, {}
+    for name in first.stats:
+        s, ss, c = (sum(np.asarray(m.train_sums["modalities"][name][k], dtype=np.float64) for m in manifests) for k in ("sum", "sumsq", "count"))
+        mean, std = nan_safe_mean_std(s, ss, c)
+        stats[name] = {"mean": mean.tolist(), "std": std.tolist()}
+        sums[name] = {"sum": s.tolist(), "sumsq": ss.tolist(), "count": c.tolist()}
+    target_parts = [m.train_sums.get("target") or {} for m in manifests]
+    target_stats, target_sums = _merge_target_json(first.task, [p for p in target_parts if p])
+
+    manifest = Manifest(
+        path=out,
+        task=first.task,
+        class_names=list(first.class_names),
+        target_name=first.target_name,
+        target_unit=first.target_unit,
+        target_shape=list(first.target_shape),
+        modalities=dict(first.modalities),
+        has_month=first.has_month,
+        stats=stats,
+        target_stats=target_stats,
+        splits=splits,
+        seed=first.seed,
+        samples_per_shard=max(m.samples_per_shard for m in manifests),
+        archive=first.archive if len({m.archive for m in manifests}) == 1 else "",
+        shuffle_window=max(m.shuffle_window for m in manifests),
+        val_split={"source": "merged", "parts": [{"path": str(m.path), "rows": m.rows, **m.val_split} for m in manifests]},
+        train_sums={"modalities": sums, "target": target_sums},
+        rows=None,
+    )
+    _write_json_atomic(out / MANIFEST_NAME, manifest.to_json())
+    return manifest
+
+
+def _link_or_copy(src: Path, dst: Path, copy: bool) -> None:
+    import shutil
+
+    if not src.exists():
+        raise ShardError(f"{src}: listed in its manifest but missing")
+    if not copy:
+        try:
+            os.link(src, dst)
+            return
+        except OSError:
+            pass  # another file system, or links not allowed: copy
+    shutil.copyfile(src, dst)
+
+
+def _merge_target_json(task: str, parts: list[dict[str, Any]]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Merged target_stats and target sums from the parts' JSON target sums."""
+    if task == "regression":
+        s, ss, c = (np.array([sum(p[k] for p in parts)], dtype=np.float64) for k in ("sum", "sumsq", "count"))
+        mean, std = nan_safe_mean_std(s, ss, c)
+        return {"mean": float(mean[0]), "std": float(std[0])}, {"sum": float(s[0]), "sumsq": float(ss[0]), "count": float(c[0])}
+    key = "positive_counts" if task == "multilabel" else "class_counts"
+    k = max((len(p[key]) for p in parts), default=0)
+    total = np.zeros(k, dtype=np.int64)
+    for p in parts:
+        total[: len(p[key])] += np.asarray(p[key], dtype=np.int64)
+    merged: dict[str, Any] = {key: total.tolist()}
+    if task == "multilabel":
+        merged["num_samples"] = int(sum(p["num_samples"] for p in parts))
+    return dict(merged), merged
 
 
 # --------------------------------------------------------------------------------------------
@@ -803,6 +962,7 @@ __all__ = [
     "Manifest",
     "ShardError",
     "load_manifest",
+    "merge_shards",
     "sample_key",
     "shard_name",
     "verify_shards",

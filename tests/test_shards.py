@@ -179,7 +179,7 @@ def test_manifest_fields(archive, tmp_path):
     data = json.loads((tmp_path / "s" / MANIFEST_NAME).read_text())
     assert list(data) == [
         "format", "version", "archive", "seed", "samples_per_shard", "shuffle_window", "task", "class_names", "target_name",
-        "target_unit", "target_shape", "modalities", "has_month", "stats", "target_stats", "val_split", "splits",
+        "target_unit", "target_shape", "modalities", "has_month", "stats", "target_stats", "val_split", "splits", "train_sums", "rows",
     ]  # fmt: skip
     assert data["format"] == FORMAT and data["version"] == 1 and data["seed"] == 7
     assert data["shuffle_window"] == 16 * 32
