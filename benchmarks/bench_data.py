@@ -85,38 +85,46 @@ def _tree_memory(proc) -> tuple[int, int]:
     return rss, pss
 
 
-def run_sharding(archive: Path, out: Path, *, workers: int, progress: bool = False) -> dict:
-    """Shard in a fresh subprocess while sampling the summed RSS of its process tree."""
+def run_measured(cmd: list[str], env: dict[str, str] | None = None) -> tuple[float, float, float, str]:
+    """Run `cmd` while sampling the summed memory of its process tree every 50 ms.
+
+    Returns (seconds, peak tree RSS MB, peak tree PSS MB, stdout)."""
     import psutil
 
-    cmd = [sys.executable, __file__, "_shard", str(archive), str(out), "--workers", str(workers)]
-    if progress:
-        cmd.append("--progress")
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     ps = psutil.Process(proc.pid)
-    peak_rss = peak_pss = 0
+    peak = [0, 0]
     done = threading.Event()
 
     def sample() -> None:
-        nonlocal peak_rss, peak_pss
         while not done.is_set():
             try:
                 rss, pss = _tree_memory(ps)
-                peak_rss, peak_pss = max(peak_rss, rss), max(peak_pss, pss)
+                peak[0], peak[1] = max(peak[0], rss), max(peak[1], pss)
             except psutil.Error:
                 pass
             time.sleep(0.05)
 
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
-    stdout, _ = proc.communicate()
+    stdout, err = proc.communicate()
     done.set()
     sampler.join()
     if proc.returncode != 0:
-        raise RuntimeError(f"sharding {archive} failed (exit {proc.returncode})")
+        raise RuntimeError(f"{' '.join(cmd)} failed (exit {proc.returncode}):\n{err[-3000:]}")
+    return time.perf_counter() - t0, peak[0] / 2**20, peak[1] / 2**20, stdout
+
+
+def run_sharding(archive: Path, out: Path, *, workers: int, progress: bool = False) -> dict:
+    """Shard in a fresh subprocess while sampling the summed RSS of its process tree."""
+    cmd = [sys.executable, __file__, "_shard", str(archive), str(out), "--workers", str(workers)]
+    if progress:
+        cmd.append("--progress")
+    _, rss, pss, stdout = run_measured(cmd)
     result = json.loads(stdout.strip().splitlines()[-1])
-    result["tree_peak_rss_mb"] = peak_rss / 2**20
-    result["tree_peak_pss_mb"] = peak_pss / 2**20
+    result["tree_peak_rss_mb"] = rss
+    result["tree_peak_pss_mb"] = pss
     return result
 
 

@@ -34,40 +34,11 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_data import _tree_memory  # noqa: E402  (one definition of "tree memory")
+from bench_data import run_measured  # noqa: E402  (one definition of how memory is measured)
 
 
 # --------------------------------------------------------------------------------------------
 # Part 1: scale
-
-
-def _run_measured(cmd: list[str], env: dict[str, str]) -> tuple[float, float, float]:
-    """Run `cmd`, return (seconds, peak tree RSS MB, peak tree PSS MB)."""
-    import psutil
-
-    t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    ps = psutil.Process(proc.pid)
-    peak = [0, 0]
-    done = threading.Event()
-
-    def sample() -> None:
-        while not done.is_set():
-            try:
-                rss, pss = _tree_memory(ps)
-                peak[0], peak[1] = max(peak[0], rss), max(peak[1], pss)
-            except psutil.Error:
-                pass
-            time.sleep(0.05)
-
-    sampler = threading.Thread(target=sample, daemon=True)
-    sampler.start()
-    _, err = proc.communicate()
-    done.set()
-    sampler.join()
-    if proc.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd)} failed (exit {proc.returncode}):\n{err[-3000:]}")
-    return time.perf_counter() - t0, peak[0] / 2**20, peak[1] / 2**20
 
 
 def _logged_rates(run_dir: Path) -> list[float]:
@@ -90,7 +61,7 @@ def pretrain_run(shards: Path, run_dir: Path, *, nproc: int, steps: int, batch: 
     cmd += [a for s in sets for a in ("--set", s)]
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "LOCAL_RANK")}
     env.setdefault("OMP_NUM_THREADS", "1")
-    seconds, rss, pss = _run_measured(cmd, env)
+    seconds, rss, pss, _ = run_measured(cmd, env)
     rates = _logged_rates(run_dir)[1:]
     return {
         "nproc": nproc,
