@@ -12,6 +12,8 @@ import json
 import os
 import random
 import shutil
+import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -91,7 +93,10 @@ class Checkpointer:
         if rank == 0 and tag_dir.exists():
             shutil.rmtree(tag_dir)  # a half-written earlier attempt at the same step
         _barrier()
-        engine.save_checkpoint(str(self.root), tag=tag, client_state={"colearn": state}, save_latest=False)
+        # universal_checkpoint_info lets DeepSpeed's ds_to_universal re-partition ZeRO optimizer
+        # state for another world size (see `to_universal`).
+        client = {"colearn": state, "universal_checkpoint_info": {"universal_checkpoint_version": 0.2}}
+        engine.save_checkpoint(str(self.root), tag=tag, client_state=client, save_latest=False)
         torch.save(rng_state(), tag_dir / f"rng_rank{rank:05d}.pt")
         _barrier()
         if rank == 0:
@@ -117,6 +122,23 @@ class Checkpointer:
         if rng_file.exists():
             set_rng_state(torch.load(rng_file, weights_only=False))
         return client["colearn"]
+
+    def to_universal(self, tag_dir: Path) -> Path:
+        """A ZeRO (stage ≥ 1) checkpoint converted with DeepSpeed's `ds_to_universal`, whose optimizer
+        state any world size can load (collective; rank 0 converts once, beside the original)."""
+        out = tag_dir.with_name(tag_dir.name + "_universal")
+        if _rank() == 0 and not (out / COMPLETE).exists():
+            shutil.rmtree(out, ignore_errors=True)
+            cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(tag_dir)]
+            cmd += ["--output_folder", str(out), "--num_extract_workers", "1", "--num_merge_workers", "1"]
+            done = subprocess.run(cmd, capture_output=True, text=True)
+            if done.returncode != 0:
+                raise CheckpointError(f"{tag_dir}: conversion to a universal checkpoint failed:\n{done.stderr[-2000:]}")
+            for rng in tag_dir.glob("rng_rank*.pt"):
+                shutil.copy(rng, out / rng.name)
+            (out / COMPLETE).write_text("")
+        _barrier()
+        return out
 
     def _prune(self, keep_tag: str) -> None:
         tags = sorted(p for p in self.root.glob("step*") if p.is_dir())

@@ -257,11 +257,15 @@ class Trainer:
             fused=True,
         )
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(cfg, total_steps))
+        ds_config = _deepspeed_config(cfg, precision)
+        self._universal = self._needs_universal()
+        if self._universal:
+            ds_config["checkpoint"] = {"load_universal": True}
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=self.built.model,
             optimizer=optimizer,
             lr_scheduler=scheduler,
-            config=_deepspeed_config(cfg, precision),
+            config=ds_config,
             dist_init_required=False,
         )
         if self.built.teacher is not None:
@@ -312,7 +316,9 @@ class Trainer:
                 f"{self.run_dir}: the config differs from the one this run was started with "
                 f"(hash {state['config_hash']} vs {self.cfg.hash()}); pass --allow-config-change to resume anyway"
             )
-        state = self.checkpointer.load(self.engine, latest)
+        # ZeRO partitions the optimizer state by rank: another world size loads it through
+        # DeepSpeed's universal checkpoint format, converted on the fly.
+        state = self.checkpointer.load(self.engine, self.checkpointer.to_universal(latest) if self._universal else latest)
         self.step = state["step"]
         self.epoch = state["epoch"]
         self.best_scores = state["best_scores"]
@@ -322,6 +328,12 @@ class Trainer:
         self.logger.line(
             f"resumed {latest.name}: step {self.step}, epoch {self.epoch}, world size {state['world_size']} → {self.world}"
         )
+
+    def _needs_universal(self) -> bool:
+        latest = Checkpointer(self.run_dir).latest()
+        if latest is None or self.cfg.engine.zero_stage == 0:
+            return False
+        return json.loads((latest / "state.json").read_text())["world_size"] != self.world
 
     def _state(self) -> dict[str, Any]:
         return {

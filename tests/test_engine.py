@@ -143,13 +143,16 @@ def test_sigkill_and_restart_ends_with_the_same_weights(shards, tmp_path):
 
 
 @pytest.mark.slow
-def test_resume_with_another_world_size(shards, tmp_path):
-    """2 processes → stopped mid-epoch → 1 process → stopped → 2 processes: every sample once per epoch."""
+@pytest.mark.parametrize("zero_stage", [0, 2])
+def test_resume_with_another_world_size(shards, tmp_path, zero_stage):
+    """2 processes → stopped mid-epoch → 1 process → stopped → 2 processes: every sample once per
+    epoch. With ZeRO 2 the partitioned optimizer state goes through DeepSpeed's universal checkpoint."""
     trace = tmp_path / "trace"
     cfg = write_config(
         tmp_path / "c.yaml",
         shards,
         tmp_path / "run",
+        engine={"zero_stage": zero_stage},
         train={"epochs": 2, "checkpoint_every_steps": 3},
         model={"encoders": {"default": {"type": "tempcnn", "hidden": 8, "depth": 2, "dropout": 0.0}}},
     )
