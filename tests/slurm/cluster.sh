@@ -67,7 +67,7 @@ CONF
 
 stop_slurm  # a cluster left by an earlier run; munged (started above) stays
 sleep 1
-slurmctld
+slurmctld -c  # clean start: jobs left by an earlier run of the tests must not hold the node
 slurmd
 for _ in $(seq 30); do
   sinfo -h -o %T 2>/dev/null | grep -q idle && { sinfo; exit 0; }
