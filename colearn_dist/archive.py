@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
 import numpy as np
 import zarr
@@ -62,7 +62,12 @@ class ModalitySpec:
 
 @dataclass
 class Archive:
-    """An opened, validated archive. Arrays stay lazy (zarr) except the small per-sample vectors."""
+    """An opened, validated archive. Arrays stay lazy (zarr) except the 1-byte `split` codes.
+
+    `ids` and `group` (per-sample strings, ~100 B each in memory) are read from zarr on first
+    access and cached: opening an archive of 10^8 samples must not hold 10^8 strings. Code that
+    scales with the archive (the sharder) reads them per window, or uses `group_codes()`.
+    """
 
     path: Path
     root: zarr.Group
@@ -72,13 +77,45 @@ class Archive:
     target_unit: str
     modalities: dict[str, ModalitySpec]
     split: np.ndarray
-    ids: np.ndarray
-    group: np.ndarray | None = None
     attrs: dict[str, Any] = field(default_factory=dict)
+    _ids: np.ndarray | None = field(default=None, init=False, repr=False, compare=False)
+    _group: np.ndarray | None = field(default=None, init=False, repr=False, compare=False)
 
     @property
     def num_samples(self) -> int:
         return int(self.split.shape[0])
+
+    @property
+    def ids(self) -> np.ndarray:
+        """Sample ids (numpy str [N]); read from zarr on first access, then cached."""
+        if self._ids is None:
+            self._ids = _read_strings(self.root["ids"])
+        return self._ids
+
+    @property
+    def has_group(self) -> bool:
+        return "group" in self.root
+
+    @property
+    def group(self) -> np.ndarray | None:
+        """Group names (numpy str [N]), None when the archive has none; read on first access, then cached."""
+        if self._group is None and self.has_group:
+            self._group = _read_strings(self.root["group"])
+        return self._group
+
+    def group_codes(self) -> tuple[np.ndarray, list[str]]:
+        """(codes, names): `names[codes[i]]` is sample i's group, names in order of first appearance.
+
+        Read chunk by chunk: memory ~4 B per sample plus the distinct names, never all the strings.
+        Raises ArchiveError when the archive has no `group` array.
+        """
+        if not self.has_group:
+            raise ArchiveError(f"{self.path}: array 'group' is missing (this archive has no groups)")
+        codes = np.empty(self.num_samples, dtype=np.int32)
+        lookup: dict[str, int] = {}
+        for start, values in _iter_strings(self.root["group"]):
+            codes[start : start + len(values)] = [lookup.setdefault(v, len(lookup)) for v in values]
+        return codes, list(lookup)
 
     def array(self, modality: str) -> zarr.Array:
         return self.root[f"modalities/{modality}"]
@@ -120,6 +157,53 @@ def _write_strings(root: zarr.Group, key: str, values: Any) -> None:
 
 def _read_strings(arr: zarr.Array) -> np.ndarray:
     return np.array([str(v) for v in arr[:].tolist()])
+
+
+_STRING_BATCH = 1 << 16  # strings turned into Python objects at a time
+
+
+def _iter_strings(arr: zarr.Array) -> Iterator[tuple[int, list[str]]]:
+    """(start, strings) of a 1-d string array, one zarr chunk read at a time and handed out in
+    batches of `_STRING_BATCH`: memory is one decoded chunk plus one batch of Python strings."""
+    n = int(arr.shape[0])
+    step = max(1, int(arr.chunks[0]))
+    for lo in range(0, n, step):
+        block = np.asarray(arr[lo : min(n, lo + step)])
+        for i in range(0, len(block), _STRING_BATCH):
+            yield lo + i, [str(v) for v in block[i : i + _STRING_BATCH].tolist()]
+
+
+def _id_hashes(values: list[str]) -> np.ndarray:
+    """A 64-bit hash per string (Python's own: equal strings hash equally within a process, which
+    is all the duplicate check needs; a collision is confirmed on the strings, never trusted)."""
+    return np.fromiter(map(hash, values), dtype=np.int64, count=len(values))
+
+
+def _find_duplicate_id(arr: zarr.Array) -> str | None:
+    """One id that occurs more than once, or None; holds 8 B per id (its hash), not the strings.
+
+    Pass 1 hashes every id; ids whose hash occurs twice are candidates. Pass 2 re-reads only the
+    candidates' strings and confirms a real repeat, so a hash collision is never reported.
+    """
+    n = int(arr.shape[0])
+    hashes = np.empty(n, dtype=np.int64)
+    for start, values in _iter_strings(arr):
+        hashes[start : start + len(values)] = _id_hashes(values)
+    hashes.sort()  # in place: the check peaks at 9 B per id (np.unique would copy several times over)
+    repeated = hashes[1:] == hashes[:-1]
+    colliding = np.unique(hashes[1:][repeated])
+    del hashes, repeated
+    if len(colliding) == 0:
+        return None
+    seen: dict[int, set[str]] = {}
+    for _, values in _iter_strings(arr):
+        h = _id_hashes(values)
+        for i in np.flatnonzero(np.isin(h, colliding)).tolist():
+            bucket = seen.setdefault(int(h[i]), set())
+            if values[i] in bucket:
+                return values[i]
+            bucket.add(values[i])
+    return None
 
 
 def write_archive(
@@ -280,14 +364,14 @@ def open_archive(path: str | Path, *, check_values: bool = True) -> Archive:
         raise ArchiveError(f"{where}: array 'split' has unknown codes {bad}; expected {SPLIT_CODES}")
     if not (split == SPLIT_CODES["train"]).any():
         raise ArchiveError(f"{where}: array 'split' has no train sample")
-    ids = _read_strings(root["ids"])
-    expect_n("ids", ids)
-    if len(np.unique(ids)) != n:
-        raise ArchiveError(f"{where}: array 'ids' has duplicate sample ids")
-    group = None
-    if "group" in root:
-        group = _read_strings(root["group"])
-        expect_n("group", group)
+    for key in ("ids", "group"):
+        if key in root:
+            if root[key].ndim != 1:
+                raise ArchiveError(f"{where}: array {key!r} must be 1-d [N] strings, got shape {root[key].shape}")
+            expect_n(key, root[key])
+    duplicate = _find_duplicate_id(root["ids"])
+    if duplicate is not None:
+        raise ArchiveError(f"{where}: array 'ids' has duplicate sample ids (e.g. {duplicate!r})")
     for key in ("latlon", "month"):
         if key in root:
             expect_n(key, root[key])
@@ -311,8 +395,6 @@ def open_archive(path: str | Path, *, check_values: bool = True) -> Archive:
         target_unit=attrs.get("target_unit", ""),
         modalities=specs,
         split=split,
-        ids=ids,
-        group=group,
         attrs=attrs,
     )
 

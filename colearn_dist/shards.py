@@ -236,8 +236,7 @@ class _Window:
     split: str
     window: int
     rows: np.ndarray
-    ids: np.ndarray
-    group: np.ndarray | None
+    has_group: bool
     first_shard: int
     seed: int
     samples_per_shard: int
@@ -345,6 +344,9 @@ def _write_window(w: _Window) -> _WindowResult:
     data = {m.name: _take(root[f"modalities/{m.name}"], rows) for m in w.modalities}
     target = _take(root["target"], rows)
     month = _take(root["month"], rows).astype(np.int64) if w.has_month else None
+    # Ids and groups are read here, per window, like the data: the parent never holds per-sample strings.
+    ids = _take(root["ids"], rows)
+    group = _take(root["group"], rows) if w.has_group else None
 
     result = _WindowResult(shards=[], band_sums=None, target_sums=None)
     if w.with_stats:
@@ -371,9 +373,9 @@ def _write_window(w: _Window) -> _WindowResult:
                 if month is not None:
                     _add(tar, f"{key}.month.npy", _npy_bytes(month[i]))
                 meta = {
-                    "id": str(w.ids[i]),
+                    "id": str(ids[i]),
                     "index": row,
-                    "group": None if w.group is None else str(w.group[i]),
+                    "group": None if group is None else str(group[i]),
                     "split": w.split,
                 }
                 _add(tar, f"{key}.meta.json", json.dumps(meta).encode("utf-8"))
@@ -404,11 +406,21 @@ def _carve_val(archive: Archive, split: np.ndarray, val_fraction: float, seed: i
     if val_fraction <= 0:
         _log("archive has no val split and val_fraction is 0: no val split")
         return {"source": "none", "by": None, "fraction": 0.0, "num_groups": None}
-    train = np.flatnonzero(split == train_code)
-    goal = val_fraction * len(train)
+    n_train = int(np.count_nonzero(split == train_code))
+    goal = val_fraction * n_train
     rng = np.random.default_rng([seed, _TAG_VAL, 0, 0])
-    if archive.group is not None:
-        names, inverse, counts = np.unique(archive.group[train], return_inverse=True, return_counts=True)
+    if archive.has_group:
+        # Group codes (4 B per sample), not the group strings, and no row-index array: everything
+        # else goes block by block. Groups are ranked by name, as np.unique(group[train]) ranks
+        # them, so the random draw below picks the same groups as it always has.
+        codes, all_names = archive.group_codes()
+        all_counts = np.zeros(len(all_names), dtype=np.int64)
+        for lo in range(0, len(split), _BLOCK):
+            in_train = split[lo : lo + _BLOCK] == train_code
+            all_counts += np.bincount(codes[lo : lo + _BLOCK][in_train], minlength=len(all_names))
+        present = sorted(np.flatnonzero(all_counts).tolist(), key=all_names.__getitem__)
+        names = [all_names[c] for c in present]
+        counts = all_counts[present]
         if len(names) < 2:
             _log(f"archive has no val split and only {len(names)} group: cannot carve a grouped val split; no val split")
             return {"source": "none", "by": "group", "fraction": val_fraction, "num_groups": 0}
@@ -422,14 +434,22 @@ def _carve_val(archive: Archive, split: np.ndarray, val_fraction: float, seed: i
             chosen = [int(np.argmin(np.abs(counts - goal)))]
         if len(chosen) == len(names):  # keep at least one group for training
             chosen = chosen[:-1]
-        val_rows = train[np.isin(inverse, chosen)]
-        split[val_rows] = val_code
+        chosen_codes = np.zeros(len(all_names), dtype=bool)
+        chosen_codes[np.asarray(present, dtype=np.int64)[chosen]] = True
+        moved = 0
+        for lo in range(0, len(split), _BLOCK):
+            part = split[lo : lo + _BLOCK]  # a view: assigning through it changes `split`
+            to_val = (part == train_code) & chosen_codes[codes[lo : lo + _BLOCK]]
+            part[to_val] = val_code
+            moved += int(to_val.sum())
+        del codes
         _log(
-            f"archive has no val split: moved {len(val_rows)} of {len(train)} train samples "
+            f"archive has no val split: moved {moved} of {n_train} train samples "
             f"({len(chosen)} of {len(names)} groups) to val, grouped by 'group' "
             f"(val_fraction={val_fraction}, seed={seed})"
         )
         return {"source": "carved", "by": "group", "fraction": val_fraction, "num_groups": len(chosen)}
+    train = np.flatnonzero(split == train_code)
     k = int(round(goal))
     k = min(max(k, 1), len(train) - 1)
     if k < 1:
@@ -472,6 +492,7 @@ def _plan(
 ) -> tuple[dict[str, list[int]], Iterator[_Window]]:
     """Shard counts per window (known up front) and a lazy stream of window tasks."""
     counts: dict[str, list[int]] = {}
+    has_group = archive.has_group
     layout: list[tuple[str, int, int, int, int]] = []  # split, window id, start, stop, first shard
     for name in SPLITS:
         code = SPLIT_CODES[name]
@@ -488,19 +509,18 @@ def _plan(
             first += k
 
     def tasks() -> Iterator[_Window]:
-        current, indices = None, np.empty(0, dtype=np.int64)
+        current, ends = None, np.empty(0, dtype=np.int64)
         for name, w, start, stop, first in layout:
             if name != current:
-                current, indices = name, np.flatnonzero(split == SPLIT_CODES[name])
-            rows = indices[start:stop]
+                current, ends = name, _block_ends(split, SPLIT_CODES[name])
+            rows = _split_rows(split, SPLIT_CODES[name], ends, start, stop)
             yield _Window(
                 archive=archive_path,
                 out_dir=out_dir,
                 split=name,
                 window=w,
                 rows=rows,
-                ids=archive.ids[rows],
-                group=None if archive.group is None else archive.group[rows],
+                has_group=has_group,
                 first_shard=first,
                 seed=seed,
                 samples_per_shard=samples_per_shard,
@@ -511,6 +531,28 @@ def _plan(
             )
 
     return counts, tasks()
+
+
+_BLOCK = 1 << 20  # archive rows per block when the parent scans per-sample vectors
+
+
+def _block_ends(split: np.ndarray, code: int) -> np.ndarray:
+    """ends[b] = number of rows with split `code` in blocks 0..b (blocks of `_BLOCK` rows)."""
+    counts = [int(np.count_nonzero(split[lo : lo + _BLOCK] == code)) for lo in range(0, len(split), _BLOCK)]
+    return np.cumsum(np.asarray(counts, dtype=np.int64))
+
+
+def _split_rows(split: np.ndarray, code: int, ends: np.ndarray, start: int, stop: int) -> np.ndarray:
+    """np.flatnonzero(split == code)[start:stop], reading only the blocks that hold those rows:
+    the parent never holds an index array as long as a split (8 B per sample)."""
+    if stop <= start:
+        return np.empty(0, dtype=np.int64)
+    first = int(np.searchsorted(ends, start, side="right"))
+    last = int(np.searchsorted(ends, stop - 1, side="right"))
+    lo, hi = first * _BLOCK, min(len(split), (last + 1) * _BLOCK)
+    before = int(ends[first - 1]) if first > 0 else 0
+    rows = np.flatnonzero(split[lo:hi] == code) + lo
+    return rows[start - before : stop - before]
 
 
 def _warm(_: int) -> int:

@@ -125,6 +125,73 @@ def test_duplicate_ids_name_ids(synthetic_archive):
         open_archive(path)
 
 
+def _write_ids(path: Path, ids: np.ndarray, chunk: int) -> None:
+    root = zarr.open_group(str(path), mode="r+")
+    del root["ids"]
+    root.create_array("ids", shape=ids.shape, dtype=str, chunks=(chunk,))[:] = ids
+
+
+def test_open_reads_no_ids_or_groups_until_asked(synthetic_archive, monkeypatch):
+    """Opening must not materialise per-sample strings (10^8 of them in a continental archive)."""
+    import colearn_dist.archive as archive_module
+
+    path = synthetic_archive(n=60, groups=5)
+    reads = []
+    real = archive_module._read_strings
+    monkeypatch.setattr(archive_module, "_read_strings", lambda arr: reads.append(arr.name) or real(arr))
+    a = open_archive(path)
+    assert reads == [] and a._ids is None and a._group is None and a.has_group
+    ids = a.ids
+    assert a._ids is ids and a._group is None and len(ids) == 60 and ids.dtype.kind == "U"
+    assert a.ids is ids  # cached: read once
+    group = a.group
+    assert a._group is group and group.dtype.kind == "U" and len(group) == 60
+    assert len(reads) == 2
+    codes, names = a.group_codes()
+    assert codes.dtype == np.int32 and codes.shape == (60,)
+    assert names == list(dict.fromkeys(group.tolist()))  # first-appearance order
+    np.testing.assert_array_equal(np.array(names)[codes], group)
+
+
+def test_no_group_array(synthetic_archive):
+    path = synthetic_archive(n=30)
+    del zarr.open_group(str(path), mode="r+")["group"]
+    a = open_archive(path)
+    assert a.group is None and not a.has_group
+    with pytest.raises(ArchiveError, match=r"array 'group' is missing"):
+        a.group_codes()
+
+
+def test_duplicate_ids_found_across_chunks(synthetic_archive, monkeypatch):
+    import colearn_dist.archive as archive_module
+
+    monkeypatch.setattr(archive_module, "_STRING_BATCH", 3)  # many batches and chunks
+    path = synthetic_archive(n=40)
+    ids = np.array([f"s{i}" for i in range(40)])
+    ids[35] = ids[2]  # in different chunks
+    _write_ids(path, ids, chunk=8)
+    with pytest.raises(ArchiveError, match=r"array 'ids' has duplicate sample ids \(e.g. 's2'\)"):
+        open_archive(path)
+    ids[35] = "s35"
+    _write_ids(path, ids, chunk=8)
+    assert open_archive(path).num_samples == 40
+
+
+def test_hash_collisions_are_not_duplicates(synthetic_archive, monkeypatch):
+    """Distinct ids whose hashes collide are accepted; real duplicates among them are still found."""
+    import colearn_dist.archive as archive_module
+
+    monkeypatch.setattr(archive_module, "_id_hashes", lambda values: np.array([len(v) % 2 for v in values], dtype=np.int64))
+    path = synthetic_archive(n=40)
+    ids = np.array([f"s{i}" for i in range(40)])  # every id collides with about half the others
+    _write_ids(path, ids, chunk=16)
+    assert open_archive(path).num_samples == 40
+    ids[39] = ids[11]
+    _write_ids(path, ids, chunk=16)
+    with pytest.raises(ArchiveError, match=r"duplicate sample ids \(e.g. 's11'\)"):
+        open_archive(path)
+
+
 @pytest.mark.parametrize("key", ["target", "split", "ids"])
 def test_missing_required_array_named(synthetic_archive, key):
     path = synthetic_archive(n=30)

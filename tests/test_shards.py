@@ -121,6 +121,28 @@ def test_val_carved_by_group(archive, tmp_path):
     assert m.split_size("test") == int((a.split == SPLIT_CODES["test"]).sum())
 
 
+def test_parent_reads_no_per_sample_strings(archive, tmp_path, monkeypatch):
+    """The sharder's parent carves val from group codes and the window tasks read ids / groups
+    themselves: a whole-array string read (Archive.ids / .group) would make it grow with the archive."""
+    import colearn_dist.archive as archive_module
+
+    expected = write_shards(archive, tmp_path / "ref", samples_per_shard=16, shuffle_window=40, seed=5, **QUIET)
+
+    def refuse(arr):
+        raise AssertionError(f"read all of {arr.name}")
+
+    monkeypatch.setattr(archive_module, "_read_strings", refuse)
+    m = write_shards(archive, tmp_path / "s", samples_per_shard=16, shuffle_window=40, seed=5, **QUIET)
+    assert m.val_split["by"] == "group" and m.val_split["source"] == "carved"
+    assert _files(tmp_path / "s") == _files(tmp_path / "ref") and expected.splits == m.splits
+    monkeypatch.undo()
+    a = open_archive(archive)
+    for split, by_key in _read_samples(tmp_path / "s").items():
+        for key, members in by_key.items():
+            meta = json.loads(members["meta.json"])
+            assert meta["id"] == a.ids[int(key)] and meta["group"] == a.group[int(key)]
+
+
 def test_val_carved_randomly_without_groups(synthetic_archive, tmp_path):
     archive = synthetic_archive(n=200, groups=0)
     m = write_shards(archive, tmp_path / "s", val_fraction=0.15, **QUIET)
@@ -323,3 +345,20 @@ def test_take_reads_sparse_rows_across_blocks(tmp_path):
     np.testing.assert_array_equal(_take(arr, rows), data[rows])
     np.testing.assert_array_equal(_take(arr, np.array([0, 8191, 8192, 19999])), data[[0, 8191, 8192, 19999]])
     assert _take(arr, np.array([], dtype=np.int64)).shape == (0, 3)
+
+
+def test_split_rows_equal_flatnonzero_slices(monkeypatch):
+    """The parent finds a window's rows block by block; same rows as slicing the whole index array."""
+    from colearn_dist import shards
+
+    rng = np.random.default_rng(0)
+    for n, block in [(1000, 64), (1000, 7), (5, 4), (300, 1000)]:
+        monkeypatch.setattr(shards, "_BLOCK", block)
+        split = rng.integers(0, 3, n).astype(np.uint8)
+        split[rng.random(n) < 0.5] = 0
+        for code in range(3):
+            rows, ends = np.flatnonzero(split == code), shards._block_ends(split, code)
+            for start in range(0, len(rows) + 1, 7):
+                for stop in {start, start + 1, start + 40, len(rows)}:
+                    stop = min(stop, len(rows))
+                    np.testing.assert_array_equal(shards._split_rows(split, code, ends, start, stop), rows[start:stop])
