@@ -268,6 +268,10 @@ class Trainer:
             config=ds_config,
             dist_init_required=False,
         )
+        if self.world == 1 and cfg.engine.zero_stage == 0:
+            # Alone, there is nothing to average; DeepSpeed would still flatten, all-reduce and
+            # unflatten every gradient each step (2 ms of a 14 ms MDiCo step on CPU).
+            self.engine.enable_backward_allreduce = False
         if self.built.teacher is not None:
             self.built.teacher.to(self.device)
         self.step_fn = self._train_step
@@ -427,7 +431,8 @@ class Trainer:
     def _train_epoch(self) -> bool:
         cfg = self.cfg
         self.engine.train()
-        acc: dict[str, torch.Tensor] = {}
+        acc: torch.Tensor | None = None  # summed loss terms since the last log line
+        keys: list[str] = []
         n_acc = 0
         samples = 0
         wait = 0.0
@@ -448,8 +453,10 @@ class Trainer:
             batch = to_device(batch, self.device, self.dtype)
             loss, terms = self.step_fn(batch)
             samples += int(batch["target"].shape[0])
-            for k, v in terms.items():
-                acc[k] = acc.get(k, 0.0) + v.detach().float()
+            # One stacked add per step, not one per term (there are 5·M + pairs of them).
+            step_terms = torch.stack([v.detach().float() for v in terms.values()])
+            acc = step_terms if acc is None else acc + step_terms
+            keys = list(terms)
             n_acc += 1
             if self._trace is not None:
                 micro = self.engine.global_steps * cfg.train.grad_accum + self.engine.micro_steps % cfg.train.grad_accum
@@ -458,8 +465,8 @@ class Trainer:
                 continue  # checkpoints and logs only between optimizer steps
             self.step = self.engine.global_steps
             if cfg.train.log_every_steps and self.step % cfg.train.log_every_steps == 0:
-                self._log_train(acc, n_acc, samples, wait, time.perf_counter() - t_log)
-                acc, n_acc, samples, wait, t_log = {}, 0, 0, 0.0, time.perf_counter()
+                self._log_train(keys, acc, n_acc, samples, wait, time.perf_counter() - t_log)
+                acc, n_acc, samples, wait, t_log = None, 0, 0, 0.0, time.perf_counter()
             if self.pretrain:
                 self.epoch = self.train_loader.position()["epoch"]  # passes over the data, for the logs
                 if self.step >= self.total_steps:
@@ -475,14 +482,13 @@ class Trainer:
                 self.save_checkpoint()
             if self._stop_agreed():
                 return False
-        if n_acc:
-            self._log_train(acc, n_acc, samples, wait, time.perf_counter() - t_log)
+        if acc is not None:
+            self._log_train(keys, acc, n_acc, samples, wait, time.perf_counter() - t_log)
         self.epoch_stats["seconds"] = time.perf_counter() - t0
         return True
 
-    def _log_train(self, acc: dict[str, Any], n: int, samples: int, wait: float, seconds: float) -> None:
-        keys = sorted(acc)
-        stacked = torch.stack([acc[k] / n for k in keys] + [torch.tensor(float(samples)), torch.tensor(wait)])
+    def _log_train(self, keys: list[str], acc: torch.Tensor, n: int, samples: int, wait: float, seconds: float) -> None:
+        stacked = torch.cat([acc / n, torch.tensor([float(samples), wait])])
         reduced = all_reduce_sum(stacked) if self.world > 1 else stacked
         terms = {k: float(v) for k, v in zip(keys, reduced[: len(keys)])}
         global_rate = float(reduced[-2]) / max(seconds, 1e-9)
