@@ -609,6 +609,13 @@ def _run(
     return results  # type: ignore[return-value]
 
 
+
+def _band_stats(s: np.ndarray, ss: np.ndarray, c: np.ndarray) -> tuple[dict[str, list], dict[str, list]]:
+    """Manifest entries of one modality: normalisation stats, and the exact sums they came from
+    (kept so that parts sharded by separate jobs can be merged exactly)."""
+    mean, std = nan_safe_mean_std(s, ss, c)
+    return {"mean": mean.tolist(), "std": std.tolist()}, {"sum": s.tolist(), "sumsq": ss.tolist(), "count": c.tolist()}
+
 def write_shards(
     archive_path: str | Path,
     out_dir: str | Path,
@@ -733,9 +740,7 @@ def _write_shards(
         empty = [archive.modalities[m.name].bands[i] for i in np.flatnonzero(c == 0)]
         if empty:
             _log(f"modality {m.name!r}: band(s) {empty} have no value in the train split; mean 0, std 1")
-        mean, std = nan_safe_mean_std(s, ss, c)
-        stats[m.name] = {"mean": mean.tolist(), "std": std.tolist()}
-        sums[m.name] = {"sum": s.tolist(), "sumsq": ss.tolist(), "count": c.tolist()}
+        stats[m.name], sums[m.name] = _band_stats(s, ss, c)
 
     manifest = Manifest(
         path=out,
@@ -868,9 +873,7 @@ def merge_shards(out_dir: str | Path, parts: list[str | Path], *, overwrite: boo
     stats, sums = {}, {}
     for name in first.stats:
         s, ss, c = (sum(np.asarray(m.train_sums["modalities"][name][k], dtype=np.float64) for m in manifests) for k in ("sum", "sumsq", "count"))
-        mean, std = nan_safe_mean_std(s, ss, c)
-        stats[name] = {"mean": mean.tolist(), "std": std.tolist()}
-        sums[name] = {"sum": s.tolist(), "sumsq": ss.tolist(), "count": c.tolist()}
+        stats[name], sums[name] = _band_stats(s, ss, c)
     target_parts = [m.train_sums.get("target") or {} for m in manifests]
     target_stats, target_sums = _merge_target_json(first.task, [p for p in target_parts if p])
 
