@@ -39,7 +39,7 @@ done
 munge -n >/dev/null 2>&1 || { echo "munged did not start: $(tail -3 "$STATE/log/munged.err")" >&2; exit 1; }
 
 host=$(hostname -s)
-cpus=$(nproc)
+cpus=$(env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc)  # nproc obeys OMP_NUM_THREADS, which a test process may have set
 mem=$(( $(free -m | awk '/Mem:/{print $2}') - 1024 ))
 cat > /etc/slurm/slurm.conf <<CONF
 ClusterName=colearn-test
