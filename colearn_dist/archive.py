@@ -353,9 +353,9 @@ def open_archive(path: str | Path, *, check_values: bool = True) -> Archive:
     else:
         if target.ndim != 1 or np.dtype(target.dtype).kind not in "iu":
             raise ArchiveError(f"{where}: array 'target' must be integer [N] for {task}, got {target.dtype} {target.shape}")
-        values = target[:]
-        k = len(class_names) or (2 if task == "binary" else int(values.max()) + 1)
-        if values.min() < 0 or values.max() >= k:
+        low, high = _value_range(target)
+        k = len(class_names) or (2 if task == "binary" else high + 1)
+        if low < 0 or high >= k:
             raise ArchiveError(f"{where}: array 'target' has class ids outside [0, {k - 1}] ({len(class_names)} class names)")
 
     split = np.asarray(root["split"][:])
@@ -376,15 +376,16 @@ def open_archive(path: str | Path, *, check_values: bool = True) -> Archive:
         if key in root:
             expect_n(key, root[key])
     if "month" in root:
-        months = root["month"][:]
-        if months.min() < 1 or months.max() > 12:
+        low, high = _value_range(root["month"])
+        if low < 1 or high > 12:
             raise ArchiveError(f"{where}: array 'month' has values outside 1..12")
 
     if check_values:
         for name, spec in specs.items():
             if spec.kind == "categorical":
-                continue
-            _check_bands(where, name, spec, root[f"modalities/{name}"])
+                _check_codes(where, name, spec, root[f"modalities/{name}"])
+            else:
+                _check_bands(where, name, spec, root[f"modalities/{name}"])
 
     return Archive(
         path=path,
@@ -399,13 +400,40 @@ def open_archive(path: str | Path, *, check_values: bool = True) -> Archive:
     )
 
 
+def _blocks(arr: zarr.Array) -> Iterator[np.ndarray]:
+    """The array one chunk of samples at a time: validation memory stays flat as the archive grows."""
+    chunk = arr.chunks[0]
+    for start in range(0, arr.shape[0], chunk):
+        yield np.asarray(arr[start : start + chunk])
+
+
+def _value_range(arr: zarr.Array) -> tuple[int, int]:
+    """(min, max) of an integer array, chunk by chunk; (0, -1) when it is empty."""
+    low, high = None, None
+    for block in _blocks(arr):
+        if block.size:
+            low = int(block.min()) if low is None else min(low, int(block.min()))
+            high = int(block.max()) if high is None else max(high, int(block.max()))
+    return (0, -1) if low is None or high is None else (low, high)
+
+
+def _check_codes(where: str, name: str, spec: ModalitySpec, arr: zarr.Array) -> None:
+    """Fail on a class code outside [0, num_classes) that is not the declared missing value."""
+    k = int(spec.num_classes or 0)
+    for block in _blocks(arr):
+        bad = ((block < 0) | (block >= k)) & (block != (-1 if spec.missing_value is None else spec.missing_value))
+        if bad.any():
+            raise ArchiveError(
+                f"{where}: array 'modalities/{name}' (categorical) has code {int(block[bad][0])} outside [0, {k - 1}] "
+                f"that is not its missing_value ({spec.missing_value})"
+            )
+
+
 def _check_bands(where: str, name: str, spec: ModalitySpec, arr: zarr.Array) -> None:
     """Fail on an all-NaN band or an infinite value, reading one chunk at a time."""
-    chunk = arr.chunks[0]
     axis = channel_axis(spec.kind)
     finite_count = np.zeros(arr.shape[axis], dtype=np.int64)
-    for start in range(0, arr.shape[0], chunk):
-        block = np.asarray(arr[start : start + chunk])
+    for block in _blocks(arr):
         if np.isinf(block).any():
             raise ArchiveError(f"{where}: array 'modalities/{name}' has infinite values (use NaN for missing)")
         block = np.moveaxis(block, axis, -1)

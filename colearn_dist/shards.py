@@ -319,13 +319,22 @@ def _add(tar: tarfile.TarFile, name: str, payload: bytes) -> None:
     tar.addfile(info, io.BytesIO(payload))
 
 
-def _band_sums(x: np.ndarray, axis: int = -1) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """NaN-aware float64 sum, sum of squares and count per band (`axis`; images [N, C, H, W]: per channel over H×W)."""
+def _band_sums(x: np.ndarray, axis: int = -1, block: int = 1 << 20) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """NaN-aware float64 sum, sum of squares and count per band (`axis`; images [N, C, H, W]: per channel over H×W).
+
+    Summed `block` values per band at a time, so the float64 temporaries stay a few MB whatever the
+    window holds (a window of large image patches would otherwise need several times its own size)."""
     x = np.moveaxis(x, axis, -1)
-    x = x.reshape(-1, x.shape[-1]).astype(np.float64)
-    finite = np.isfinite(x)
-    x = np.where(finite, x, 0.0)
-    return x.sum(axis=0), (x * x).sum(axis=0), finite.sum(axis=0).astype(np.float64)
+    x = x.reshape(-1, x.shape[-1])
+    total, total_sq, count = (np.zeros(x.shape[-1], np.float64) for _ in range(3))
+    for start in range(0, x.shape[0], block):
+        part = x[start : start + block].astype(np.float64)
+        finite = np.isfinite(part)
+        part[~finite] = 0.0
+        total += part.sum(axis=0)
+        total_sq += np.einsum("ij,ij->j", part, part)
+        count += finite.sum(axis=0)
+    return total, total_sq, count
 
 
 def _target_sums(task: str, target: np.ndarray) -> dict[str, Any]:
@@ -689,9 +698,12 @@ def _write_shards(
         start, stop = (int(v) for v in row_range)
         if not 0 <= start < stop <= len(split):
             raise ShardError(f"{archive_path}: row range {start}:{stop} is not inside the archive's rows 0:{len(split)}")
-        split[:start] = split[stop:] = _NO_SPLIT  # rows outside the range belong to no split
         rows = [start, stop]
+    # Validation is carved from the WHOLE archive's train split, then restricted to the range: every
+    # part makes the same choice, so a site whose rows span two parts is val in both or in neither.
     val_split = _carve_val(archive, split, val_fraction, seed)
+    if rows is not None:
+        split[: rows[0]] = split[rows[1] :] = _NO_SPLIT  # rows outside the range belong to no split
     mods = [_ModInfo(name, spec.kind) for name, spec in archive.modalities.items()]
     has_month = archive.month is not None
     counts, tasks = _plan(

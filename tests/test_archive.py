@@ -105,6 +105,27 @@ def test_all_nan_band_names_array_and_band(synthetic_archive):
     assert open_archive(path, check_values=False).num_samples == 40  # the scan is what finds it
 
 
+def test_categorical_code_out_of_range_names_array(synthetic_archive):
+    path = synthetic_archive(n=40)
+    codes = open_archive(path).array("dw")[:]  # 5 classes, 4 = missing: 0..4 are fine
+    assert codes.max() <= 4
+    codes[7, 2] = 6
+    _replace(path, "modalities/dw", codes)
+    with pytest.raises(ArchiveError, match=r"'modalities/dw' \(categorical\) has code 6 outside \[0, 4\] that is not its missing_value \(4\)"):
+        open_archive(path)
+
+
+def test_class_ids_checked_chunk_by_chunk(synthetic_archive):
+    path = synthetic_archive(n=40, task="multiclass", num_classes=4)
+    target = open_archive(path).target[:]
+    target[-1] = 9  # in the last chunk only
+    root = zarr.open_group(str(path), mode="r+")
+    del root["target"]
+    root.create_array("target", data=target, chunks=(8,))
+    with pytest.raises(ArchiveError, match=r"array 'target' has class ids outside \[0, 3\]"):
+        open_archive(path)
+
+
 def test_infinite_value_names_array(synthetic_archive):
     path = synthetic_archive(n=40)
     x = open_archive(path).array("srtm")[:]

@@ -8,6 +8,7 @@ import json
 import sys
 from pathlib import Path
 
+import h5py
 import numpy as np
 import pytest
 import torch
@@ -26,7 +27,6 @@ from colearn_dist.importers import (
 from colearn_dist.importers.presto import BANDS
 from colearn_dist.importers.treesatai import GENERA
 
-h5py = pytest.importorskip("h5py")
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -140,8 +140,8 @@ def test_lfmc_errors_name_file_column_and_line(tmp_path):
 
 
 def test_lfmc_parquet_same_as_csv(tmp_path, lfmc_csv):
-    pq = pytest.importorskip("pyarrow.parquet")
     import pyarrow as pa
+    import pyarrow.parquet as pq
 
     with open(lfmc_csv, newline="") as fh:
         rows = list(csv.reader(fh))
@@ -248,7 +248,8 @@ def test_cropharvest_bad_array_names_file_key_and_shape(tmp_path):
 # -------------------------------------------------------------------------------------------- TreeSatAI
 def write_treesatai(root: Path, n: int = 12, size: int = 8, seed: int = 0) -> Path:
     """aerial/<name>.tif [H, W, 4], sentinel-ts/<name>_<year>.h5 ([T, C, 6, 6], T varies), labels JSON, lists."""
-    tifffile = pytest.importorskip("tifffile")
+    import tifffile
+
     rng = np.random.default_rng(seed)
     (root / "aerial" / "60m").mkdir(parents=True)
     (root / "sentinel-ts").mkdir()

@@ -7,9 +7,9 @@ import warnings
 import numpy as np
 import pytest
 
-sk = pytest.importorskip("sklearn.metrics")
+import sklearn.metrics as sk
 
-from colearn_dist.metrics import (  # noqa: E402
+from colearn_dist.metrics import (
     PRIMARY,
     TASKS,
     average_precision,

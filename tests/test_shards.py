@@ -104,8 +104,15 @@ def test_shuffled_across_shards_and_window_layout(archive, tmp_path):
     assert sum(sizes) == n_train and max(sizes) == 16
     # windows of 50 -> shards of 16, 16, 16, 2 per full window: short shards only at window ends
     assert sizes.count(2) == n_train // 50
-    first = [int(k) for k in _read_samples(tmp_path / "s")["train"]][:16]
+    keys = [int(k) for k in _read_samples(tmp_path / "s")["train"]]
+    rank = {row: i for i, row in enumerate(sorted(keys))}  # position in the split's sorted rows
+    first = keys[:16]
     assert first != sorted(first)
+    # a shard draws from its whole window, not from 16 consecutive rows, and windows come in permuted order
+    assert max(rank[k] for k in first) - min(rank[k] for k in first) > 16
+    starts = np.cumsum([0] + sizes[:-1])
+    window_of_shard = [rank[keys[i]] // 50 for i in starts]
+    assert window_of_shard != sorted(window_of_shard)
 
 
 def test_val_carved_by_group(archive, tmp_path):

@@ -73,11 +73,12 @@ def test_unlabeled_archive_shards_and_cli(tmp_path):
 
 
 def test_parts_sharded_by_row_range_merge_into_the_whole(synth, tmp_path):
-    whole = write_shards(synth, tmp_path / "whole", samples_per_shard=200, val_fraction=0.0, **QUIET)
+    whole = write_shards(synth, tmp_path / "whole", samples_per_shard=200, val_fraction=0.2, **QUIET)
     bounds = [0, 700, 1900, 3000]
     parts = []
     for i, (a, b) in enumerate(zip(bounds, bounds[1:])):
-        part = write_shards(synth, tmp_path / f"part{i}", samples_per_shard=200, val_fraction=0.0, row_range=(a, b), **QUIET)
+        # each part carves validation from the whole archive: together they carve what the whole run does
+        part = write_shards(synth, tmp_path / f"part{i}", samples_per_shard=200, val_fraction=0.2, row_range=(a, b), **QUIET)
         assert part.rows == [a, b]
         parts.append(part.path)
     merged = merge_shards(tmp_path / "merged", parts)
@@ -85,8 +86,8 @@ def test_parts_sharded_by_row_range_merge_into_the_whole(synth, tmp_path):
     assert load_manifest(merged.path).to_json() == merged.to_json()
     names = [s["name"] for split in merged.splits.values() for s in split["shards"]]
     assert len(names) == len(set(names)) and "train-p001-000000.tar" in names
-    for split in ("train", "test"):
-        assert merged.split_size(split) == whole.split_size(split)
+    for split in ("train", "val", "test"):
+        assert merged.split_size(split) == whole.split_size(split) > 0
     # Statistics from the parts' float64 sums: the whole archive's, to rounding of the summation order.
     for m, st in whole.stats.items():
         np.testing.assert_allclose(merged.stats[m]["mean"], st["mean"], rtol=1e-12, atol=1e-12)
@@ -97,8 +98,9 @@ def test_parts_sharded_by_row_range_merge_into_the_whole(synth, tmp_path):
 
     from colearn_dist.loader import ShardLoader
 
-    rows = sorted(int(i) for b in ShardLoader(merged.path, "train", batch_size=500, shuffle=False) for i in b["index"])
-    assert rows == sorted(int(i) for b in ShardLoader(whole.path, "train", batch_size=500, shuffle=False) for i in b["index"])
+    for split in ("train", "val"):
+        rows = sorted(int(i) for b in ShardLoader(merged.path, split, batch_size=500, shuffle=False) for i in b["index"])
+        assert rows == sorted(int(i) for b in ShardLoader(whole.path, split, batch_size=500, shuffle=False) for i in b["index"])
 
     with pytest.raises(ShardError, match="overlap"):
         bad = write_shards(synth, tmp_path / "bad", samples_per_shard=200, val_fraction=0.0, row_range=(600, 800), **QUIET)
