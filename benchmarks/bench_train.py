@@ -3,9 +3,11 @@
 Prints samples/s for: the engine (DeepSpeed) in 1 process and in N processes (weak scaling: each
 process keeps batch 32), the share of time spent waiting for data, and the same model, objective
 and loader in a plain single-process PyTorch loop without DeepSpeed (the overhead reference).
-Runs unchanged on a GPU node (the engine picks nccl/bf16 there; the plain loop uses the same device).
+Runs unchanged on a GPU node (nccl there; the plain loop uses the same device). Both sides run at
+the same `--precision` (fp32 by default; bf16 on a GPU: DeepSpeed's bf16 engine vs autocast in the
+plain loop), so the comparison stays fair.
 
-    python benchmarks/bench_train.py [--epochs 6] [--nproc 2] [--modalities s1,s2,era5,srtm,dw]
+    python benchmarks/bench_train.py [--epochs 6] [--nproc 2] [--modalities s1,s2,era5,srtm,dw] [--precision bf16]
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ def overrides(shards: Path, run_dir: Path, args: argparse.Namespace) -> list[str
         "train.patience=0",
         "train.log_every_steps=0",
         f"train.threads={args.threads}",
+        f"engine.precision={args.precision}",
     ]
 
 
@@ -107,7 +110,9 @@ def plain_loop(shards: Path, args: argparse.Namespace) -> dict[str, float]:
         n = 0
         for batch in loader:
             batch = to_device(batch, device, torch.float32)
-            loss, _ = objective(model(batch["inputs"], batch.get("month")), batch)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16"):
+                out = model(batch["inputs"], batch.get("month"))
+            loss, _ = objective(out, batch)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -124,6 +129,7 @@ def run_engine(nproc: int, shards: Path, args: argparse.Namespace) -> dict[str, 
     run_dir = Path(tempfile.mkdtemp(prefix="bench-run-"))
     me = [str(Path(__file__).resolve()), "--rank-worker", "--shards", str(shards), "--run-dir", str(run_dir)]
     me += ["--epochs", str(args.epochs), "--modalities", args.modalities, "--workers", str(args.workers), "--threads", str(args.threads)]
+    me += ["--precision", args.precision]
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "LOCAL_RANK")}
     if nproc == 1:
         cmd = [sys.executable, *me]
@@ -144,6 +150,7 @@ def main() -> None:
     p.add_argument("--workers", type=int, default=0)
     p.add_argument("--threads", type=int, default=0, help="torch threads per rank (0: the engine's rule, cores // ranks - workers)")
     p.add_argument("--modalities", default="s1,s2,era5,srtm,dw")
+    p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32", help="bf16 needs a GPU")
     p.add_argument("--rank-worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--shards", help=argparse.SUPPRESS)
     p.add_argument("--run-dir", help=argparse.SUPPRESS)
@@ -154,7 +161,7 @@ def main() -> None:
     root = Path(tempfile.gettempdir()) / "colearn-bench-train"
     root.mkdir(exist_ok=True)
     shards = prepare_shards(root)
-    print(f"MDiCo, TempCNN, embedding 128, batch 32/process, Adam 1e-3; modalities {args.modalities}; "
+    print(f"MDiCo, TempCNN, embedding 128, batch 32/process, Adam 1e-3, {args.precision}; modalities {args.modalities}; "
           f"fuel_moisture train split; {args.epochs - 1} timed epochs after one warm-up; {os.cpu_count()} cores")
     plain = plain_loop(shards, args)
     one = run_engine(1, shards, args)

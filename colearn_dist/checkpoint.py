@@ -24,6 +24,7 @@ import torch.distributed as dist
 
 COMPLETE = "complete"
 LATEST = "latest"
+UNIVERSAL = "_universal"
 
 
 class CheckpointError(RuntimeError):
@@ -74,12 +75,20 @@ class Checkpointer:
         return Path(self.run_dir) / "checkpoints"
 
     def latest(self) -> Path | None:
-        """The newest complete checkpoint, or None. Only the pointer is trusted, and only if complete."""
+        """The checkpoint to resume from, or None: the one `latest` points to if it is complete, else
+        (pointer lost or pointing at a removed directory) the newest complete one, so a damaged pointer
+        never silently restarts a run from step 0. An incomplete directory is never returned."""
         pointer = self.root / LATEST
-        if not pointer.exists():
-            return None
-        tag_dir = self.root / pointer.read_text().strip()
-        return tag_dir if (tag_dir / COMPLETE).exists() else None
+        if pointer.exists():
+            tag_dir = self.root / pointer.read_text().strip()
+            if (tag_dir / COMPLETE).exists():
+                return tag_dir
+        complete = [p for p in self._tags() if (p / COMPLETE).exists()]
+        return complete[-1] if complete else None
+
+    def _tags(self) -> list[Path]:
+        """Checkpoint directories in step order (universal conversions live beside them, not counted)."""
+        return sorted(p for p in self.root.glob("step*") if p.is_dir() and not p.name.endswith(UNIVERSAL))
 
     @staticmethod
     def tag(step: int) -> str:
@@ -126,7 +135,7 @@ class Checkpointer:
     def to_universal(self, tag_dir: Path) -> Path:
         """A ZeRO (stage ≥ 1) checkpoint converted with DeepSpeed's `ds_to_universal`, whose optimizer
         state any world size can load (collective; rank 0 converts once, beside the original)."""
-        out = tag_dir.with_name(tag_dir.name + "_universal")
+        out = tag_dir.with_name(tag_dir.name + UNIVERSAL)
         if _rank() == 0 and not (out / COMPLETE).exists():
             shutil.rmtree(out, ignore_errors=True)
             cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(tag_dir)]
@@ -141,11 +150,15 @@ class Checkpointer:
         return out
 
     def _prune(self, keep_tag: str) -> None:
-        tags = sorted(p for p in self.root.glob("step*") if p.is_dir())
+        """Remove incomplete directories and all but the newest `keep` complete ones (0 keeps all),
+        each with its universal conversion."""
+        tags = self._tags()
         complete = [p for p in tags if (p / COMPLETE).exists()]
+        old = complete[: -self.keep] if self.keep > 0 else []
         for p in tags:
-            if p.name != keep_tag and (p not in complete or p in complete[: -self.keep]):
+            if p.name != keep_tag and (p not in complete or p in old):
                 shutil.rmtree(p, ignore_errors=True)
+                shutil.rmtree(p.with_name(p.name + UNIVERSAL), ignore_errors=True)
 
 
 def _jsonable(obj: Any) -> Any:

@@ -105,7 +105,11 @@ class TrainConfig:
     # early stopping on the validation split (never the test split); 0 = off.
     patience: int = 5
     seed: int = 0
+    # checkpoints for runs killed without warning (node failure, SIGKILL); a warning signal or
+    # preemption (SIGTERM) always checkpoints at the next step boundary. 0 = off.
     checkpoint_every_steps: int = 0
+    checkpoint_every_epochs: int = 1
+    # complete checkpoints kept (0 = all)
     keep_checkpoints: int = 2
     # torch intra-op threads per rank; 0 = cores available // local ranks − loader workers (at least 1).
     threads: int = 0
@@ -157,10 +161,13 @@ class RunConfig:
         return dataclasses.asdict(self)
 
     def hash(self) -> str:
-        """Hash of what changes the result; run_dir, name and slurm say where, not what."""
+        """Hash of what changes the result; run_dir, name and slurm say where, not what, and the
+        settings of `_EXECUTION` only how (a resumed allocation may change them)."""
         content = self.to_dict()
         for where in ("run_dir", "name", "slurm"):
             content.pop(where)
+        for section, key in _EXECUTION:
+            content[section].pop(key, None)
         # Fields added after runs existed count only when set, so those runs still resume.
         for (section, key), default in _HASHED_WHEN_SET.items():
             if content[section].get(key) == default:
@@ -174,6 +181,17 @@ _HASHED_WHEN_SET: dict[tuple[str, str], Any] = {
     ("objective", "masked"): 0.0,
     ("train", "max_steps"): 0,
 }
+
+# How a run executes, not what it computes: never part of the hash.
+_EXECUTION: tuple[tuple[str, str], ...] = (
+    ("data", "workers"),
+    ("train", "threads"),
+    ("train", "log_every_steps"),
+    ("train", "keep_checkpoints"),
+    ("train", "checkpoint_every_steps"),
+    ("train", "checkpoint_every_epochs"),
+    ("train", "compile"),
+)
 
 
 def _convert(tp: Any, value: Any, where: str) -> Any:
@@ -261,6 +279,9 @@ def validate(cfg: RunConfig, where: str = "config") -> RunConfig:
         raise ConfigError(f"{where}: data.batch_size must be ≥ 2 (BatchNorm and the contrastive term need pairs)")
     if cfg.data.workers < 0:
         raise ConfigError(f"{where}: data.workers must be ≥ 0")
+    for key in ("checkpoint_every_steps", "checkpoint_every_epochs", "keep_checkpoints", "warmup_steps", "log_every_steps"):
+        if getattr(cfg.train, key) < 0:
+            raise ConfigError(f"{where}: train.{key} must be ≥ 0, got {getattr(cfg.train, key)}")
     if cfg.train.lr <= 0:
         raise ConfigError(f"{where}: train.lr must be > 0, got {cfg.train.lr}")
     if cfg.objective.temperature <= 0:

@@ -205,6 +205,8 @@ class Trainer:
         precision = cfg.engine.precision
         if precision == "auto":
             precision = "bf16" if self.device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+        elif precision != "fp32" and self.device.type != "cuda":
+            raise ValueError(f"engine.precision {precision} needs a GPU; this process has none (use fp32 or auto)")
         self.precision = precision
         self.dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
@@ -238,7 +240,8 @@ class Trainer:
             on_corrupt=cfg.data.on_corrupt,
         )
         self.has_val = self.manifest.splits.get("val", {}).get("num_samples", 0) > 0
-        self.steps_per_epoch = len(self.train_loader) // cfg.train.grad_accum
+        # the epoch's last optimizer step may accumulate fewer micro-batches (see _train_epoch)
+        self.steps_per_epoch = math.ceil(len(self.train_loader) / cfg.train.grad_accum)
         total_steps = self.steps_per_epoch * cfg.train.epochs
         if self.pretrain and cfg.train.max_steps:
             total_steps = cfg.train.max_steps
@@ -289,6 +292,10 @@ class Trainer:
         # this process: a deterministic stand-in for a time limit, for tests and drills.
         self._stop_after = int(os.environ.get("COLEARN_STOP_AFTER_STEPS", "0"))
         self._steps_here = 0
+        # Gradient norm for the logs where DeepSpeed computes none (a plain fp32 optimizer without
+        # ZeRO): measured between backward and step, on logging steps only.
+        self._grad_norm_due = False
+        self._grad_norm: float | None = None
         # Progress state, saved in every checkpoint.
         self.step = 0
         self.epoch = 0
@@ -366,6 +373,8 @@ class Trainer:
                 batch["teacher_pred"] = self.built.teacher.predict(batch["inputs"], batch.get("month"))
         loss, terms = self.objective(out, batch)
         self.engine.backward(loss)
+        if self._grad_norm_due:
+            self._grad_norm = _grad_norm(self.engine.module)
         self.engine.step()
         return loss, terms
 
@@ -399,7 +408,8 @@ class Trainer:
             if self._stop_agreed():
                 status = "stopped"
                 break
-            if cfg.train.checkpoint_every_steps and self.epoch < cfg.train.epochs:
+            every = cfg.train.checkpoint_every_epochs
+            if every and self.epoch % every == 0 and self.epoch < cfg.train.epochs:
                 self.save_checkpoint()
         if status == "stopped":
             path = self.save_checkpoint()
@@ -440,6 +450,7 @@ class Trainer:
         t_log = time.perf_counter()
         t0 = time.perf_counter()
         it = iter(self.train_loader)
+        micro = 0  # micro-batches since this call began: always at an optimizer-step boundary
         while True:
             t_wait = time.perf_counter()
             try:
@@ -451,6 +462,19 @@ class Trainer:
             self.epoch_stats["wait_s"] += waited
             self.epoch_stats["samples"] += int(batch["target"].shape[0])
             batch = to_device(batch, self.device, self.dtype)
+            # The engine, not DeepSpeed's global micro-step counter, decides where an optimizer step
+            # falls: every grad_accum micro-batches and at the end of each epoch (a shorter last
+            # group, scaled like a full one), so validation and checkpoints never cut an
+            # accumulation in half and a resumed run keeps the uninterrupted run's boundaries.
+            micro += 1
+            epoch_ends = not self.pretrain and self.train_loader.position()["epoch"] != self.epoch
+            boundary = micro % cfg.train.grad_accum == 0 or epoch_ends
+            if cfg.train.grad_accum > 1:
+                self.engine.set_gradient_accumulation_boundary(boundary)
+            self._grad_norm_due = boundary and bool(cfg.train.log_every_steps) and (
+                (self.engine.global_steps + 1) % cfg.train.log_every_steps == 0 or epoch_ends
+            )
+            trace_id = self.engine.global_steps * cfg.train.grad_accum + (micro - 1) % cfg.train.grad_accum
             loss, terms = self.step_fn(batch)
             samples += int(batch["target"].shape[0])
             # One stacked add per step, not one per term (there are 5·M + pairs of them).
@@ -459,9 +483,8 @@ class Trainer:
             keys = list(terms)
             n_acc += 1
             if self._trace is not None:
-                micro = self.engine.global_steps * cfg.train.grad_accum + self.engine.micro_steps % cfg.train.grad_accum
-                self._trace.write(f"{self.epoch} {micro} {' '.join(map(str, batch['index'].tolist()))}\n")
-            if self.engine.micro_steps % cfg.train.grad_accum:
+                self._trace.write(f"{self.epoch} {trace_id} {' '.join(map(str, batch['index'].tolist()))}\n")
+            if not boundary:
                 continue  # checkpoints and logs only between optimizer steps
             self.step = self.engine.global_steps
             if cfg.train.log_every_steps and self.step % cfg.train.log_every_steps == 0:
@@ -476,7 +499,7 @@ class Trainer:
                 if self._stop_agreed():
                     return False
                 continue
-            if self.train_loader.position()["epoch"] != self.epoch:
+            if epoch_ends:
                 continue  # the epoch's last step: validation comes first, then its checkpoint
             if cfg.train.checkpoint_every_steps and self.step % cfg.train.checkpoint_every_steps == 0:
                 self.save_checkpoint()
@@ -488,20 +511,27 @@ class Trainer:
         return True
 
     def _log_train(self, keys: list[str], acc: torch.Tensor, n: int, samples: int, wait: float, seconds: float) -> None:
-        stacked = torch.cat([acc / n, torch.tensor([float(samples), wait])])
-        reduced = all_reduce_sum(stacked) if self.world > 1 else stacked
+        # One all-reduce: the loss terms (summed contributions), then each rank's samples/s in its own
+        # slot, then the data wait; built on the terms' device (nccl reduces CUDA tensors only).
+        rates = torch.zeros(self.world, dtype=acc.dtype, device=acc.device)
+        rates[self.rank] = samples / max(seconds, 1e-9)
+        stacked = torch.cat([acc / n, rates, torch.tensor([wait], dtype=acc.dtype, device=acc.device)])
+        reduced = (all_reduce_sum(stacked) if self.world > 1 else stacked).cpu()
         terms = {k: float(v) for k, v in zip(keys, reduced[: len(keys)])}
-        global_rate = float(reduced[-2]) / max(seconds, 1e-9)
+        per_rank = reduced[len(keys) : len(keys) + self.world].tolist()
+        global_rate = float(sum(per_rank))
         scalars = {f"loss/{k}": v for k, v in terms.items()}
         scalars.update(
             {
                 "lr": self.scheduler.get_last_lr()[0] if self.scheduler is not None else self.cfg.train.lr,
                 "throughput/samples_per_s_global": global_rate,
-                "throughput/samples_per_s_rank": samples / max(seconds, 1e-9),
                 "throughput/data_wait_share": float(reduced[-1]) / self.world / max(seconds, 1e-9),
             }
         )
+        scalars.update({f"throughput/samples_per_s_rank{r}": v for r, v in enumerate(per_rank)})
         grad_norm = self.engine.get_global_grad_norm()
+        if grad_norm is None:
+            grad_norm = self._grad_norm
         if grad_norm is not None:
             scalars["grad_norm"] = float(grad_norm)
         self.logger.scalars(self.step, scalars, prefix="train/")
@@ -562,6 +592,14 @@ class Trainer:
         tmp = path.with_suffix(".tmp")
         torch.save({"model": state, "config": self.cfg.to_dict(), "epoch": self.epoch, "step": self.step, "sensors": sensors, **info}, tmp)
         os.replace(tmp, path)
+
+
+def _grad_norm(module: torch.nn.Module) -> float:
+    """L2 norm of all gradients (after DeepSpeed's averaging over ranks, before clipping)."""
+    grads = [p.grad for p in module.parameters() if p.grad is not None]
+    if not grads:
+        return 0.0
+    return float(torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads))))
 
 
 def best_path(run_dir: str | Path, sensors: str) -> Path:

@@ -62,3 +62,26 @@ def test_hash_ignores_where_but_not_what(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text(dump_config(cfg))
     assert load_config(path).hash() == cfg.hash()
+
+
+@pytest.mark.parametrize(
+    "execution",
+    [
+        "data.workers=3",
+        "train.threads=5",
+        "train.log_every_steps=1",
+        "train.keep_checkpoints=0",
+        "train.checkpoint_every_steps=7",
+        "train.compile=true",
+    ],
+)
+def test_hash_ignores_how_a_run_executes(execution):
+    cfg = load_config(CONFIGS / "fuel_moisture.yaml")
+    assert load_config(CONFIGS / "fuel_moisture.yaml", [execution]).hash() == cfg.hash()
+
+
+@pytest.mark.parametrize("what", ["train.lr=0.01", "objective.con=0.5", "objective.main=2.0", "data.batch_size=64"])
+def test_hash_follows_what_a_run_computes(what):
+    cfg = load_config(CONFIGS / "fuel_moisture.yaml")
+    assert load_config(CONFIGS / "fuel_moisture.yaml", [what]).hash() != cfg.hash()
+

@@ -89,6 +89,7 @@ def train_indices(shards: Path) -> list[int]:
 def test_single_process_run_end_to_end(shards, tmp_path):
     from colearn_dist.config import load_config
     from colearn_dist.engine import train
+    from colearn_dist.loader import ShardLoader
 
     cfg_path = write_config(tmp_path / "c.yaml", shards, tmp_path / "run", train={"patience": 5})
     result = train(load_config(cfg_path))
@@ -105,6 +106,19 @@ def test_single_process_run_end_to_end(shards, tmp_path):
     assert {p.stem for p in (run / "best").glob("*.pt")} == {"s1", "s2", "srtm", "dw", "all"}
     assert (run / "config.yaml").exists()
     assert list((run / "tb").glob("events.out.tfevents.*"))
+    # the test split's embeddings in TensorBoard's projector, one point per sample × sensor
+    from google.protobuf import text_format
+    from tensorboard.plugins.projector.projector_config_pb2 import ProjectorConfig
+
+    projector = text_format.Parse((run / "tb" / "projector_config.pbtxt").read_text(), ProjectorConfig())
+    embeddings = {e.tensor_name.split(":")[0]: e for e in projector.embeddings}
+    assert set(embeddings) == {"test/shared", "test/specific"}
+    n_test = sum(1 for b in ShardLoader(shards, "test", batch_size=64, shuffle=False) for _ in b["id"])
+    for e in embeddings.values():
+        lines = (run / "tb" / e.metadata_path).read_text().splitlines()
+        assert lines[0] == "sensor\ttarget" and len(lines) == 1 + 4 * n_test
+        assert {line.split("\t")[0] for line in lines[1:]} == {"s1", "s2", "srtm", "dw"}
+        assert len((run / "tb" / e.tensor_path).read_text().splitlines()) == 4 * n_test
     log = (run / "train.log").read_text()
     assert "samples/s" in log and "val" in log
 
@@ -168,5 +182,60 @@ def test_resume_with_another_world_size(shards, tmp_path, zero_stage):
     assert (tmp_path / "run" / "metrics_test.json").exists()
     expected = train_indices(shards)
     per_epoch = samples_per_epoch(trace)
+    assert sorted(per_epoch) == [0, 1]
     for epoch, seen in per_epoch.items():
         assert sorted(seen) == expected, f"epoch {epoch}: samples lost or repeated across world sizes"
+
+
+def tb_scalars(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(run_dir / "tb"))
+    acc.Reload()
+    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+
+
+@pytest.mark.slow
+def test_grad_accumulation_schedule_and_clipping_resume_exactly(shards, tmp_path):
+    """grad_accum 2 over an odd number of batches per epoch (the last optimizer step of each epoch
+    takes one micro-batch), warm-up + cosine, clipping: a run stopped mid-epoch and resumed ends with
+    the uninterrupted run's weights; the learning rate follows the schedule; grad_norm is logged."""
+    from colearn_dist.loader import ShardLoader
+
+    batch = next(b for b in range(12, 40) if len(ShardLoader(shards, "train", batch_size=b)) % 2 == 1)
+    steps_per_epoch = (len(ShardLoader(shards, "train", batch_size=batch)) + 1) // 2
+    common = {
+        "data": {"batch_size": batch},
+        "train": {"epochs": 2, "grad_accum": 2, "warmup_steps": 4, "schedule": "cosine", "grad_clip": 0.5, "log_every_steps": 1},
+    }
+    ref = write_config(tmp_path / "ref.yaml", shards, tmp_path / "ref", **common)
+    assert run_cli(["train", str(ref)]).wait(timeout=300) == 0
+    cfg = write_config(tmp_path / "stop.yaml", shards, tmp_path / "stop", **common)
+    assert run_cli(["train", str(cfg)], {"COLEARN_STOP_AFTER_STEPS": str(steps_per_epoch + 3)}).wait(timeout=300) != 0
+    latest = (tmp_path / "stop" / "checkpoints" / "latest").read_text().strip()
+    state = json.loads((tmp_path / "stop" / "checkpoints" / latest / "state.json").read_text())
+    assert state["step"] == steps_per_epoch + 3  # stopped inside the second epoch, at an optimizer step
+    assert run_cli(["train", str(cfg)]).wait(timeout=300) == 0
+
+    assert_same_weights(final_state(tmp_path / "ref"), final_state(tmp_path / "stop"))
+    scalars = tb_scalars(tmp_path / "ref")
+    assert [s for s, _ in scalars["train/lr"]] == list(range(1, 2 * steps_per_epoch + 1))
+    lr = dict(scalars["train/lr"])
+    # logged after step s: the scheduler has stepped s times; warm-up (s+1)/4 · 1e-3, then cosine to 0
+    assert lr[1] == pytest.approx(0.5e-3) and lr[3] == pytest.approx(1e-3)
+    assert lr[2 * steps_per_epoch] == pytest.approx(0.0, abs=1e-9)
+    assert all(a >= b for a, b in zip(list(lr.values())[3:], list(lr.values())[4:]))
+    norms = [v for _, v in scalars["train/grad_norm"]]
+    assert len(norms) == 2 * steps_per_epoch and all(n > 0 and n == n for n in norms)
+    assert "train/throughput/samples_per_s_rank0" in scalars
+
+
+def test_half_precision_on_cpu_is_refused(shards, tmp_path):
+    from colearn_dist.config import load_config
+    from colearn_dist.engine import Trainer
+
+    if torch.cuda.is_available():
+        pytest.skip("this process has a GPU: bf16 is allowed")
+    cfg = write_config(tmp_path / "c.yaml", shards, tmp_path / "run", engine={"precision": "bf16"})
+    with pytest.raises(ValueError, match="engine.precision bf16 needs a GPU"):
+        Trainer(load_config(cfg))
