@@ -82,6 +82,7 @@ def _shard(args: argparse.Namespace) -> int:
         seed=args.seed,
         workers=args.workers,
         val_fraction=args.val_fraction,
+        shuffle_window=args.shuffle_window,
         overwrite=args.overwrite,
         row_range=_row_range(args.rows),
     )
@@ -164,7 +165,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     from .evaluate import evaluate_runs
     from .sweep import load_reference
 
-    text = evaluate_runs(args.runs, args.out, split=args.split, reference=load_reference(args.reference))
+    text = evaluate_runs(args.runs, args.out, split=args.split, reference=load_reference(args.reference), extra_sets=args.sensors)
     print(text)
     return 0
 
@@ -180,15 +181,17 @@ def _export(args: argparse.Namespace) -> int:
 def _predict(args: argparse.Namespace) -> int:
     import csv
 
-    from .export import predict_archive
+    from .export import load_exported, predict
 
-    ids, preds = predict_archive(args.model, args.archive, split=args.split)
+    ids, preds = predict(args.model, args.data, split=args.split)
+    classes = list(load_exported(args.model)[1].get("class_names") or [])
     out = open(args.out, "w", newline="") if args.out else sys.stdout
     writer = csv.writer(out)
-    width = 1 if preds.ndim == 1 else preds.shape[1]
-    writer.writerow(["id"] + (["prediction"] if width == 1 else [f"p{k}" for k in range(width)]))
+    width = 0 if preds.ndim == 1 else preds.shape[1]
+    columns = classes if len(classes) == width else [f"p{k}" for k in range(width)]
+    writer.writerow(["id"] + (["prediction"] if preds.ndim == 1 else columns))
     for i, p in zip(ids, preds):
-        writer.writerow([i] + ([f"{float(p):.6g}"] if width == 1 else [f"{float(v):.6g}" for v in p]))
+        writer.writerow([i] + ([f"{float(p):.6g}"] if preds.ndim == 1 else [f"{float(v):.6g}" for v in p]))
     if args.out:
         out.close()
         print(f"{len(ids)} predictions → {args.out}", file=sys.stderr)
@@ -196,36 +199,62 @@ def _predict(args: argparse.Namespace) -> int:
 
 
 def _submit(args: argparse.Namespace) -> int:
+    submitted = _submit_command(args) if args.command_line else _submit_training(args)
+    for job, what in submitted:
+        print(f"submitted {job.job_id} → {what}")
+    if args.wait:
+        for job, _ in submitted:
+            print(f"{job.job_id}: {job.result().get('status')}")
+    return 0
+
+
+def _submit_training(args: argparse.Namespace) -> list:
+    """CONFIG… (× --methods × --seeds) or --resume RUN_DIR: one array element per run."""
     from .config import load_config
     from .slurm import TrainJob, resume_config, submit_runs
     from .sweep import PlannedRun, plan_sweep
 
-    if args.resume:
-        config = resume_config(args.resume)[0]
-    elif args.config:
-        config = args.config
-    else:
-        raise ValueError("submit needs CONFIG or --resume RUN_DIR")
-    base = load_config(config, args.set)
-    if args.methods or args.seeds:
-        methods = (args.methods or base.model.method).split(",")
-        planned = plan_sweep(config, methods, args.seeds or [base.train.seed], args.set, args.root)
-        # Distillation students wait for their fusion teachers: a second array after the first.
-        groups = [[r for r in planned if r.method != "distill"], [r for r in planned if r.method == "distill"]]
-    else:
-        groups = [[PlannedRun(config, Path(base.run_dir), base.model.method, base.train.seed, overrides=list(args.set))]]
+    if args.resume and args.config:
+        raise ValueError("submit takes CONFIG files or --resume RUN_DIR, not both")
+    configs = [resume_config(args.resume)[0]] if args.resume else args.config
+    if not configs:
+        raise ValueError("submit needs CONFIG, --resume RUN_DIR or --command")
+    planned, slurm = [], None
+    for config in configs:
+        base = load_config(config, args.set)
+        if slurm is not None and base.slurm != slurm:
+            raise ValueError(f"{config}: its slurm section differs from {configs[0]}'s; one array job has one allocation shape")
+        slurm = base.slurm
+        if args.methods or args.seeds:
+            methods = (args.methods or base.model.method).split(",")
+            root = Path(args.root) / Path(config).stem if args.root and len(configs) > 1 else args.root
+            planned += plan_sweep(config, methods, args.seeds or [base.train.seed], args.set, root)
+        else:
+            planned.append(PlannedRun(config, Path(base.run_dir), base.model.method, base.train.seed, overrides=list(args.set)))
+    # Distillation students wait for their fusion teachers: a second array after the first.
+    groups = [[r for r in planned if r.method != "distill"], [r for r in planned if r.method == "distill"]]
     after = list(args.after)
     submitted = []
     for group in (g for g in groups if g):
-        jobs = submit_runs([TrainJob(r.config, r.overrides) for r in group], [r.run_dir for r in group], base.slurm, local=args.local, after=after)
-        after = [jobs[0].job_id.split("_")[0]]
-        submitted += list(zip(jobs, group))
-    for job, run in submitted:
-        print(f"submitted {job.job_id} → {run.run_dir}")
-    if args.wait:
-        for job, run in submitted:
-            print(f"{job.job_id}: {job.result().get('status')}")
-    return 0
+        jobs = [TrainJob(r.config, r.overrides, args.allow_config_change) for r in group]
+        done = submit_runs(jobs, [r.run_dir for r in group], slurm, local=args.local, after=after)
+        after = [done[0].job_id.split("_")[0]]
+        submitted += [(job, run.run_dir) for job, run in zip(done, group)]
+    return submitted
+
+
+def _submit_command(args: argparse.Namespace) -> list:
+    """--command "SUB-COMMAND ARGS": any colearn-dist sub-command as a single-task job (shard, evaluate …)."""
+    import shlex
+
+    from .slurm import CommandJob, command_slurm, submit_jobs
+
+    if args.config or args.resume or args.methods or args.seeds or args.allow_config_change:
+        raise ValueError("submit --command takes no CONFIG, --resume, --methods, --seeds or --allow-config-change")
+    argv = shlex.split(args.command_line)
+    build_parser().parse_args(argv)  # a mistyped command fails here, not after waiting in the queue
+    _, jobs = submit_jobs([CommandJob(argv)], Path(args.root or "slurm-jobs"), command_slurm(args.set, argv[0]), local=args.local, after=args.after)
+    return [(jobs[0], f"colearn-dist {shlex.join(argv)}")]
 
 
 def _status(args: argparse.Namespace) -> int:
@@ -291,6 +320,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--workers", type=int, default=max(1, min(4, (os.cpu_count() or 2))))
     s.add_argument("--val-fraction", type=float, default=0.15, help="carved out of train (by group) when the archive has no val split")
+    s.add_argument(
+        "--shuffle-window",
+        type=int,
+        help="samples shuffled together before they are cut into shards (default 16 × samples per shard); "
+        "larger mixes a location-sorted archive more, at the cost of worker memory",
+    )
     s.add_argument("--rows", metavar="START:STOP", help="shard only archive rows START..STOP-1 (one part of a parallel sharding; merge with `shards merge`)")
     s.add_argument("--overwrite", action="store_true")
     s.set_defaults(fn=_shard)
@@ -347,6 +382,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", default="results")
     s.add_argument("--split", default="test")
     s.add_argument("--reference", help="YAML of reference scores per dataset and sensor set")
+    s.add_argument(
+        "--sensors", nargs="+", default=[], metavar="SET",
+        help="also score these sensor subsets, e.g. s1+s2 s2+era5 (MDiCo averages their heads; fusion / dropout mask the others; single-sensor runs skip them)",
+    )
     s.set_defaults(fn=_evaluate)
 
     s = sub.add_parser("export", help="write a self-contained TorchScript model for one sensor")
@@ -355,20 +394,25 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out")
     s.set_defaults(fn=_export)
 
-    s = sub.add_parser("predict", help="apply an exported sensor model to an archive's raw arrays")
+    s = sub.add_parser("predict", help="apply an exported sensor model to an archive's raw arrays or to shards")
     s.add_argument("model")
-    s.add_argument("archive")
-    s.add_argument("--split")
+    s.add_argument("data", metavar="PATH", help="a zarr archive, or a shards folder (with manifest.json)")
+    s.add_argument("--split", help="train / val / test (archive: default every sample; shards: required)")
     s.add_argument("--out", help="CSV file (default: stdout)")
     s.set_defaults(fn=_predict)
 
-    s = sub.add_parser("submit", help="submit a run (or methods × seeds as array jobs) to Slurm through Submitit")
-    s.add_argument("config", nargs="?")
+    s = sub.add_parser("submit", help="submit runs (configs × methods × seeds as array jobs) or a command to Slurm through Submitit")
+    s.add_argument("config", nargs="*", help="one array element per config (e.g. one per fold)")
     s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="e.g. slurm.nodes=2 slurm.gpus_per_node=4")
     s.add_argument("--resume", metavar="RUN_DIR", help="continue a run in a new allocation (its config.yaml)")
+    s.add_argument("--allow-config-change", action="store_true", help="resume even if the config changed")
+    s.add_argument(
+        "--command", dest="command_line", metavar='"SUB-COMMAND ARGS"',
+        help='any colearn-dist sub-command as a single-task CPU job, e.g. "shard archives/x.zarr shards/x" (only slurm.* --set apply)',
+    )
     s.add_argument("--methods", help="comma-separated: one array element per method (and sensor for single/distill)")
     s.add_argument("--seeds", type=int, nargs="+", help="one array element per seed")
-    s.add_argument("--root", help="with --methods/--seeds: where the runs go")
+    s.add_argument("--root", help="with --methods/--seeds: where the runs go (ROOT/<config name>/… for several configs); with --command: where the job logs go (default slurm-jobs)")
     s.add_argument("--after", nargs="+", default=[], metavar="JOB_ID", help="start only after these jobs succeeded")
     s.add_argument("--local", action="store_true", help="Submitit's local executor instead of Slurm (laptop, CI)")
     s.add_argument("--wait", action="store_true", help="wait for the job and print its status")

@@ -128,21 +128,37 @@ def score_loader(
     return {k: compute_metrics(spec.task, v["target"], v["pred"], list(manifest.class_names)) for k, v in preds.items()}
 
 
-def evaluate_run(run_dir: str | Path, split: str = "test", shards: str | None = None, embeddings: bool = True) -> list[dict[str, Any]]:
-    """Score a run's best weights on `split` with every inference sensor set; writes metrics_<split>.json."""
-    from .engine import sensor_sets, set_name
+def evaluate_run(
+    run_dir: str | Path,
+    split: str = "test",
+    shards: str | None = None,
+    embeddings: bool = True,
+    extra_sets: Iterable[str] | None = None,
+) -> list[dict[str, Any]]:
+    """Score a run's best weights on `split` with every inference sensor set, plus `extra_sets`
+    (e.g. "s1+s2"); writes metrics_<split>.json.
+
+    A set without best weights of its own is scored with the weights chosen for "all": MDiCo
+    averages the heads of the sensors present, a fusion model masks the absent ones."""
+    from .engine import best_path
     from .loader import ShardLoader
 
     run_dir = Path(run_dir)
-    cfg = from_dict(RunConfig, yaml.safe_load((run_dir / "config.yaml").read_text()), f"{run_dir}/config.yaml")
+    cfg = _run_config(run_dir)
     if shards:
         cfg.data.shards = shards
+    own = run_sensor_sets(cfg)
+    sets_by_name = run_sensor_sets(cfg, extra_sets)
+    # Weights for each set: its own (validation kept some), else those of "all"; one pass per weights.
+    by_weights: dict[str, list[list[str]]] = {}
+    for name, sensors in sets_by_name.items():
+        weights = name if name in own or best_path(run_dir, name).exists() else "all"
+        by_weights.setdefault(weights, []).append(sensors)
     records = []
-    names = _model_modalities(cfg)
-    for sensors in sensor_sets(cfg.model.method, names):
-        trained = load_trained(run_dir, set_name(sensors, names), shards)
+    for weights, sets in by_weights.items():
+        trained = load_trained(run_dir, weights, shards)
         loader = ShardLoader(trained.cfg.data.shards, split, batch_size=512, modalities=_data_modalities(trained), shuffle=False)
-        metrics = score_loader(trained.model, loader, trained.spec, trained.manifest, [sensors], gather=False)
+        metrics = score_loader(trained.model, loader, trained.spec, trained.manifest, sets, gather=False)
         for name, m in metrics.items():
             records.append(
                 {
@@ -154,10 +170,13 @@ def evaluate_run(run_dir: str | Path, split: str = "test", shards: str | None = 
                     "sensors": name,
                     "split": split,
                     "run": str(run_dir),
+                    "weights": weights,
                     "epoch": trained.epoch,
                     "metrics": m,
                 }
             )
+    order = list(sets_by_name)
+    records.sort(key=lambda r: order.index(r["sensors"]))
     Path(run_dir, f"metrics_{split}.json").write_text(json.dumps(records, indent=1))
     if embeddings and cfg.model.method == "mdico":
         trained = load_trained(run_dir, "all", shards)
@@ -166,10 +185,43 @@ def evaluate_run(run_dir: str | Path, split: str = "test", shards: str | None = 
     return records
 
 
+def _run_config(run_dir: Path) -> RunConfig:
+    return from_dict(RunConfig, yaml.safe_load((run_dir / "config.yaml").read_text()), f"{run_dir}/config.yaml")
+
+
+def run_sensor_sets(cfg: RunConfig, extra_sets: Iterable[str] | None = None) -> dict[str, list[str]]:
+    """Set name → sensors a run is scored with: its own sets (each single sensor, and "all"), then
+    each of `extra_sets` ("s1+s2") it can read. A run whose model reads one sensor skips the others;
+    a sensor the run was not trained with is an error."""
+    from .engine import sensor_sets, set_name
+
+    names = _model_modalities(cfg)
+    sets = {set_name(s, names): s for s in sensor_sets(cfg.model.method, names)}
+    data = _data_sensors(cfg)
+    for text in extra_sets or ():
+        wanted = [m.strip() for m in str(text).split("+") if m.strip()]
+        if wanted == ["all"]:
+            continue
+        unknown = [m for m in wanted if m not in data]
+        if unknown or not wanted:
+            problem = f"unknown sensor(s) {unknown}" if unknown else "no sensor named"
+            raise ValueError(f"sensor set {text!r}: {problem} (the run {cfg.run_dir} has sensors {data}; join them with '+')")
+        if any(m not in names for m in wanted):
+            continue  # a single-sensor model cannot read the others
+        sensors = [m for m in names if m in wanted]  # the run's order, duplicates dropped
+        sets.setdefault(set_name(sensors, names), sensors)
+    return sets
+
+
 def _model_modalities(cfg: RunConfig) -> list[str]:
     """The sensors a run's model reads (one for single-sensor methods)."""
     if cfg.model.method in ("single", "distill"):
         return [str(cfg.model.modality)]
+    return _data_sensors(cfg)
+
+
+def _data_sensors(cfg: RunConfig) -> list[str]:
+    """The sensors a run was trained with (the data it read)."""
     if cfg.data.modalities:
         return list(cfg.data.modalities)
     return list(load_manifest(cfg.data.shards).modalities)
@@ -187,11 +239,11 @@ def _write_embeddings(trained: Trained, loader: Any, split: str) -> None:
     shared, specific, meta = [], [], []
     for batch in loader:
         out = trained.model(batch["inputs"], batch.get("month"))
-        target = batch["target"].float().reshape(len(batch["target"]), -1)[:, 0].tolist()
+        target = _target_labels(batch["target"], trained.manifest)
         for m in trained.modalities:
             shared.append(out["z_sha"][m].numpy())
             specific.append(out["z_spe"][m].numpy())
-            meta += [[m, f"{t:.3f}"] for t in target]
+            meta += [[m, t] for t in target]
     write_embeddings(
         trained.run_dir / "tb",
         {"shared": np.concatenate(shared), "specific": np.concatenate(specific)},
@@ -201,12 +253,30 @@ def _write_embeddings(trained: Trained, loader: Any, split: str) -> None:
     )
 
 
-def load_records(run_dirs: Iterable[str | Path], split: str = "test") -> list[dict[str, Any]]:
-    """Records of finished runs (evaluating those that have best weights but no metrics yet)."""
+def _target_labels(target: torch.Tensor, manifest: Manifest) -> list[str]:
+    """The projector's target column: the value (regression), the class name (binary, multiclass),
+    the positive classes joined with '|' (multilabel)."""
+    t = target.cpu().numpy().reshape(len(target), -1)
+    if manifest.task == "regression":
+        return [f"{float(v):.3f}" for v in t[:, 0]]
+    names = list(manifest.class_names)
+    names += [str(k) for k in range(len(names), max(t.shape[1], int(t.max(initial=0)) + 1))]
+    if manifest.task == "multilabel":
+        return ["|".join(names[k] for k in np.flatnonzero(row > 0.5)) for row in t]
+    return [names[int(v)] for v in t[:, 0]]
+
+
+def load_records(run_dirs: Iterable[str | Path], split: str = "test", extra_sets: Iterable[str] | None = None) -> list[dict[str, Any]]:
+    """Records of finished runs: their metrics_<split>.json where it holds every sensor set asked
+    for (each run's own, plus `extra_sets`), otherwise the run is evaluated (again)."""
+    extra_sets = list(extra_sets or [])
     records = []
     for run in run_dirs:
         path = Path(run) / f"metrics_{split}.json"
-        recs = json.loads(path.read_text()) if path.exists() else evaluate_run(run, split)
+        wanted = set(run_sensor_sets(_run_config(Path(run)), extra_sets)) if extra_sets else set()
+        recs = json.loads(path.read_text()) if path.exists() else None
+        if recs is None or not wanted <= {r["sensors"] for r in recs}:
+            recs = evaluate_run(run, split, extra_sets=extra_sets)
         for r in recs:
             records.append({k: v for k, v in r.items() if k != "metrics"} | r["metrics"])
     return records
@@ -217,13 +287,15 @@ def evaluate_runs(
     out_dir: str | Path,
     split: str = "test",
     reference: dict[str, dict[str, float]] | None = None,
+    extra_sets: Iterable[str] | None = None,
 ) -> str:
-    """Mean ± std over seeds for each method × inference sensor set: CSV, Markdown, PNG; returns the Markdown."""
+    """Mean ± std over seeds for each method × inference sensor set (each run's own, plus
+    `extra_sets` such as "s1+s2"): CSV, Markdown, PNG; returns the Markdown."""
     from .report import aggregate, markdown_table, plot_scores, write_csv
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    records = load_records(run_dirs, split)
+    records = load_records(run_dirs, split, extra_sets)
     if not records:
         raise ValueError("no runs to evaluate")
     rows = aggregate(records)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterable, Optional
 
 import numpy as np
 import torch
@@ -87,9 +87,16 @@ def load_exported(path: str | Path) -> tuple[torch.jit.ScriptModule, dict[str, A
     return module, json.loads(files["colearn.json"])
 
 
-@torch.no_grad()
+def predict(model_path: str | Path, data_path: str | Path, split: str | None = None, batch_size: int = 1024) -> tuple[np.ndarray, np.ndarray]:
+    """Apply an exported sensor model to an archive or to a shards folder (it has `manifest.json`);
+    returns (ids, predictions in target units)."""
+    if (Path(data_path) / "manifest.json").exists():
+        return predict_shards(model_path, data_path, split, batch_size)
+    return predict_archive(model_path, data_path, split, batch_size)
+
+
 def predict_archive(model_path: str | Path, archive_path: str | Path, split: str | None = None, batch_size: int = 1024) -> tuple[np.ndarray, np.ndarray]:
-    """Apply an exported sensor model to the raw arrays of an archive; returns (ids, predictions)."""
+    """The model on the raw arrays of an archive (`split`, or every sample), in archive order."""
     from .archive import open_archive
 
     module, meta = load_exported(model_path)
@@ -98,16 +105,58 @@ def predict_archive(model_path: str | Path, archive_path: str | Path, split: str
     if modality not in archive.modalities:
         raise ValueError(f"{archive_path}: no modality {modality!r} for model {model_path} (has {list(archive.modalities)})")
     rows = archive.split_indices(split) if split else np.arange(archive.num_samples)
-    arr = archive.array(modality)
-    month = archive.month
-    preds = []
-    for start in range(0, len(rows), batch_size):
-        idx = rows[start : start + batch_size]
-        x = np.asarray(arr.oindex[idx]) if hasattr(arr, "oindex") else np.asarray(arr[idx])
-        x_t = torch.from_numpy(x.astype(np.int64) if meta["input"]["kind"] == "categorical" else x.astype(np.float32))
-        if meta["takes_month"]:
-            m = torch.from_numpy(np.asarray(month.oindex[idx]).astype(np.int64))
-            preds.append(module(x_t, m).numpy())
-        else:
-            preds.append(module(x_t).numpy())
-    return archive.ids[rows], np.concatenate(preds) if preds else np.zeros(0)
+    arr, month = archive.array(modality), archive.month
+    if meta["takes_month"] and month is None:
+        raise ValueError(f"{archive_path}: model {model_path} takes months, the archive has none")
+
+    def take(a: Any, idx: np.ndarray) -> np.ndarray:
+        return np.asarray(a.oindex[idx]) if hasattr(a, "oindex") else np.asarray(a[idx])
+
+    def batches():
+        for start in range(0, len(rows), batch_size):
+            idx = rows[start : start + batch_size]
+            yield archive.ids[idx], take(arr, idx), take(month, idx) if meta["takes_month"] else None
+
+    return _apply(module, meta, batches())
+
+
+def predict_shards(model_path: str | Path, shards_dir: str | Path, split: str | None, batch_size: int = 1024) -> tuple[np.ndarray, np.ndarray]:
+    """The model on one split of shards, in the shards' order: the loader's normalised inputs are
+    turned back into raw values (NaN where missing) and go through the exported module as raw
+    archive values would."""
+    from .loader import ShardLoader
+    from .shards import load_manifest
+
+    module, meta = load_exported(model_path)
+    manifest = load_manifest(shards_dir)
+    modality = meta["modality"]
+    if modality not in manifest.modalities:
+        raise ValueError(f"{shards_dir}: no modality {modality!r} for model {model_path} (has {list(manifest.modalities)})")
+    if not split:
+        raise ValueError(f"{shards_dir}: shards need a split (--split): one of {sorted(manifest.splits)}")
+    loader = ShardLoader(shards_dir, split, batch_size=batch_size, modalities=[modality], shuffle=False)
+
+    def batches():
+        for batch in loader:
+            if meta["takes_month"] and "month" not in batch:
+                raise ValueError(f"{shards_dir}: model {model_path} takes months, the shards have none")
+            x = loader.denormalise(modality, batch["inputs"][modality], batch["valid"][modality])
+            yield np.asarray(batch["id"]), x, batch["month"].numpy() if meta["takes_month"] else None
+
+    return _apply(module, meta, batches())
+
+
+@torch.no_grad()
+def _apply(module: torch.jit.ScriptModule, meta: dict[str, Any], batches: Iterable[tuple[np.ndarray, np.ndarray, Optional[np.ndarray]]]) -> tuple[np.ndarray, np.ndarray]:
+    """(ids, raw input, month or None) batches through an exported module → (ids, predictions)."""
+    categorical = meta["input"]["kind"] == "categorical"
+    ids, preds = [], []
+    for batch_ids, x, month in batches:
+        args = [torch.from_numpy(x.astype(np.int64) if categorical else x.astype(np.float32))]
+        if month is not None:
+            args.append(torch.from_numpy(np.asarray(month).astype(np.int64)))
+        ids.append(np.asarray(batch_ids))
+        preds.append(module(*args).numpy())
+    if not preds:
+        return np.zeros(0, dtype=str), np.zeros(0)
+    return np.concatenate(ids), np.concatenate(preds)

@@ -9,18 +9,23 @@ which finds `latest` in the run directory and continues.
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import glob
 import json
+import os
+import shlex
 import shutil
 import subprocess
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Mapping
 
 import submitit
 
-from .config import RunConfig, SlurmConfig, load_config
+from .config import ConfigError, RunConfig, SlurmConfig, apply_override, from_dict, load_config
 
 
 @dataclass
@@ -29,21 +34,27 @@ class TrainJob:
 
     config: str
     overrides: list[str]
+    allow_config_change: bool = False
 
     def __call__(self) -> dict[str, Any]:
         from .engine import train
 
         submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
         cfg = load_config(self.config, self.overrides)
-        result = train(cfg)
+        result = train(cfg, allow_config_change=self.allow_config_change)
         if result["status"] == "stopped":
-            self._requeue_and_wait()
+            self._requeue_and_wait(cfg)
         return result
 
-    def _requeue_and_wait(self) -> None:
+    def _requeue_and_wait(self, cfg: RunConfig) -> None:
         env = submitit.JobEnvironment()
         if env.cluster != "slurm":
             return  # local executor: the run simply stops, `submit --resume` continues it
+        refusal = requeue_refusal(cfg.slurm.max_requeues, cfg.run_dir)
+        if refusal:
+            if env.global_rank == 0:
+                print(refusal, file=sys.stderr, flush=True)
+            raise RuntimeError(refusal)  # every rank: the job ends as failed
         if env.global_rank == 0:
             # Fails harmlessly when Slurm is already requeueing the job (scontrol requeue, preemption).
             done = subprocess.run(["scontrol", "requeue", env.job_id], capture_output=True, text=True, timeout=60)
@@ -53,7 +64,70 @@ class TrainJob:
 
     def checkpoint(self, *args: Any, **kwargs: Any) -> submitit.helpers.DelayedSubmission:
         """Submitit's fallback (should our handler not have run): requeue the same job; it resumes from `latest`."""
-        return submitit.helpers.DelayedSubmission(TrainJob(self.config, self.overrides))
+        return submitit.helpers.DelayedSubmission(dataclasses.replace(self))
+
+
+def requeue_refusal(max_requeues: int, run_dir: str | Path, environ: Mapping[str, str] = os.environ) -> str | None:
+    """None when a checkpointed job may requeue itself once more; else why not and how to continue."""
+    restarts = int(environ.get("SLURM_RESTART_COUNT") or 0)
+    if restarts < max_requeues:
+        return None
+    return (
+        f"{run_dir}: stopped at its checkpoint and not requeued: the job was requeued {restarts} time(s), "
+        f"slurm.max_requeues is {max_requeues}. Continue it in a new allocation with: colearn-dist submit --resume {run_dir}"
+    )
+
+
+@dataclass
+class CommandJob:
+    """A picklable callable: one colearn-dist sub-command (shard, evaluate, ...) as a Slurm job.
+    Wildcards (`runs/*/seed*`) are expanded when the job runs, as a shell would (kept if nothing matches)."""
+
+    argv: list[str]
+
+    def __call__(self) -> dict[str, Any]:
+        from .cli import main
+
+        argv = [match for arg in self.argv for match in (sorted(glob.glob(arg)) if glob.has_magic(arg) else []) or [arg]]
+        err = _Tee(sys.stderr)
+        with contextlib.redirect_stderr(err):
+            try:
+                code = main(argv)
+            except SystemExit as exc:  # argparse rejected the command line
+                code = exc.code if isinstance(exc.code, int) else 2
+        if code:
+            raise RuntimeError(f"colearn-dist {shlex.join(self.argv)} exited with status {code}: {err.tail().strip()}")
+        return {"status": "finished", "command": shlex.join(self.argv)}
+
+
+class _Tee:
+    """Writes through to a stream and keeps the end of what was written (for the job's error message)."""
+
+    def __init__(self, stream: Any, keep: int = 4000) -> None:
+        self._stream, self._keep, self._text = stream, keep, ""
+
+    def write(self, text: str) -> int:
+        self._text = (self._text + text)[-self._keep :]
+        return self._stream.write(text)
+
+    def tail(self) -> str:
+        return self._text
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stream, name)
+
+
+def command_slurm(overrides: list[str], command: str) -> SlurmConfig:
+    """The config-less Slurm settings of a `submit --command` job: SlurmConfig's defaults, `slurm.*`
+    overrides, one task on one node."""
+    data: dict[str, Any] = {}
+    for item in overrides:
+        if not item.startswith("slurm."):
+            raise ConfigError(f"--command runs without a config: only slurm.* settings apply, got --set {item!r}")
+        apply_override(data, item.removeprefix("slurm."), "--set")
+    slurm = from_dict(SlurmConfig, data, "--set: slurm")
+    name = slurm.job_name if "job_name" in data else f"{slurm.job_name}-{command}"
+    return dataclasses.replace(slurm, nodes=1, tasks_per_node=1, job_name=name)
 
 
 def make_executor(folder: Path, slurm: SlurmConfig, local: bool = False) -> submitit.Executor:
@@ -86,6 +160,24 @@ def _with_dependency(executor: submitit.Executor, job_ids: list[str]) -> None:
         executor.update_parameters(slurm_additional_parameters=extra)
 
 
+def submit_jobs(
+    fns: list[Callable[[], Any]],
+    folder: Path,
+    slurm: SlurmConfig,
+    *,
+    local: bool = False,
+    after: list[str] | None = None,
+) -> tuple[str, list[submitit.Job]]:
+    """Submit callables as one job (one callable) or one array job, after `after` succeeded; (cluster, jobs)."""
+    executor = make_executor(folder, slurm, local)
+    _with_dependency(executor, list(after or []))
+    if len(fns) == 1:
+        return executor.cluster, [executor.submit(fns[0])]
+    with executor.batch():
+        submitted = [executor.submit(fn) for fn in fns]
+    return executor.cluster, submitted
+
+
 def submit_runs(
     jobs: list[TrainJob],
     run_dirs: list[Path],
@@ -95,19 +187,15 @@ def submit_runs(
     after: list[str] | None = None,
 ) -> list[submitit.Job]:
     """Submit runs as one job (one run) or one array job; records job ids in each run directory."""
-    folder = run_dirs[0].parent / "slurm" if len(run_dirs) > 1 else run_dirs[0] / "slurm"
-    executor = make_executor(folder, slurm, local)
-    _with_dependency(executor, list(after or []))
-    if len(jobs) == 1:
-        submitted = [executor.submit(jobs[0])]
-    else:
-        with executor.batch():
-            submitted = [executor.submit(job) for job in jobs]
+    if len(set(run_dirs)) < len(run_dirs):
+        raise ValueError(f"two runs would share a run directory: {sorted(map(str, run_dirs))}")
+    folder = run_dirs[0] / "slurm" if len(run_dirs) == 1 else Path(os.path.commonpath([d.resolve() for d in run_dirs])) / "slurm"
+    cluster, submitted = submit_jobs(list(jobs), folder, slurm, local=local, after=after)
     for job, run_dir in zip(submitted, run_dirs):
         run_dir.mkdir(parents=True, exist_ok=True)
         record = run_dir / "jobs.json"
         history = json.loads(record.read_text()) if record.exists() else []
-        history.append({"job_id": job.job_id, "submitted": time.strftime("%Y-%m-%dT%H:%M:%S"), "cluster": executor.cluster})
+        history.append({"job_id": job.job_id, "submitted": time.strftime("%Y-%m-%dT%H:%M:%S"), "cluster": cluster})
         record.write_text(json.dumps(history, indent=1))
     return submitted
 
@@ -165,5 +253,15 @@ def resume_config(run_dir: str | Path) -> tuple[str, RunConfig]:
     return str(path), load_config(path)
 
 
-__all__ = ["TrainJob", "make_executor", "resume_config", "status", "submit_runs"]
+__all__ = [
+    "CommandJob",
+    "TrainJob",
+    "command_slurm",
+    "make_executor",
+    "requeue_refusal",
+    "resume_config",
+    "status",
+    "submit_jobs",
+    "submit_runs",
+]
 

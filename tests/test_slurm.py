@@ -14,7 +14,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import make_synthetic_archive
 from test_engine import SMALL_MODEL, assert_same_weights, final_state, run_cli, write_config
+
+from colearn_dist import cli, slurm as slurm_module
+from colearn_dist.slurm import requeue_refusal
 
 CLUSTER = Path(__file__).resolve().parent / "slurm" / "cluster.sh"
 
@@ -84,6 +88,70 @@ def test_local_executor_runs_the_same_job(shards, tmp_path):
     assert json.loads((tmp_path / "run" / "jobs.json").read_text())[0]["cluster"] == "local"
     status = subprocess.run([sys.executable, "-m", "colearn_dist.cli", "status", str(tmp_path / "run")], capture_output=True, text=True)
     assert "last checkpoint step" in status.stdout and "test s1" in status.stdout
+
+
+def test_several_configs_times_seeds_form_one_array(shards, tmp_path, monkeypatch):
+    submitted = []
+
+    def fake_submit_runs(jobs, run_dirs, slurm, *, local=False, after=None):
+        submitted.append((jobs, run_dirs, slurm))
+        return [type("Job", (), {"job_id": f"7_{i}"})() for i in range(len(jobs))]
+
+    monkeypatch.setattr(slurm_module, "submit_runs", fake_submit_runs)
+    folds = [write_config(tmp_path / f"fold{k}.yaml", shards, tmp_path / f"run{k}", train={"epochs": 1}) for k in (0, 1)]
+    args = ["submit", *map(str, folds), "--seeds", "0", "1", "--methods", "mdico", "--root", str(tmp_path / "runs")]
+    assert cli.main(args + ["--allow-config-change"]) == 0
+    ((jobs, run_dirs, _),) = submitted  # one array
+    assert sorted(map(str, run_dirs)) == sorted(str(tmp_path / "runs" / f"fold{k}" / "mdico" / f"seed{s}") for k in (0, 1) for s in (0, 1))
+    assert {job.config for job in jobs} == set(map(str, folds)) and all(job.allow_config_change for job in jobs)
+
+    submitted.clear()  # without --methods / --seeds: one element per config, in its own run_dir
+    assert cli.main(["submit", *map(str, folds)]) == 0
+    assert submitted[0][1] == [tmp_path / "run0", tmp_path / "run1"] and not submitted[0][0][0].allow_config_change
+
+    other = write_config(tmp_path / "other.yaml", shards, tmp_path / "run2", slurm={"time_min": 5})
+    assert cli.main(["submit", str(folds[0]), str(other)]) == 2  # one array, one allocation shape
+
+
+def test_requeue_stops_at_max_requeues_with_how_to_continue():
+    assert requeue_refusal(2, "runs/x", {}) is None
+    assert requeue_refusal(2, "runs/x", {"SLURM_RESTART_COUNT": "1"}) is None
+    refusal = requeue_refusal(2, "runs/x", {"SLURM_RESTART_COUNT": "2"})
+    assert "stopped at its checkpoint" in refusal and "slurm.max_requeues is 2" in refusal
+    assert "colearn-dist submit --resume runs/x" in refusal
+    assert requeue_refusal(0, "runs/x", {}) is not None
+
+
+def test_command_jobs_shard_then_verify_on_the_local_executor(tmp_path):
+    archive = make_synthetic_archive(tmp_path / "a.zarr", n=120, t=4, groups=12)
+    out = tmp_path / "shards"
+    logs = ["--local", "--wait", "--root", str(tmp_path / "jobs"), "--set", "slurm.cpus_per_task=1"]
+
+    def submit_command(command: str) -> tuple[int, str, str]:
+        proc = run_cli(["submit", "--command", command, *logs], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        out, err = proc.communicate(timeout=300)
+        return proc.returncode, out, err
+
+    code, stdout, err = submit_command(f"shard {tmp_path / 'a.zarr'} {out} --samples-per-shard 40 --workers 1")
+    assert code == 0 and (out / "manifest.json").exists(), stdout + err
+    job = stdout.splitlines()[0].split()[1]
+    assert f"{job}: finished" in stdout
+    code, stdout, err = submit_command(f"shards verify {tmp_path / 'shard*'}")  # expanded when the job runs
+    assert code == 0 and "finished" in stdout, stdout + err
+    job = stdout.splitlines()[0].split()[1]
+    assert f"{out}: OK" in next((tmp_path / "jobs").glob(f"{job}_0_log.out")).read_text()
+
+    code, stdout, err = submit_command(f"archive info {tmp_path / 'missing.zarr'}")
+    assert code == 2 and "missing.zarr" in err and "colearn-dist archive info" in err, stdout + err
+
+
+def test_command_jobs_take_only_slurm_settings_and_valid_commands(tmp_path):
+    assert cli.main(["submit", "--command", "archive info x.zarr", "--set", "train.lr=1", "--local"]) == 2
+    with pytest.raises(SystemExit):
+        cli.main(["submit", "--command", "shardd x.zarr", "--local"])
+    assert slurm_module.command_slurm(["slurm.cpus_per_task=4"], "shard").cpus_per_task == 4
+    assert slurm_module.command_slurm(["slurm.gpus_per_node=1"], "evaluate").tasks_per_node == 1
+    assert slurm_module.command_slurm([], "shard").job_name == "colearn-shard"
 
 
 @pytest.mark.slurm

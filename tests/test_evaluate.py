@@ -1,0 +1,93 @@
+"""evaluate.py: scoring a trained run with its sensor sets and with any subset of its sensors."""
+
+from __future__ import annotations
+
+import json
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+
+@pytest.fixture(scope="module")
+def mdico_run(tmp_path_factory):
+    from conftest import make_synthetic_archive
+    from test_export import _train_run
+
+    root = tmp_path_factory.mktemp("evaluate")
+    archive = make_synthetic_archive(root / "a.zarr", n=200, t=4, groups=10)
+    return _train_run(root, archive, train={"epochs": 1})
+
+
+def test_a_sensor_subset_is_scored_with_the_weights_of_all(mdico_run):
+    from colearn_dist.evaluate import evaluate_run, load_trained
+    from colearn_dist.loader import ShardLoader
+    from colearn_dist.metrics import compute_metrics
+
+    records = evaluate_run(mdico_run, extra_sets=["s2+s1"], embeddings=False)
+    by_set = {r["sensors"]: r for r in records}
+    assert list(by_set) == ["s1", "s2", "srtm", "dw", "all", "s1+s2"]
+    assert by_set["s1+s2"]["weights"] == "all" and by_set["s1"]["weights"] == "s1"
+
+    # MDiCo with s1 and s2 present: the mean of their heads, with the weights chosen for "all".
+    trained = load_trained(mdico_run, "all")
+    loader = ShardLoader(trained.cfg.data.shards, "test", batch_size=64, shuffle=False)
+    pred, target = [], []
+    with torch.no_grad():
+        for batch in loader:
+            out = trained.model.predict(batch["inputs"], batch.get("month"), modalities=["s1", "s2"])
+            pred.append(trained.spec.to_target_units(out).numpy())
+            target.append(batch["target"].numpy())
+    expected = compute_metrics("regression", np.concatenate(target), np.concatenate(pred), [])
+    assert by_set["s1+s2"]["metrics"] == pytest.approx(expected, rel=1e-5, nan_ok=True)
+    assert by_set["s1+s2"]["metrics"]["rmse"] != pytest.approx(by_set["all"]["metrics"]["rmse"], rel=1e-6)
+
+
+def test_an_unknown_sensor_in_a_subset_is_an_error(mdico_run):
+    from colearn_dist.evaluate import evaluate_run
+
+    with pytest.raises(ValueError, match=r"'s1\+radar'.*\['radar'\].*\['s1', 's2', 'srtm', 'dw'\]"):
+        evaluate_run(mdico_run, extra_sets=["s1+radar"], embeddings=False)
+
+
+def test_single_sensor_runs_skip_the_subsets(mdico_run):
+    from colearn_dist.evaluate import _run_config, run_sensor_sets
+
+    cfg = _run_config(mdico_run)
+    assert list(run_sensor_sets(cfg, ["s1+s2", "all", "dw+s2+s1"])) == ["s1", "s2", "srtm", "dw", "all", "s1+s2", "s1+s2+dw"]
+    cfg.model.method, cfg.model.modality = "single", "s1"
+    assert run_sensor_sets(cfg, ["s1+s2", "s2", "s1"]) == {"s1": ["s1"]}
+    with pytest.raises(ValueError, match="radar"):
+        run_sensor_sets(cfg, ["radar"])
+
+
+def test_records_are_reevaluated_only_for_missing_sets(mdico_run, monkeypatch, tmp_path, capsys):
+    import colearn_dist.evaluate as evaluate
+    from colearn_dist.cli import main
+
+    calls = []
+    real = evaluate.evaluate_run
+    monkeypatch.setattr(evaluate, "evaluate_run", lambda run, split, **kw: calls.append(kw) or real(run, split, embeddings=False, **kw))
+    assert {r["sensors"] for r in evaluate.load_records([mdico_run])} >= {"s1", "all"}
+    assert calls == []  # metrics_test.json has every set asked for
+    assert main(["evaluate", str(mdico_run), "--out", str(tmp_path), "--sensors", "s2+srtm"]) == 0
+    assert calls == [{"extra_sets": ["s2+srtm"]}]
+    table = capsys.readouterr().out
+    assert "| s2+srtm |" in table and table.index("| dw |") < table.index("| all |") < table.index("| s2+srtm |")
+    saved = json.loads((mdico_run / "metrics_test.json").read_text())
+    assert "s2+srtm" in {r["sensors"] for r in saved}
+    evaluate.load_records([mdico_run], extra_sets=["s2+srtm"])
+    assert len(calls) == 1
+    assert main(["evaluate", str(mdico_run), "--out", str(tmp_path), "--sensors", "s1+radar"]) == 2
+
+
+def test_projector_target_labels():
+    from colearn_dist.evaluate import _target_labels
+
+    classes = SimpleNamespace(task="multiclass", class_names=("crop", "forest", "water"))
+    assert _target_labels(torch.tensor([2, 0]), classes) == ["water", "crop"]
+    labels = SimpleNamespace(task="multilabel", class_names=("oak", "pine"))
+    assert _target_labels(torch.tensor([[1.0, 1.0], [0.0, 1.0], [0.0, 0.0]]), labels) == ["oak|pine", "pine", ""]
+    regression = SimpleNamespace(task="regression", class_names=())
+    assert _target_labels(torch.tensor([1.23456, 7.0]), regression) == ["1.235", "7.000"]
