@@ -336,6 +336,7 @@ class Trainer:
         self.bad_epochs = state["bad_epochs"]
         self.history = state["history"]
         self.train_loader.set_position(state["loader"])
+        self.logger.resumed_at(self.step)
         self.logger.line(
             f"resumed {latest.name}: step {self.step}, epoch {self.epoch}, world size {state['world_size']} → {self.world}"
         )

@@ -17,7 +17,7 @@ import yaml
 import torch.distributed as dist
 
 from .config import RunConfig, from_dict
-from .metrics import PRIMARY, compute_metrics
+from .metrics import PRIMARY, TABLE_METRICS, compute_metrics
 from .shards import Manifest, load_manifest
 
 
@@ -290,7 +290,8 @@ def evaluate_runs(
     extra_sets: Iterable[str] | None = None,
 ) -> str:
     """Mean ± std over seeds for each method × inference sensor set (each run's own, plus
-    `extra_sets` such as "s1+s2"): CSV, Markdown, PNG; returns the Markdown."""
+    `extra_sets` such as "s1+s2"): CSV (every metric), Markdown (a table per scalar metric of the
+    task; per-class F1 stays in the CSV), PNG; returns the primary metric's Markdown, to print."""
     from .report import aggregate, markdown_table, plot_scores, write_csv
 
     out_dir = Path(out_dir)
@@ -300,8 +301,9 @@ def evaluate_runs(
         raise ValueError("no runs to evaluate")
     rows = aggregate(records)
     write_csv(rows, out_dir / f"results_{split}.csv")
-    task_metric = PRIMARY[records[0]["task"]][0]
-    sections = []
+    task = records[0]["task"]
+    task_metric = PRIMARY[task][0]
+    sections, others = [], []
     for dataset in sorted({r["dataset"] for r in rows}):
         for setting in sorted({r["setting"] for r in rows if r["dataset"] == dataset}):
             sub = [r for r in rows if r["dataset"] == dataset and r["setting"] == setting]
@@ -312,11 +314,14 @@ def evaluate_runs(
                 "methods": [m for m in METHOD_ORDER if any(r["method"] == m for r in sub)],
                 "sensors": _sensor_order(sub),
             }
-            sections.append(f"### {dataset} — trained with {setting} ({split} {task_metric})\n\n" + markdown_table(sub, task_metric, ref, reference_name=REFERENCE_NAME, **order))
+            for metric in TABLE_METRICS[task]:
+                reference_column = ref if metric == task_metric else None  # reference scores are primary-metric scores
+                table = markdown_table(sub, metric, reference_column, reference_name=REFERENCE_NAME, **order)
+                (sections if metric == task_metric else others).append(f"### {dataset} — trained with {setting} ({split} {metric})\n\n" + table)
             png = out_dir / f"scores_{dataset}_{setting.replace('+', '-')}_{split}.png"
             plot_scores(sub, task_metric, png, reference=ref, reference_name=REFERENCE_NAME, **order)
     text = "\n\n".join(sections) + "\n"
-    (out_dir / f"results_{split}.md").write_text(text)
+    (out_dir / f"results_{split}.md").write_text("\n\n".join(sections + others) + "\n")
     return text
 
 

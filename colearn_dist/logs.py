@@ -18,6 +18,14 @@ class RunLogger:
         self.file = open(Path(run_dir) / "train.log", "a") if rank == 0 else None
         self.start = time.time()
 
+    def resumed_at(self, step: int) -> None:
+        """A resumed run replays the steps after its checkpoint: TensorBoard drops what an earlier
+        attempt logged past `step`, so each step's scalars appear once."""
+        if self.writer is not None:
+            log_dir = self.writer.log_dir
+            self.writer.close()
+            self.writer = SummaryWriter(log_dir, purge_step=step + 1)
+
     def scalars(self, step: int, values: Mapping[str, float], prefix: str = "") -> None:
         if self.writer is None:
             return

@@ -25,6 +25,14 @@ PRIMARY: dict[str, tuple[str, bool]] = {
     "multilabel": ("map", False),
 }
 
+# Every scalar metric of a task, the primary one first: the Markdown tables show one each.
+TABLE_METRICS: dict[str, tuple[str, ...]] = {
+    "regression": ("rmse", "mae", "r2", "bias"),
+    "binary": ("f1_macro", "oa", "kappa"),
+    "multiclass": ("f1_macro", "oa", "kappa"),
+    "multilabel": ("map", "f1_micro", "f1_macro", "f1_weighted"),
+}
+
 _LOWER_IS_BETTER = frozenset({"rmse", "mae", "mse", "loss"})
 _ZERO_IS_BETTER = frozenset({"bias"})
 

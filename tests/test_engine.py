@@ -149,6 +149,9 @@ def test_sigkill_and_restart_ends_with_the_same_weights(shards, tmp_path):
 
     assert "resumed" in (tmp_path / "kill" / "train.log").read_text()
     assert_same_weights(final_state(tmp_path / "ref"), final_state(tmp_path / "kill"))
+    # TensorBoard drops what the killed attempt logged past the checkpoint: each step appears once.
+    logged = [step for step, _ in tb_scalars(tmp_path / "kill")["train/lr"]]
+    assert logged == [step for step, _ in tb_scalars(tmp_path / "ref")["train/lr"]]
     expected = train_indices(shards)
     per_epoch = samples_per_epoch(trace)
     assert sorted(per_epoch) == [0, 1, 2]

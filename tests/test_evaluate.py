@@ -91,3 +91,16 @@ def test_projector_target_labels():
     assert _target_labels(torch.tensor([[1.0, 1.0], [0.0, 1.0], [0.0, 0.0]]), labels) == ["oak|pine", "pine", ""]
     regression = SimpleNamespace(task="regression", class_names=())
     assert _target_labels(torch.tensor([1.23456, 7.0]), regression) == ["1.235", "7.000"]
+
+
+def test_tables_cover_every_scalar_metric_and_print_the_primary_one(mdico_run, tmp_path):
+    from colearn_dist.evaluate import evaluate_runs
+
+    printed = evaluate_runs([mdico_run], tmp_path / "tables")
+    written = (tmp_path / "tables" / "results_test.md").read_text()
+    assert "(test rmse)" in printed and "(test mae)" not in printed
+    for metric, word in (("rmse", "lower"), ("mae", "lower"), ("r2", "higher"), ("bias", "closer to 0")):
+        assert f"(test {metric})" in written and f"| sensors ({metric}, {word} is better) |" in written
+    assert written.startswith(printed.rstrip("\n"))
+    header = (tmp_path / "tables" / "results_test.csv").read_text().splitlines()[0]
+    assert {"rmse_mean", "mae_std", "r2_mean", "bias_mean"} <= set(header.split(","))
