@@ -115,6 +115,10 @@ class TrainConfig:
     threads: int = 0
     compile: bool = False
     log_every_steps: int = 20
+    # Score the best weights on the test split when training ends (rank 0 alone, the other ranks
+    # waiting). For a test split too large for that, set false and submit `colearn-dist evaluate`
+    # as a job of its own (`submit --command`).
+    evaluate_test: bool = True
 
 
 @dataclass
@@ -191,6 +195,7 @@ _EXECUTION: tuple[tuple[str, str], ...] = (
     ("train", "checkpoint_every_steps"),
     ("train", "checkpoint_every_epochs"),
     ("train", "compile"),
+    ("train", "evaluate_test"),
 )
 
 

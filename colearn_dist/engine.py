@@ -424,7 +424,7 @@ class Trainer:
             if self.rank == 0:
                 self._save_best("all", {"score": None, "pretrain_steps": self.step})
                 self.logger.line(f"pretraining done: {self.step} steps, weights in {best_path(self.run_dir, 'all')}")
-        elif self.rank == 0:
+        elif self.rank == 0 and cfg.train.evaluate_test:
             from .evaluate import evaluate_run
 
             records = evaluate_run(self.run_dir, split="test")

@@ -242,3 +242,16 @@ def test_half_precision_on_cpu_is_refused(shards, tmp_path):
     cfg = write_config(tmp_path / "c.yaml", shards, tmp_path / "run", engine={"precision": "bf16"})
     with pytest.raises(ValueError, match="engine.precision bf16 needs a GPU"):
         Trainer(load_config(cfg))
+
+
+def test_test_split_scoring_can_be_left_to_a_separate_evaluate(shards, tmp_path):
+    from colearn_dist.cli import main
+    from colearn_dist.config import load_config
+    from colearn_dist.engine import train
+
+    cfg = write_config(tmp_path / "c.yaml", shards, tmp_path / "run", train={"epochs": 1, "evaluate_test": False})
+    result = train(load_config(cfg))
+    assert result["status"] == "finished" and "test" not in result
+    assert not (tmp_path / "run" / "metrics_test.json").exists() and (tmp_path / "run" / "best" / "all.pt").exists()
+    assert main(["evaluate", str(tmp_path / "run"), "--out", str(tmp_path / "tables")]) == 0
+    assert {r["sensors"] for r in json.loads((tmp_path / "run" / "metrics_test.json").read_text())} == {"s1", "s2", "srtm", "dw", "all"}
