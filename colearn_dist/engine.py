@@ -14,7 +14,7 @@ import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -157,16 +157,17 @@ def _deepspeed_config(cfg: RunConfig, precision: str) -> dict[str, Any]:
     return ds
 
 
-def _lr_lambda(cfg: RunConfig, total_steps: int):
+def _lr_lambda(cfg: RunConfig, progress: Callable[[int], float]):
+    """Linear warm-up over `warmup_steps` optimizer steps, times a cosine over training progress in
+    [0, 1]. Progress counts data, not steps (see Trainer._progress): a run resumed with another
+    number of processes, whose steps carry another number of samples, stays on the same curve."""
     warm = cfg.train.warmup_steps
 
     def fn(step: int) -> float:
-        if warm and step < warm:
-            return (step + 1) / warm
+        factor = (step + 1) / warm if warm and step < warm else 1.0
         if cfg.train.schedule == "cosine":
-            progress = min(1.0, (step - warm) / max(1, total_steps - warm))
-            return 0.5 * (1.0 + math.cos(math.pi * progress))
-        return 1.0
+            factor *= 0.5 * (1.0 + math.cos(math.pi * min(1.0, max(0.0, progress(step)))))
+        return factor
 
     return fn
 
@@ -259,7 +260,8 @@ class Trainer:
             weight_decay=cfg.train.weight_decay,
             fused=True,
         )
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(cfg, total_steps))
+        self._data_progress = 0.0  # epochs done / epochs, updated as batches arrive
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(cfg, self._progress))
         ds_config = _deepspeed_config(cfg, precision)
         self._universal = self._needs_universal()
         if self._universal:
@@ -340,6 +342,12 @@ class Trainer:
         self.logger.line(
             f"resumed {latest.name}: step {self.step}, epoch {self.epoch}, world size {state['world_size']} → {self.world}"
         )
+
+    def _progress(self, step: int) -> float:
+        """Training progress for the schedule: pretraining counts steps (max_steps is a step
+        budget); epoch training counts the data consumed (the loader's global position), which does
+        not depend on how many processes share it."""
+        return step / max(1, self.total_steps) if self.pretrain else self._data_progress
 
     def _needs_universal(self) -> bool:
         latest = Checkpointer(self.run_dir).latest()
@@ -468,7 +476,9 @@ class Trainer:
             # group, scaled like a full one), so validation and checkpoints never cut an
             # accumulation in half and a resumed run keeps the uninterrupted run's boundaries.
             micro += 1
-            epoch_ends = not self.pretrain and self.train_loader.position()["epoch"] != self.epoch
+            position = self.train_loader.position()
+            epoch_ends = not self.pretrain and position["epoch"] != self.epoch
+            self._data_progress = (position["epoch"] + position["samples"] / max(1, position["num_samples"])) / cfg.train.epochs
             boundary = micro % cfg.train.grad_accum == 0 or epoch_ends
             if cfg.train.grad_accum > 1:
                 self.engine.set_gradient_accumulation_boundary(boundary)

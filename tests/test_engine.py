@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 import signal
@@ -170,7 +171,7 @@ def test_resume_with_another_world_size(shards, tmp_path, zero_stage):
         shards,
         tmp_path / "run",
         engine={"zero_stage": zero_stage},
-        train={"epochs": 2, "checkpoint_every_steps": 3},
+        train={"epochs": 2, "checkpoint_every_steps": 3, "schedule": "cosine", "log_every_steps": 1},
         model={"encoders": {"default": {"type": "tempcnn", "hidden": 8, "depth": 2, "dropout": 0.0}}},
     )
     env = {"COLEARN_SAMPLE_TRACE": str(trace)}
@@ -188,6 +189,23 @@ def test_resume_with_another_world_size(shards, tmp_path, zero_stage):
     assert sorted(per_epoch) == [0, 1]
     for epoch, seen in per_epoch.items():
         assert sorted(seen) == expected, f"epoch {epoch}: samples lost or repeated across world sizes"
+    # The cosine schedule follows the data, not the step count: it reaches 0 at the last step, not
+    # before, although steps of 1 process carry half the samples of steps of 2.
+    lr = tb_scalars(tmp_path / "run")["train/lr"]
+    progress = cosine_progress(lr)
+    assert list(progress.values())[-1] == pytest.approx(1.0) and all(v > 0 for _, v in lr[:-1])
+
+
+def cosine_progress(lr: list[tuple[int, float]], base: float = 1e-3, warmup: int = 0) -> dict[int, float]:
+    """Training progress p per logged step, read back from lr = base · warm-up · ½(1 + cos πp);
+    checks that it only moves forward."""
+    out = {}
+    for step, value in lr:
+        warm = min(1.0, (step + 1) / warmup) if warmup else 1.0
+        out[step] = math.acos(min(1.0, max(-1.0, 2 * value / (base * warm) - 1))) / math.pi
+    values = list(out.values())
+    assert all(a < b for a, b in zip(values, values[1:])), values
+    return out
 
 
 def tb_scalars(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
@@ -224,10 +242,11 @@ def test_grad_accumulation_schedule_and_clipping_resume_exactly(shards, tmp_path
     scalars = tb_scalars(tmp_path / "ref")
     assert [s for s, _ in scalars["train/lr"]] == list(range(1, 2 * steps_per_epoch + 1))
     lr = dict(scalars["train/lr"])
-    # logged after step s: the scheduler has stepped s times; warm-up (s+1)/4 · 1e-3, then cosine to 0
-    assert lr[1] == pytest.approx(0.5e-3) and lr[3] == pytest.approx(1e-3)
-    assert lr[2 * steps_per_epoch] == pytest.approx(0.0, abs=1e-9)
-    assert all(a >= b for a, b in zip(list(lr.values())[3:], list(lr.values())[4:]))
+    # logged after step s: 1e-3 · warm-up min(1, (s+1)/4) · cosine of the data consumed so far
+    assert lr[1] < lr[2] < lr[3]
+    progress = cosine_progress(scalars["train/lr"], warmup=4)
+    assert progress[steps_per_epoch] == pytest.approx(0.5, abs=1e-6)  # half the data at the first epoch's end
+    assert progress[2 * steps_per_epoch] == pytest.approx(1.0) and lr[2 * steps_per_epoch] == pytest.approx(0.0, abs=1e-12)
     norms = [v for _, v in scalars["train/grad_norm"]]
     assert len(norms) == 2 * steps_per_epoch and all(n > 0 and n == n for n in norms)
     assert "train/throughput/samples_per_s_rank0" in scalars
