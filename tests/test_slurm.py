@@ -176,12 +176,14 @@ def test_requeued_two_task_job_resumes_and_ends_like_an_uninterrupted_run(slurm,
 
 @pytest.mark.slurm
 def test_time_limit_warning_checkpoints_requeues_and_finishes(slurm, shards, tmp_path):
-    # ~100 s of training under a 1-minute limit, warned 30 s before it: it cannot finish in one allocation.
+    # ~150 s of training under a 2-minute limit, warned 60 s before it: it cannot finish in one
+    # allocation. (slurmctld checks time limits about every 30 s, so the warning comes 60–90 s after
+    # the start; a 1-minute limit warned 30 s before could signal a task still importing torch.)
     model = {**SMALL_MODEL, "embedding_dim": 64, "encoders": {"default": {"type": "tempcnn", "hidden": 32, "depth": 3}}}
     cfg = write_config(
         tmp_path / "c.yaml", shards, tmp_path / "run",
-        model=model, train={"epochs": 300, "log_every_steps": 200},
-        slurm=slurm_sets(1, time_min=1, signal_delay_s=30),
+        model=model, train={"epochs": 450, "log_every_steps": 200},
+        slurm=slurm_sets(1, time_min=2, signal_delay_s=60),
     )
     (job,) = submit(cfg)
     deadline = time.time() + 900
@@ -195,7 +197,7 @@ def test_time_limit_warning_checkpoints_requeues_and_finishes(slurm, shards, tmp
     assert (tmp_path / "run" / "metrics_test.json").exists()
     checkpoints = tmp_path / "run" / "checkpoints"
     state = json.loads((checkpoints / (checkpoints / "latest").read_text().strip() / "state.json").read_text())
-    assert state["epoch"] == 300
+    assert state["epoch"] == 450
 
 
 @pytest.mark.slurm
