@@ -502,7 +502,7 @@ class Trainer:
                 self._log_train(keys, acc, n_acc, samples, wait, time.perf_counter() - t_log)
                 acc, n_acc, samples, wait, t_log = None, 0, 0, 0.0, time.perf_counter()
             if self.pretrain:
-                self.epoch = self.train_loader.position()["epoch"]  # passes over the data, for the logs
+                self.epoch = position["epoch"]  # passes over the data, for the logs
                 if self.step >= self.total_steps:
                     break  # fit() writes the final checkpoint
                 if cfg.train.checkpoint_every_steps and self.step % cfg.train.checkpoint_every_steps == 0:
