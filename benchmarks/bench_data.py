@@ -30,7 +30,6 @@ from pathlib import Path
 
 # --------------------------------------------------------------------------------------------
 # Part 1: sharding
-
 # The one synthetic generator (shared and sensor-specific factors, chunk by chunk): colearn_dist.synthetic.
 from colearn_dist.synthetic import write_synthetic_archive  # noqa: E402
 
@@ -55,7 +54,9 @@ def _shard_child(args: argparse.Namespace) -> None:
     manifest = write_shards(args.archive, args.out, workers=args.workers, seed=0, overwrite=True, progress=args.progress)
     seconds = time.perf_counter() - t0
     n = sum(manifest.split_size(s) for s in ("train", "val", "test"))
-    shard_bytes = sum(p.stat().st_size for s in ("train", "val", "test") for p in manifest.shard_paths(s))
+    shard_bytes = sum(
+        p.stat().st_size for s in ("train", "val", "test") for p in (manifest.path / sh["name"] for sh in manifest.splits[s]["shards"])
+    )
     print(
         json.dumps(
             {

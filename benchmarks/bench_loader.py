@@ -19,8 +19,9 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import numpy as np
 import torch
@@ -40,7 +41,9 @@ def _normalise(x: np.ndarray, kind: str, stats: dict[str, Any] | None, missing: 
     return torch.from_numpy(x), torch.from_numpy(ok)
 
 
-def zarr_batches(archive_path: Path, rows: np.ndarray, batch_size: int, manifest: Any, *, shuffle: bool, seed: int = 0) -> Iterator[dict[str, Any]]:
+def zarr_batches(
+    archive_path: Path, rows: np.ndarray, batch_size: int, manifest: Any, *, shuffle: bool, seed: int = 0
+) -> Iterator[dict[str, Any]]:
     """Batches read straight from the archive: `rows` in order (one slice per batch, then the rows
     picked from it), or in random batches (orthogonal selection of each batch's sorted rows)."""
     from colearn_dist.archive import open_archive

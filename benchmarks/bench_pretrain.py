@@ -34,7 +34,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_data import run_measured  # noqa: E402  (one definition of how memory is measured)
 
-
 # --------------------------------------------------------------------------------------------
 # Part 1: scale
 
@@ -55,7 +54,11 @@ def pretrain_run(shards: Path, run_dir: Path, *, nproc: int, steps: int, batch: 
         f"train.log_every_steps={max(1, steps // 10)}",
     ]
     cli = [sys.executable, "-m", "colearn_dist.cli"]
-    cmd = cli + (["train"] if nproc == 1 else ["launch", "--nproc", str(nproc)]) + [str(REPO / "configs" / "pretrain_synthetic.yaml")]
+    cmd = (
+        cli
+        + (["train"] if nproc == 1 else ["launch", "--nproc", str(nproc)])
+        + [str(REPO / "colearn_dist" / "configs" / "pretrain_synthetic.yaml")]
+    )
     cmd += [a for s in sets for a in ("--set", s)]
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "LOCAL_RANK")}
     env.setdefault("OMP_NUM_THREADS", "1")
@@ -90,7 +93,11 @@ def bench_scale(sizes: list[int], nprocs: list[int], *, steps: int, batch: int, 
         for nproc in nprocs:
             run_dir = tmp / f"run_{n}_{nproc}"
             shutil.rmtree(run_dir, ignore_errors=True)
-            row = {"samples": n, "train_samples": manifest.split_size("train"), **pretrain_run(shards, run_dir, nproc=nproc, steps=steps, batch=batch, workers=workers)}
+            row = {
+                "samples": n,
+                "train_samples": manifest.split_size("train"),
+                **pretrain_run(shards, run_dir, nproc=nproc, steps=steps, batch=batch, workers=workers),
+            }
             rows.append(row)
             print(json.dumps(row), file=sys.stderr, flush=True)
             shutil.rmtree(run_dir, ignore_errors=True)
@@ -138,7 +145,7 @@ def bench_bundled(dataset: str, seeds: list[int], *, root: Path, pretrain_steps:
     shards = root / "shards"
     if not (shards / "manifest.json").exists():
         write_shards(archive, shards, samples_per_shard=256, seed=0, workers=1, progress=False)
-    base = REPO / "configs" / f"{dataset}.yaml"
+    base = REPO / "colearn_dist" / "configs" / f"{dataset}.yaml"
     data = [f"data.shards={shards}"]
     labels: dict[str, str] = {}
     runs: list[Path] = []
@@ -154,12 +161,25 @@ def bench_bundled(dataset: str, seeds: list[int], *, root: Path, pretrain_steps:
         if not (pre / "best" / "all.pt").exists():
             print(f"{pre}", file=sys.stderr, flush=True)
             # The base config's model and data, method pretrain: only the train split's inputs are read.
-            _train(base, data + [f"run_dir={pre}", "model.method=pretrain", f"train.max_steps={pretrain_steps}", f"train.seed={seed}", "train.checkpoint_every_steps=500", "train.log_every_steps=100"])
+            _train(
+                base,
+                data
+                + [
+                    f"run_dir={pre}",
+                    "model.method=pretrain",
+                    f"train.max_steps={pretrain_steps}",
+                    f"train.seed={seed}",
+                    "train.checkpoint_every_steps=500",
+                    "train.log_every_steps=100",
+                ],
+            )
         for kind, freeze in (("finetune", "false"), ("probe", "true")):
             run_dir = root / "runs" / kind / f"seed{seed}"
             if not (run_dir / "metrics_test.json").exists():
                 print(f"{run_dir}", file=sys.stderr, flush=True)
-                _train(base, data + [f"run_dir={run_dir}", f"model.init_from={pre}", f"model.freeze_encoders={freeze}", f"train.seed={seed}"])
+                _train(
+                    base, data + [f"run_dir={run_dir}", f"model.init_from={pre}", f"model.freeze_encoders={freeze}", f"train.seed={seed}"]
+                )
             runs.append(run_dir)
             labels[str(run_dir)] = "MDiCo pretrained + fine-tuned" if kind == "finetune" else "MDiCo pretrained, frozen-encoder probe"
     records = load_records(runs)

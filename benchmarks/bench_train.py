@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-CONFIG = Path(__file__).resolve().parents[1] / "configs" / "fuel_moisture.yaml"
+CONFIG = Path(__file__).resolve().parents[1] / "colearn_dist" / "configs" / "fuel_moisture.yaml"
 
 
 def prepare_shards(root: Path) -> Path:
@@ -88,12 +88,13 @@ def engine_rank(args: argparse.Namespace) -> None:
 
 def plain_loop(shards: Path, args: argparse.Namespace) -> dict[str, float]:
     """The same model, objective and loader, with torch.optim.Adam and no DeepSpeed."""
+    from colearn_dist.batch import to_device
     from colearn_dist.config import load_config
     from colearn_dist.distributed import configure_threads, threads_per_rank
-    from colearn_dist.engine import build, to_device
     from colearn_dist.loader import ShardLoader
-    from colearn_dist.objective import build_objective
-    from colearn_dist.shards import load_manifest
+    from colearn_dist.manifest import load_manifest
+    from colearn_dist.methods import build_objective
+    from colearn_dist.runs import build
 
     cfg = load_config(CONFIG, overrides(shards, Path(tempfile.mkdtemp()), args))
     configure_threads(cfg.train.threads or threads_per_rank(1, cfg.data.workers))
@@ -161,8 +162,10 @@ def main() -> None:
     root = Path(tempfile.gettempdir()) / "colearn-bench-train"
     root.mkdir(exist_ok=True)
     shards = prepare_shards(root)
-    print(f"MDiCo, TempCNN, embedding 128, batch 32/process, Adam 1e-3, {args.precision}; modalities {args.modalities}; "
-          f"fuel_moisture train split; {args.epochs - 1} timed epochs after one warm-up; {os.cpu_count()} cores")
+    print(
+        f"MDiCo, TempCNN, embedding 128, batch 32/process, Adam 1e-3, {args.precision}; modalities {args.modalities}; "
+        f"fuel_moisture train split; {args.epochs - 1} timed epochs after one warm-up; {os.cpu_count()} cores"
+    )
     plain = plain_loop(shards, args)
     one = run_engine(1, shards, args)
     rows = [("plain PyTorch loop, 1 process", plain, 1), ("engine (DeepSpeed), 1 process", one, 1)]
@@ -172,7 +175,9 @@ def main() -> None:
     print("\n| run | samples/s (global) | per process | data wait | threads/rank |\n|---|---:|---:|---:|---:|")
     for name, r, n in rows:
         wait = r.get("data_wait_share")
-        print(f"| {name} | {r['samples_per_s']:,.0f} | {r['samples_per_s'] / n:,.0f} | {'–' if wait is None else f'{wait:.0%}'} | {r['threads_per_rank']} |")
+        print(
+            f"| {name} | {r['samples_per_s']:,.0f} | {r['samples_per_s'] / n:,.0f} | {'–' if wait is None else f'{wait:.0%}'} | {r['threads_per_rank']} |"
+        )
     print(f"\nengine / plain loop, 1 process: {one['samples_per_s'] / plain['samples_per_s']:.0%} of the plain loop's throughput")
     if args.nproc > 1:
         print(

@@ -6,9 +6,10 @@ check lives here and every failure names the array and what is wrong with it.
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any
 
 import numpy as np
 import zarr
@@ -48,7 +49,7 @@ class ModalitySpec:
         }
 
     @classmethod
-    def from_attrs(cls, name: str, attrs: Mapping[str, Any]) -> "ModalitySpec":
+    def from_attrs(cls, name: str, attrs: Mapping[str, Any]) -> ModalitySpec:
         return cls(
             name=name,
             kind=attrs.get("kind", ""),
@@ -264,9 +265,7 @@ def write_archive(
     else:
         target = target.astype(np.int64)
     root.create_array("target", data=target, chunks=_chunks(target.shape, chunk_size))
-    root.create_array("split", data=split.astype(np.uint8), chunks=_chunks(split.shape, 1 << 20)).attrs[
-        "codes"
-    ] = SPLIT_CODES
+    root.create_array("split", data=split.astype(np.uint8), chunks=_chunks(split.shape, 1 << 20)).attrs["codes"] = SPLIT_CODES
     _write_strings(root, "ids", ids)
     if group is not None:
         _write_strings(root, "group", group)
@@ -335,9 +334,7 @@ def open_archive(path: str | Path, *, check_values: bool = True) -> Archive:
                 raise ArchiveError(f"{where}: array {key!r} has dtype {arr.dtype}, expected float32")
             channels = arr.shape[channel_axis(spec.kind)]
             if len(spec.bands) != channels:
-                raise ArchiveError(
-                    f"{where}: array {key!r} has {channels} bands but attribute 'bands' names {len(spec.bands)}"
-                )
+                raise ArchiveError(f"{where}: array {key!r} has {channels} bands but attribute 'bands' names {len(spec.bands)}")
         specs[name] = spec
 
     target = root["target"]
@@ -479,4 +476,3 @@ __all__ = [
     "write_archive",
     "nan_safe_mean_std",
 ]
-

@@ -3,14 +3,29 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import csv
+import glob
 import os
+import shlex
 import sys
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
+
+from .archive import describe, open_archive
+from .config import load_config
+from .engine import train
+from .evaluate import evaluate_runs
+from .export import export_sensor, load_exported, predict
+from .launch import launch_local
+from .shards import merge_shards, verify_shards, write_shards
+from .slurm import command_slurm, plan_submission, resume_config, status, submit_jobs, submit_planned
+from .sweep import demo, load_reference, plan_sweep, run_sweep
+from .synthetic import write_synthetic_archive
 
 
 def _import(args: argparse.Namespace) -> int:
-    from .archive import describe, open_archive
-
     fmt = args.format
     folds = dict(folds=args.folds, fold=args.fold, seed=args.seed)
     if fmt == "presto":
@@ -27,9 +42,7 @@ def _import(args: argparse.Namespace) -> int:
     elif fmt == "cropharvest":
         from .importers.cropharvest import import_cropharvest
 
-        path = import_cropharvest(
-            args.src, args.out, task=args.task or "binary", labels=args.labels, overwrite=args.overwrite, **folds
-        )
+        path = import_cropharvest(args.src, args.out, task=args.task or "binary", labels=args.labels, overwrite=args.overwrite, **folds)
     elif fmt == "treesatai":
         from .importers.treesatai import import_treesatai
 
@@ -65,15 +78,11 @@ def _import(args: argparse.Namespace) -> int:
 
 
 def _archive_info(args: argparse.Namespace) -> int:
-    from .archive import describe, open_archive
-
     print(describe(open_archive(args.path)))
     return 0
 
 
 def _shard(args: argparse.Namespace) -> int:
-    from .shards import write_shards
-
     out = args.out or str(Path("shards") / Path(args.archive).name.removesuffix(".zarr"))
     manifest = write_shards(
         args.archive,
@@ -102,17 +111,12 @@ def _row_range(text: str | None) -> tuple[int, int] | None:
 
 
 def _shards_merge(args: argparse.Namespace) -> int:
-    from .shards import merge_shards
-
     manifest = merge_shards(args.out, args.parts, overwrite=args.overwrite, copy=args.copy)
     print(manifest.summary())
     return 0
 
 
 def _synth(args: argparse.Namespace) -> int:
-    from .archive import describe, open_archive
-    from .synthetic import write_synthetic_archive
-
     path = write_synthetic_archive(
         args.out,
         args.samples,
@@ -127,8 +131,6 @@ def _synth(args: argparse.Namespace) -> int:
 
 
 def _shards_verify(args: argparse.Namespace) -> int:
-    from .shards import verify_shards
-
     problems = verify_shards(args.out)
     for p in problems:
         print(p, file=sys.stderr)
@@ -137,17 +139,12 @@ def _shards_verify(args: argparse.Namespace) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from .config import load_config
-    from .engine import train
-
     cfg = load_config(args.config, args.set)
     result = train(cfg, allow_config_change=args.allow_config_change)
     return 0 if result["status"] == "finished" else 3
 
 
 def _launch(args: argparse.Namespace) -> int:
-    from .launch import launch_local
-
     argv = ["train", args.config] + [a for s in args.set for a in ("--set", s)]
     if args.allow_config_change:
         argv.append("--allow-config-change")
@@ -155,34 +152,23 @@ def _launch(args: argparse.Namespace) -> int:
 
 
 def _sweep(args: argparse.Namespace) -> int:
-    from .sweep import plan_sweep, run_sweep
-
     runs = plan_sweep(args.config, methods=args.methods.split(","), seeds=args.seeds, overrides=args.set, root=args.root)
     return run_sweep(runs, nproc=args.nproc, out=args.out, reference=args.reference)
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    from .evaluate import evaluate_runs
-    from .sweep import load_reference
-
     text = evaluate_runs(args.runs, args.out, split=args.split, reference=load_reference(args.reference), extra_sets=args.sensors)
     print(text)
     return 0
 
 
 def _export(args: argparse.Namespace) -> int:
-    from .export import export_sensor
-
     path = export_sensor(args.run, args.modality, args.out)
     print(path)
     return 0
 
 
 def _predict(args: argparse.Namespace) -> int:
-    import csv
-
-    from .export import load_exported, predict
-
     ids, preds = predict(args.model, args.data, split=args.split)
     classes = list(load_exported(args.model)[1].get("class_names") or [])
     out = open(args.out, "w", newline="") if args.out else sys.stdout
@@ -210,64 +196,71 @@ def _submit(args: argparse.Namespace) -> int:
 
 def _submit_training(args: argparse.Namespace) -> list:
     """CONFIG… (× --methods × --seeds) or --resume RUN_DIR: one array element per run."""
-    from .config import load_config
-    from .slurm import TrainJob, resume_config, submit_runs
-    from .sweep import PlannedRun, plan_sweep
-
     if args.resume and args.config:
         raise ValueError("submit takes CONFIG files or --resume RUN_DIR, not both")
     configs = [resume_config(args.resume)[0]] if args.resume else args.config
     if not configs:
         raise ValueError("submit needs CONFIG, --resume RUN_DIR or --command")
-    planned, slurm = [], None
-    for config in configs:
-        base = load_config(config, args.set)
-        if slurm is not None and base.slurm != slurm:
-            raise ValueError(f"{config}: its slurm section differs from {configs[0]}'s; one array job has one allocation shape")
-        slurm = base.slurm
-        if args.methods or args.seeds:
-            methods = (args.methods or base.model.method).split(",")
-            root = Path(args.root) / Path(config).stem if args.root and len(configs) > 1 else args.root
-            planned += plan_sweep(config, methods, args.seeds or [base.train.seed], args.set, root)
-        else:
-            planned.append(PlannedRun(config, Path(base.run_dir), base.model.method, base.train.seed, overrides=list(args.set)))
-    # Distillation students wait for their fusion teachers: a second array after the first.
-    groups = [[r for r in planned if r.method != "distill"], [r for r in planned if r.method == "distill"]]
-    after = list(args.after)
-    submitted = []
-    for group in (g for g in groups if g):
-        jobs = [TrainJob(r.config, r.overrides, args.allow_config_change) for r in group]
-        done = submit_runs(jobs, [r.run_dir for r in group], slurm, local=args.local, after=after)
-        after = [done[0].job_id.split("_")[0]]
-        submitted += [(job, run.run_dir) for job, run in zip(done, group)]
-    return submitted
+    groups, slurm = plan_submission(configs, args.set, args.methods, args.seeds, args.root)
+    return submit_planned(groups, slurm, allow_config_change=args.allow_config_change, local=args.local, after=list(args.after))
 
 
 def _submit_command(args: argparse.Namespace) -> list:
     """--command "SUB-COMMAND ARGS": any colearn-dist sub-command as a single-task job (shard, evaluate …)."""
-    import shlex
-
-    from .slurm import CommandJob, command_slurm, submit_jobs
-
     if args.config or args.resume or args.methods or args.seeds or args.allow_config_change:
         raise ValueError("submit --command takes no CONFIG, --resume, --methods, --seeds or --allow-config-change")
     argv = shlex.split(args.command_line)
     build_parser().parse_args(argv)  # a mistyped command fails here, not after waiting in the queue
-    _, jobs = submit_jobs([CommandJob(argv)], Path(args.root or "slurm-jobs"), command_slurm(args.set, argv[0]), local=args.local, after=args.after)
+    _, jobs = submit_jobs(
+        [CommandJob(argv)], Path(args.root or "slurm-jobs"), command_slurm(args.set, argv[0]), local=args.local, after=args.after
+    )
     return [(jobs[0], f"colearn-dist {shlex.join(argv)}")]
 
 
-def _status(args: argparse.Namespace) -> int:
-    from .slurm import status
+@dataclass
+class CommandJob:
+    """A picklable callable: one colearn-dist sub-command (shard, evaluate, ...) as a Slurm job.
+    Wildcards (`runs/*/seed*`) are expanded when the job runs, as a shell would (kept if nothing matches)."""
 
+    argv: list[str]
+
+    def __call__(self) -> dict[str, Any]:
+        argv = [match for arg in self.argv for match in (sorted(glob.glob(arg)) if glob.has_magic(arg) else []) or [arg]]
+        err = _Tee(sys.stderr)
+        with contextlib.redirect_stderr(err):
+            try:
+                code = main(argv)
+            except SystemExit as exc:  # argparse rejected the command line
+                code = exc.code if isinstance(exc.code, int) else 2
+        if code:
+            raise RuntimeError(f"colearn-dist {shlex.join(self.argv)} exited with status {code}: {err.tail().strip()}")
+        return {"status": "finished", "command": shlex.join(self.argv)}
+
+
+class _Tee:
+    """Writes through to a stream and keeps the end of what was written (for the job's error message)."""
+
+    def __init__(self, stream: Any, keep: int = 4000) -> None:
+        self._stream, self._keep, self._text = stream, keep, ""
+
+    def write(self, text: str) -> int:
+        self._text = (self._text + text)[-self._keep :]
+        return self._stream.write(text)
+
+    def tail(self) -> str:
+        return self._text
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stream, name)
+
+
+def _status(args: argparse.Namespace) -> int:
     for run in args.runs:
         print(status(run))
     return 0
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from .sweep import demo
-
     return demo(datasets=args.datasets.split(","), seeds=args.seeds, methods=args.methods.split(","), quick=args.quick)
 
 
@@ -289,7 +282,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="generic: the task (default regression); cropharvest: binary (crop / non-crop, default) or multiclass "
         "(crop type); mdico_netcdf: inferred from the target unless given",
     )
-    s.add_argument("--modalities", help="generic / mdico_netcdf: comma-separated arrays / views to use as modalities (mdico_netcdf: A_B concatenates views A and B)")
+    s.add_argument(
+        "--modalities",
+        help="generic / mdico_netcdf: comma-separated arrays / views to use as modalities (mdico_netcdf: A_B concatenates views A and B)",
+    )
     s.add_argument("--class-names", help="generic: comma-separated class names")
     s.add_argument(
         "--modalities-yaml",
@@ -298,7 +294,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     s.add_argument("--labels", help="cropharvest: labels GeoJSON (default SRC/labels.geojson); treesatai: multi-label JSON")
     s.add_argument("--lists", help="treesatai: folder with {train,val,test}_filenames.lst (default SRC/split)")
-    s.add_argument("--folds", type=int, default=10, help="lfmc / cropharvest (mdico_netcdf without held-out samples): k of the k-fold test split (default 10, as the paper)")
+    s.add_argument(
+        "--folds",
+        type=int,
+        default=10,
+        help="lfmc / cropharvest (mdico_netcdf without held-out samples): k of the k-fold test split (default 10, as the paper)",
+    )
     s.add_argument("--fold", type=int, default=0, help="lfmc / cropharvest / mdico_netcdf: which fold is the test split (0..k-1)")
     s.add_argument("--seed", type=int, default=0, help="lfmc / cropharvest / mdico_netcdf: seed of the fold assignment")
     s.add_argument("--group-folds", action="store_true", help="lfmc: whole sites per fold (the paper uses random folds)")
@@ -326,7 +327,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="samples shuffled together before they are cut into shards (default 16 × samples per shard); "
         "larger mixes a location-sorted archive more, at the cost of worker memory",
     )
-    s.add_argument("--rows", metavar="START:STOP", help="shard only archive rows START..STOP-1 (one part of a parallel sharding; merge with `shards merge`)")
+    s.add_argument(
+        "--rows",
+        metavar="START:STOP",
+        help="shard only archive rows START..STOP-1 (one part of a parallel sharding; merge with `shards merge`)",
+    )
     s.add_argument("--overwrite", action="store_true")
     s.set_defaults(fn=_shard)
 
@@ -383,7 +388,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--split", default="test")
     s.add_argument("--reference", help="YAML of reference scores per dataset and sensor set")
     s.add_argument(
-        "--sensors", nargs="+", default=[], metavar="SET",
+        "--sensors",
+        nargs="+",
+        default=[],
+        metavar="SET",
         help="also score these sensor subsets, e.g. s1+s2 s2+era5 (MDiCo averages their heads; fusion / dropout mask the others; single-sensor runs skip them)",
     )
     s.set_defaults(fn=_evaluate)
@@ -407,12 +415,17 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--resume", metavar="RUN_DIR", help="continue a run in a new allocation (its config.yaml)")
     s.add_argument("--allow-config-change", action="store_true", help="resume even if the config changed")
     s.add_argument(
-        "--command", dest="command_line", metavar='"SUB-COMMAND ARGS"',
+        "--command",
+        dest="command_line",
+        metavar='"SUB-COMMAND ARGS"',
         help='any colearn-dist sub-command as a single-task CPU job, e.g. "shard archives/x.zarr shards/x" (only slurm.* --set apply)',
     )
     s.add_argument("--methods", help="comma-separated: one array element per method (and sensor for single/distill)")
     s.add_argument("--seeds", type=int, nargs="+", help="one array element per seed")
-    s.add_argument("--root", help="with --methods/--seeds: where the runs go (ROOT/<config name>/… for several configs); with --command: where the job logs go (default slurm-jobs)")
+    s.add_argument(
+        "--root",
+        help="with --methods/--seeds: where the runs go (ROOT/<config name>/… for several configs); with --command: where the job logs go (default slurm-jobs)",
+    )
     s.add_argument("--after", nargs="+", default=[], metavar="JOB_ID", help="start only after these jobs succeeded")
     s.add_argument("--local", action="store_true", help="Submitit's local executor instead of Slurm (laptop, CI)")
     s.add_argument("--wait", action="store_true", help="wait for the job and print its status")

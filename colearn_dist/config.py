@@ -11,9 +11,10 @@ import hashlib
 import json
 import types
 import typing
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Mapping
+from typing import Any, Literal
 
 import yaml
 
@@ -298,9 +299,7 @@ def validate(cfg: RunConfig, where: str = "config") -> RunConfig:
     if cfg.model.method == "distill" and not cfg.model.teacher:
         raise ConfigError(f"{where}: model.teacher must name the fusion run directory for method 'distill'")
     if cfg.model.method in ("mdico", "pretrain") and cfg.data.modalities and len(cfg.data.modalities) < 2:
-        raise ConfigError(
-            f"{where}: method {cfg.model.method!r} needs at least 2 modalities, data.modalities has {cfg.data.modalities}"
-        )
+        raise ConfigError(f"{where}: method {cfg.model.method!r} needs at least 2 modalities, data.modalities has {cfg.data.modalities}")
     if cfg.train.max_steps < 0:
         raise ConfigError(f"{where}: train.max_steps must be ≥ 0, got {cfg.train.max_steps}")
     if cfg.train.max_steps and cfg.model.method != "pretrain":

@@ -4,92 +4,20 @@ All encoders share the call `forward(x, month=None)` so models can treat them al
 attention encoder uses `month` (the others accept and ignore it). Inputs follow docs/DESIGN.md:
 series `[B, T, C]` float, static `[B, C]` float, categorical `[B, T]` int64, image `[B, C, H, W]` float.
 
-`TempCNNBank` holds several TempCNNs of one shape with their parameters stacked, so MDiCo can run all
-its TempCNN encoders as one computation; each member is still exactly a TempCNN (see the bank's tests).
+The fused path (several TempCNNs stacked into one computation) lives in `tempcnn_bank`.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Any, Mapping, Optional, Sequence, Union
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .config import EncoderConfig
-
-KINDS = ("series", "static", "categorical", "image")
-
-
-@dataclass(frozen=True)
-class ModalityInput:
-    """What a model needs to know about one modality's tensors (from the shard manifest)."""
-
-    name: str
-    kind: str  # "series" [B,T,C] float | "static" [B,C] float | "categorical" [B,T] int64 | "image" [B,C,H,W] float
-    steps: int | None  # T; None for static and image
-    channels: int  # C; 1 for categorical
-    num_classes: int | None = None
-    missing_value: int | None = None
-    height: int | None = None  # image only
-    width: int | None = None  # image only
-
-    def __post_init__(self) -> None:
-        if self.kind not in KINDS:
-            raise ValueError(f"modality {self.name!r}: kind {self.kind!r} is not one of {list(KINDS)}")
-        if self.kind in ("series", "categorical") and (self.steps is None or self.steps < 1):
-            raise ValueError(f"modality {self.name!r} ({self.kind}) needs steps ≥ 1, got {self.steps}")
-        if self.kind == "categorical" and (self.num_classes is None or self.num_classes < 1):
-            raise ValueError(f"modality {self.name!r} (categorical) needs num_classes ≥ 1, got {self.num_classes}")
-        if self.channels < 1:
-            raise ValueError(f"modality {self.name!r}: channels must be ≥ 1, got {self.channels}")
-        if self.kind == "image" and not (self.height and self.width and self.height >= 1 and self.width >= 1):
-            raise ValueError(f"modality {self.name!r} (image) needs height and width ≥ 1, got {self.height} × {self.width}")
-
-
-def modality_inputs(
-    manifest_modalities: Mapping[str, Mapping[str, Any]], names: Sequence[str] | None = None
-) -> dict[str, ModalityInput]:
-    """Build the inputs from the manifest's "modalities" mapping; `names` (None or empty = all) picks and orders them."""
-    names = list(names) if names else list(manifest_modalities)
-    out: dict[str, ModalityInput] = {}
-    for name in names:
-        if name not in manifest_modalities:
-            raise KeyError(f"modality {name!r} is not in the manifest (have {list(manifest_modalities)})")
-        meta = manifest_modalities[name]
-        kind = meta.get("kind")
-        shape = list(meta.get("shape") or [])
-        layout = {"series": 2, "static": 1, "categorical": 1, "image": 3}
-        if kind not in layout:
-            raise ValueError(f"modality {name!r}: kind {kind!r} is not one of {list(KINDS)}")
-        if len(shape) != layout[kind]:
-            expected = {"series": "[T, C]", "static": "[C]", "categorical": "[T]", "image": "[C, H, W]"}[kind]
-            raise ValueError(f"modality {name!r} ({kind}): manifest shape {shape} is not {expected}")
-        height = width = None
-        if kind == "series":
-            steps, channels = int(shape[0]), int(shape[1])
-        elif kind == "static":
-            steps, channels = None, int(shape[0])
-        elif kind == "image":
-            steps, channels, height, width = None, int(shape[0]), int(shape[1]), int(shape[2])
-        else:
-            steps, channels = int(shape[0]), 1
-        num_classes = meta.get("num_classes")
-        missing = meta.get("missing_value")
-        out[name] = ModalityInput(
-            name=name,
-            kind=kind,
-            steps=steps,
-            channels=channels,
-            num_classes=None if num_classes is None else int(num_classes),
-            missing_value=None if missing is None else int(missing),
-            height=height,
-            width=width,
-        )
-    return out
-
+from .manifest import Modality
 
 # --------------------------------------------------------------------------------------------- encoders
 
@@ -142,18 +70,14 @@ def position_encoding(steps: int, dim: int, device: torch.device | None = None) 
 class TemporalAttention(nn.Module):
     """A small pre-norm Transformer encoder over time, mean-pooled: order-aware via month or position sinusoids."""
 
-    def __init__(
-        self, channels: int, steps: int, out_dim: int, hidden: int = 64, depth: int = 3, heads: int = 4, dropout: float = 0.2
-    ):
+    def __init__(self, channels: int, steps: int, out_dim: int, hidden: int = 64, depth: int = 3, heads: int = 4, dropout: float = 0.2):
         super().__init__()
         if hidden % heads:
             raise ValueError(f"attention encoder: hidden ({hidden}) must be divisible by heads ({heads})")
         self.hidden = hidden
         self.inp = nn.Linear(channels, hidden)
         self.layers = nn.ModuleList(
-            nn.TransformerEncoderLayer(
-                hidden, heads, dim_feedforward=2 * hidden, dropout=dropout, batch_first=True, norm_first=True
-            )
+            nn.TransformerEncoderLayer(hidden, heads, dim_feedforward=2 * hidden, dropout=dropout, batch_first=True, norm_first=True)
             for _ in range(depth)
         )
         self.norm = nn.LayerNorm(hidden)
@@ -244,9 +168,7 @@ class ResidualBlock(nn.Module):
         )
         self.shortcut: nn.Module = nn.Identity()
         if stride != 1 or in_channels != out_channels:
-            self.shortcut = nn.Sequential(
-                nn.Conv2d(in_channels, out_channels, 1, stride=stride, bias=False), nn.BatchNorm2d(out_channels)
-            )
+            self.shortcut = nn.Sequential(nn.Conv2d(in_channels, out_channels, 1, stride=stride, bias=False), nn.BatchNorm2d(out_channels))
 
     def forward(self, x: Tensor) -> Tensor:
         return F.relu(self.body(x) + self.shortcut(x))
@@ -292,7 +214,7 @@ def _series_encoder(cfg: EncoderConfig, channels: int, steps: int, out_dim: int)
     raise ValueError(f"unknown encoder type {cfg.type!r}")
 
 
-def build_encoder(cfg: EncoderConfig, inp: ModalityInput, out_dim: int) -> nn.Module:
+def build_encoder(cfg: EncoderConfig, inp: Modality, out_dim: int) -> nn.Module:
     """The encoder for one modality. A static modality always gets the MLP, whatever temporal type is
     configured: it has no time axis to convolve or attend over, and "default" usually names a temporal type."""
     if cfg.depth < 0 or (cfg.depth < 1 and cfg.type in ("attention", "gru", "lstm")):
@@ -310,301 +232,16 @@ def build_encoder(cfg: EncoderConfig, inp: ModalityInput, out_dim: int) -> nn.Mo
     return _series_encoder(cfg, inp.channels, inp.steps, out_dim)
 
 
-# ------------------------------------------------------------------------------------------ fused path
-#
-# Why this exists: MDiCo runs 2 encoders per modality, each a few dozen tiny ops on [32, 3, C] inputs.
-# On one CPU thread the per-op dispatch, autograd and per-parameter optimizer costs dominate the
-# arithmetic, and the CPU conv / batch-norm kernels are slow on such short, wide batches. A bank stores
-# G TempCNNs of one shape stacked, so they run as one computation whose op count does not grow with G,
-# and the optimizer sees ~16 tensors instead of 16·G.
-
-
-def batch_norm_stacked(
-    x: Tensor,
-    weight: Tensor,
-    bias: Tensor,
-    running_mean: Tensor,
-    running_var: Tensor,
-    training: bool,
-    momentum: float,
-    eps: float,
-) -> tuple[Tensor, Tensor | None, Tensor | None]:
-    """G BatchNorms at once: x [G, N, W], parameters and statistics [G, W]. Returns the output and, in
-    training, the updated running statistics (the caller stores them). Two reductions over the middle
-    axis are much cheaper here than F.batch_norm's CPU kernels (its backward especially)."""
-    if not training:
-        scale = torch.rsqrt(running_var + eps) * weight
-        return (x - running_mean.unsqueeze(1)) * scale.unsqueeze(1) + bias.unsqueeze(1), None, None
-    mean = x.mean(dim=1, keepdim=True)
-    centred = x - mean
-    var = (centred * centred).mean(dim=1, keepdim=True)
-    out = centred * (torch.rsqrt(var + eps) * weight.unsqueeze(1)) + bias.unsqueeze(1)
-    with torch.no_grad():
-        n = x.shape[1]
-        new_mean = running_mean.lerp(mean.squeeze(1), momentum)
-        new_var = running_var.lerp(var.squeeze(1) * (n / max(n - 1, 1)), momentum)
-    return out, new_mean, new_var
-
-
-def group_batch_norm(norms: Sequence[nn.BatchNorm1d], x: Tensor) -> Tensor:
-    """G BatchNorm1d modules (same width) on x [G, N, W], group g through norms[g]; statistics written back."""
-    first = norms[0]
-    assert first.momentum is not None and first.running_mean is not None, "needs running statistics with a momentum"
-    out, mean, var = batch_norm_stacked(
-        x,
-        torch.stack([n.weight for n in norms]),
-        torch.stack([n.bias for n in norms]),
-        torch.stack([n.running_mean for n in norms]),  # type: ignore[misc]
-        torch.stack([n.running_var for n in norms]),  # type: ignore[misc]
-        first.training,
-        first.momentum,
-        first.eps,
-    )
-    if mean is not None and var is not None:
-        with torch.no_grad():
-            for n, m, v in zip(norms, mean, var):
-                n.running_mean.copy_(m)  # type: ignore[union-attr]
-                n.running_var.copy_(v)  # type: ignore[union-attr]
-                n.num_batches_tracked.add_(1)  # type: ignore[union-attr,operator]
-    return out
-
-
-def fast_dropout(x: Tensor, p: float, training: bool) -> Tensor:
-    """Inverted dropout drawing 16 random bits per element from 64-bit words: a quarter of the generator
-    calls of F.dropout, whose CPU random draws dominate these small layers. p is rounded to 1/65536."""
-    if not training or p <= 0.0:
-        return x
-    if p >= 1.0:
-        return x * 0.0
-    words = (x.numel() + 3) // 4
-    bits = torch.randint(-(2**63), 2**63 - 1, (words,), dtype=torch.int64, device=x.device)
-    lanes = bits.view(torch.int16)[: x.numel()].view(x.shape)
-    mask = (lanes >= int(round(p * 65536)) - 32768).to(x.dtype).mul_(1.0 / (1.0 - p))
-    return x * mask
-
-
-def _conv_as_matmuls(x: Tensor, weight: Tensor, bias: Tensor, steps: int, k: int) -> Tensor:
-    """A "same" Conv1d on short series as T batched matmuls, for G groups at once.
-
-    x [G, B, T, C], weight [G, K, C, H] (tap-major), bias [G, H] → [G, B, T, H]. Output step t sees input
-    step s through tap s - t + left; read with the output time axis reversed (t' = T-1-t) that tap is
-    Q[s + t'] for Q = the taps shifted by T-1-left, so each output step is one matmul with a contiguous
-    slice Q[t':t'+T]: no Toeplitz matrix is built, and Q is the weight itself when T = (K+1)/2.
-    """
-    g, b, _, c = x.shape
-    shift = steps - 1 - (k - 1) // 2  # position of tap 0 in Q (PyTorch's "same" pads (K-1)//2 on the left)
-    before, drop = max(shift, 0), max(-shift, 0)
-    q = weight[:, drop:]
-    after = 2 * steps - 1 - before - (k - drop)
-    if before or after > 0:
-        q = F.pad(q, (0, 0, 0, 0, before, max(after, 0)))
-    q = q[:, : 2 * steps - 1]
-    xf = x.reshape(g, b, steps * c)
-    bias = bias.unsqueeze(1)
-    out = [torch.baddbmm(bias, xf, q[:, t : t + steps].reshape(g, steps * c, -1)) for t in range(steps)]
-    return torch.stack(out[::-1], dim=2)
-
-
-_Selection = Union[None, slice, Tensor]
-
-
-def _selection(members: list[int], total: int, device: torch.device) -> _Selection:
-    """How to pick bank rows: None (all, in order), a slice (a run, e.g. one modality's two encoders:
-    no index tensor, so a trace has no constants), or an index tensor."""
-    if members == list(range(total)):
-        return None
-    if members == list(range(members[0], members[0] + len(members))):
-        return slice(members[0], members[0] + len(members))
-    return torch.tensor(members, device=device)
-
-
-def _take(t: Tensor, sel: _Selection) -> Tensor:
-    if sel is None:
-        return t
-    return t[sel] if isinstance(sel, slice) else t.index_select(0, sel)
-
-
-def _put(t: Tensor, sel: _Selection, value: Tensor) -> None:
-    if sel is None:
-        t.copy_(value)
-    elif isinstance(sel, slice):
-        t[sel].copy_(value)
-    else:
-        t.index_copy_(0, sel, value)
-
-
-class TempCNNBank(nn.Module):
-    """G TempCNNs of one shape (input channels may differ), parameters stored stacked.
-
-    Member g is exactly `TempCNN(channels[g], ...)`: it is initialised from one (`load_member`), can be
-    read back as one (`member`), and `forward_one(g, x)` is TempCNN's own computation on its slice (the
-    plain path). `forward(xs)` runs all (or some) members as one computation (the fused path): a
-    convolution is T batched matmuls when T ≤ K, else one grouped Conv1d; input channels are padded
-    with zeros to the widest member (the first layer's weights for padded channels stay zero).
-    """
-
-    momentum = 0.1  # nn.BatchNorm1d's defaults, as in TempCNN
-    eps = 1e-5
-
-    def __init__(
-        self,
-        channels: Sequence[int],
-        steps: int,
-        out_dim: int,
-        hidden: int = 64,
-        depth: int = 3,
-        kernel_size: int = 5,
-        dropout: float = 0.2,
-    ):
-        super().__init__()
-        if depth < 1:
-            raise ValueError(f"TempCNNBank needs depth ≥ 1, got {depth}")
-        self.channels = [int(c) for c in channels]
-        self.steps, self.out_dim, self.hidden, self.depth = steps, out_dim, hidden, depth
-        self.kernel_size, self.dropout = kernel_size, dropout
-        g, widest = len(self.channels), max(self.channels)
-        # Stored in the layout the fused path reads: conv weights tap-major [G, K, C, H].
-        self.conv_weight = nn.ParameterList(
-            nn.Parameter(torch.zeros(g, kernel_size, widest if i == 0 else hidden, hidden)) for i in range(depth)
-        )
-        self.conv_bias = nn.ParameterList(nn.Parameter(torch.zeros(g, hidden)) for _ in range(depth))
-        self.fc_weight = nn.Parameter(torch.zeros(g, out_dim, hidden * steps))
-        self.fc_bias = nn.Parameter(torch.zeros(g, out_dim))
-        widths = [hidden] * depth + [out_dim]  # one BatchNorm per conv block, one after the dense layer
-        self.norm_weight = nn.ParameterList(nn.Parameter(torch.ones(g, w)) for w in widths)
-        self.norm_bias = nn.ParameterList(nn.Parameter(torch.zeros(g, w)) for w in widths)
-        for i, w in enumerate(widths):
-            self.register_buffer(f"running_mean_{i}", torch.zeros(g, w))
-            self.register_buffer(f"running_var_{i}", torch.ones(g, w))
-            self.register_buffer(f"num_batches_tracked_{i}", torch.zeros(g, dtype=torch.long))
-        for i, c in enumerate(self.channels):
-            self.load_member(i, self._new_member(c))
-
-    def _new_member(self, channels: int) -> TempCNN:
-        return TempCNN(channels, self.steps, self.out_dim, self.hidden, self.depth, self.kernel_size, self.dropout)
-
-    def _stats(self, i: int) -> tuple[Tensor, Tensor, Tensor]:
-        return getattr(self, f"running_mean_{i}"), getattr(self, f"running_var_{i}"), getattr(self, f"num_batches_tracked_{i}")
-
-    def _norms(self, core: TempCNN) -> list[nn.BatchNorm1d]:
-        return [block[1] for block in core.blocks] + [core.fc[1]]  # type: ignore[list-item]
-
-    @torch.no_grad()
-    def load_member(self, g: int, core: TempCNN) -> None:
-        """Copy a TempCNN's parameters and statistics into slot g."""
-        for i, block in enumerate(core.blocks):
-            conv = block[0]
-            self.conv_weight[i][g].zero_()
-            self.conv_weight[i][g, :, : conv.in_channels].copy_(conv.weight.permute(2, 1, 0))
-            self.conv_bias[i][g].copy_(conv.bias)
-        self.fc_weight[g].copy_(core.fc[0].weight)
-        self.fc_bias[g].copy_(core.fc[0].bias)
-        for i, norm in enumerate(self._norms(core)):
-            self.norm_weight[i][g].copy_(norm.weight)
-            self.norm_bias[i][g].copy_(norm.bias)
-            mean, var, count = self._stats(i)
-            mean[g].copy_(norm.running_mean)
-            var[g].copy_(norm.running_var)
-            count[g].copy_(norm.num_batches_tracked)
-
-    @torch.no_grad()
-    def member(self, g: int) -> TempCNN:
-        """Member g as a standalone TempCNN (a copy), in this bank's train/eval mode."""
-        core = self._new_member(self.channels[g])
-        for i, block in enumerate(core.blocks):
-            conv = block[0]
-            conv.weight.copy_(self.conv_weight[i][g, :, : conv.in_channels].permute(2, 1, 0))
-            conv.bias.copy_(self.conv_bias[i][g])
-        core.fc[0].weight.copy_(self.fc_weight[g])
-        core.fc[0].bias.copy_(self.fc_bias[g])
-        for i, norm in enumerate(self._norms(core)):
-            norm.weight.copy_(self.norm_weight[i][g])
-            norm.bias.copy_(self.norm_bias[i][g])
-            mean, var, count = self._stats(i)
-            norm.running_mean.copy_(mean[g])
-            norm.running_var.copy_(var[g])
-            norm.num_batches_tracked.copy_(count[g])
-        return core.train(self.training)
-
-    # ---------------------------------------------------------------------------------- plain path
-    def _norm_one(self, i: int, g: int, x: Tensor) -> Tensor:
-        mean, var, count = self._stats(i)
-        if self.training:
-            count[g] += 1
-        # mean[g] / var[g] are views: F.batch_norm updates the bank's statistics in place.
-        weight, bias = self.norm_weight[i][g], self.norm_bias[i][g]
-        return F.batch_norm(x, mean[g], var[g], weight, bias, self.training, self.momentum, self.eps)
-
-    def forward_one(self, g: int, x: Tensor, month: Optional[Tensor] = None) -> Tensor:
-        """Member g on x [B, T, C]: TempCNN.forward, step for step."""
-        x = x.transpose(1, 2)
-        for i in range(self.depth):
-            weight = self.conv_weight[i][g]
-            if i == 0:
-                weight = weight[:, : self.channels[g]]
-            x = F.conv1d(x, weight.permute(2, 1, 0), self.conv_bias[i][g], padding="same")
-            x = F.dropout(F.relu(self._norm_one(i, g, x)), self.dropout, self.training)
-        x = F.linear(x.flatten(1), self.fc_weight[g], self.fc_bias[g])
-        return F.dropout(F.relu(self._norm_one(self.depth, g, x)), self.dropout, self.training)
-
-    # ---------------------------------------------------------------------------------- fused path
-    def _norm_group(self, i: int, sel: _Selection, x: Tensor) -> Tensor:
-        mean, var, count = self._stats(i)
-        out, new_mean, new_var = batch_norm_stacked(
-            x, _take(self.norm_weight[i], sel), _take(self.norm_bias[i], sel), _take(mean, sel), _take(var, sel),
-            self.training, self.momentum, self.eps,
-        )  # fmt: skip
-        if new_mean is not None and new_var is not None:
-            with torch.no_grad():
-                _put(mean, sel, new_mean)
-                _put(var, sel, new_var)
-                _put(count, sel, _take(count, sel) + 1)
-        return out
-
-    def forward(self, xs: Sequence[Tensor], members: Optional[Sequence[int]] = None) -> Tensor:
-        """Members `members` (default: all, in order) on xs[j] [B, T, C_j] → [len(xs), B, out_dim]."""
-        g = len(xs)
-        members = list(range(len(self.channels))) if members is None else list(members)
-        if len(members) != g:
-            raise ValueError(f"{g} inputs for {len(members)} members")
-        sel = _selection(members, len(self.channels), xs[0].device)
-        widest = max(self.channels)
-        pads = [widest - self.channels[j] for j in members]  # from the bank's shape: a trace sees no shape tests
-        x = torch.stack([F.pad(x, (0, pad)) if pad else x for x, pad in zip(xs, pads)])  # [G, B, T, C]
-        batch, steps, hidden = x.shape[1], self.steps, self.hidden
-        for i in range(self.depth):
-            weight, bias = _take(self.conv_weight[i], sel), _take(self.conv_bias[i], sel)
-            if steps <= self.kernel_size:
-                y = _conv_as_matmuls(x, weight, bias, steps, self.kernel_size)
-            else:
-                conv = weight.permute(0, 3, 2, 1).reshape(g * hidden, -1, self.kernel_size)  # [G*H, C, K]
-                y = F.conv1d(x.permute(1, 0, 3, 2).reshape(batch, -1, steps), conv, bias.reshape(-1), padding="same", groups=g)
-                y = y.view(batch, g, hidden, steps).permute(1, 0, 3, 2)
-            y = self._norm_group(i, sel, y.reshape(g, -1, hidden))
-            x = fast_dropout(F.relu(y), self.dropout, self.training).view(g, batch, steps, hidden)
-        # TempCNN flattens [H, T] (channel-major): transpose the activations to match the dense weights.
-        flat = x.transpose(2, 3).reshape(g, batch, -1)
-        y = torch.baddbmm(_take(self.fc_bias, sel).unsqueeze(1), flat, _take(self.fc_weight, sel).transpose(1, 2))
-        y = self._norm_group(self.depth, sel, y)
-        return fast_dropout(F.relu(y), self.dropout, self.training)
-
-
 __all__ = [
     "CategoricalEmbedding",
     "CategoricalEncoder",
     "ImageCNN",
     "MLPEncoder",
-    "ModalityInput",
     "Recurrent",
     "ResidualBlock",
     "TempCNN",
-    "TempCNNBank",
     "TemporalAttention",
-    "batch_norm_stacked",
     "build_encoder",
-    "fast_dropout",
-    "group_batch_norm",
-    "modality_inputs",
     "month_encoding",
     "position_encoding",
 ]

@@ -12,132 +12,29 @@ import math
 import os
 import signal
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
-from .checkpoint import Checkpointer
+from .batch import to_device
 from .config import RunConfig, dump_config
 from .distributed import all_reduce_sum, configure_threads, threads_per_rank
-from .encoders import modality_inputs
 from .launch import ProcessInfo, init_distributed
 from .loader import ShardLoader
 from .logs import RunLogger
-from .model import MDiCo, build_model, freeze_encoders, load_pretrained
-from .objective import TaskSpec, build_objective
-from .shards import Manifest, load_manifest
+from .manifest import load_manifest
+from .methods import build_objective, method, sensor_sets, set_name
+from .metrics import PRIMARY
+from .runs import RunDir, build
+from .scoring import evaluate_run, score_loader
 
 
 class ResumeError(RuntimeError):
     pass
-
-
-# Runs that need these modalities at inference are evaluated on these sensor sets.
-def sensor_sets(method: str, modalities: list[str]) -> list[list[str]]:
-    """Each single sensor (what the user deploys), plus all sensors together where the model can use them."""
-    if method in ("single", "distill"):
-        return [modalities]
-    singles = [[m] for m in modalities]
-    return singles + [list(modalities)] if len(modalities) > 1 else singles
-
-
-def set_name(sensors: list[str], all_modalities: list[str]) -> str:
-    return "all" if len(sensors) > 1 and sorted(sensors) == sorted(all_modalities) else "+".join(sensors)
-
-
-@dataclass
-class Built:
-    """What a run needs besides data: the modalities it reads, the model, the task."""
-
-    modalities: list[str]
-    model_modalities: list[str]
-    model: torch.nn.Module
-    spec: TaskSpec
-    teacher: torch.nn.Module | None = None
-    # fine-tuning: what `model.init_from` provided ({"from", "loaded", "skipped"}); None otherwise
-    init_report: dict[str, Any] | None = None
-
-
-def resolve_modalities(cfg: RunConfig, manifest: Manifest) -> list[str]:
-    names = list(cfg.data.modalities) or list(manifest.modalities)
-    unknown = [m for m in names if m not in manifest.modalities]
-    if unknown:
-        raise ValueError(f"data.modalities: {unknown} not in the shards {manifest.path} (have {list(manifest.modalities)})")
-    if cfg.model.modality and cfg.model.modality not in names:
-        raise ValueError(f"model.modality {cfg.model.modality!r} is not among data.modalities {names}")
-    return names
-
-
-def build(cfg: RunConfig, manifest: Manifest, *, init: bool = True) -> Built:
-    """Model and task of a run, from its config and the shards' manifest (also used by evaluate/export).
-
-    `init`: apply `model.init_from` (training); evaluation loads trained weights over it anyway, and
-    must not depend on the pretraining run still being there."""
-    names = resolve_modalities(cfg, manifest)
-    spec = TaskSpec.from_manifest(manifest)
-    inputs = modality_inputs(manifest.modalities, names)
-    model = build_model(
-        cfg.model,
-        inputs,
-        spec.num_outputs,
-        second_classifier_on=cfg.objective.modality_classifier_on,
-        predictor=cfg.model.method == "pretrain" and cfg.objective.masked > 0,
-    )
-    init_report = None
-    if cfg.model.init_from and init:
-        init_report = init_from_pretrained(model, cfg.model.init_from)
-    if cfg.model.freeze_encoders:
-        freeze_encoders(model)
-    model_modalities = list(getattr(model, "modalities", names))
-    teacher = None
-    modalities = list(names)
-    if cfg.model.method == "distill":
-        from .evaluate import load_trained
-
-        teacher = load_trained(cfg.model.teacher, "all").model.eval()
-        for p in teacher.parameters():
-            p.requires_grad_(False)
-        modalities = list(dict.fromkeys(names + list(teacher.modalities)))
-    return Built(
-        modalities=modalities, model_modalities=model_modalities, model=model, spec=spec, teacher=teacher, init_report=init_report
-    )
-
-
-def init_from_pretrained(model: torch.nn.Module, run_dir: str | Path) -> dict[str, Any]:
-    """Load a finished pretrain run's final weights (run_dir/best/all.pt) into `model`'s encoders."""
-    from .evaluate import load_trained
-
-    path = best_path(run_dir, "all")
-    if not path.exists():
-        raise FileNotFoundError(
-            f"model.init_from: {path} does not exist; is {run_dir} a pretrain run that has finished "
-            "(its final weights are written when train.max_steps is reached)?"
-        )
-    pretrained = load_trained(run_dir, "all").model
-    if not isinstance(pretrained, MDiCo):
-        raise ValueError(f"model.init_from: {run_dir} holds a {type(pretrained).__name__}, expected a pretrain (MDiCo) run")
-    report = load_pretrained(model, pretrained)
-    if not report["loaded"]:
-        raise ValueError(f"model.init_from: nothing of {run_dir} fits this model: {report['skipped']}")
-    return {"from": str(run_dir), **report}
-
-
-def to_device(batch: dict[str, Any], device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
-    def move(t: Any) -> Any:
-        if isinstance(t, dict):
-            return {k: move(v) for k, v in t.items()}
-        if isinstance(t, torch.Tensor):
-            t = t.to(device, non_blocking=True)
-            return t.to(dtype) if t.is_floating_point() and dtype != torch.float32 else t
-        return t
-
-    out = {k: move(v) for k, v in batch.items() if k != "target"}
-    out["target"] = batch["target"].to(device)  # targets stay fp32 for the loss
-    return out
 
 
 def _deepspeed_config(cfg: RunConfig, precision: str) -> dict[str, Any]:
@@ -197,6 +94,7 @@ class Trainer:
     def __init__(self, cfg: RunConfig, *, allow_config_change: bool = False) -> None:
         self.cfg = cfg
         self.run_dir = Path(cfg.run_dir)
+        self.run = RunDir(cfg.run_dir)
         self.info: ProcessInfo = init_distributed()
         self.rank = self.info.rank
         self.world = self.info.world_size
@@ -225,7 +123,7 @@ class Trainer:
         )
         # Pretraining resamples the train split endlessly (a fresh shard and buffer order each pass)
         # and counts steps, not epochs; it never reads val or test.
-        self.pretrain = cfg.model.method == "pretrain"
+        self.pretrain = method(cfg.model.method).endless
         self.train_loader = ShardLoader(
             cfg.data.shards,
             "train",
@@ -283,8 +181,8 @@ class Trainer:
         if cfg.train.compile:
             self.step_fn = torch.compile(self._train_step, dynamic=True)
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        self.checkpointer = Checkpointer(self.run_dir, keep=cfg.train.keep_checkpoints)
-        self.logger = RunLogger(self.run_dir, self.rank)
+        self.checkpointer = self.run.checkpointer(keep=cfg.train.keep_checkpoints)
+        self.logger = RunLogger(self.run.log, self.run.tb, self.rank)
         self.stop = StopRequested()
         # Diagnostics: COLEARN_SAMPLE_TRACE=path makes each rank log the samples of every step
         # (used by the tests that check each sample is seen once per epoch across interruptions).
@@ -317,7 +215,7 @@ class Trainer:
 
     # ----------------------------------------------------------------- resume
     def _resume(self, allow_config_change: bool) -> None:
-        cfg_file = self.run_dir / "config.yaml"
+        cfg_file = self.run.config_file
         latest = self.checkpointer.latest()
         if latest is None:
             if self.rank == 0:
@@ -339,9 +237,7 @@ class Trainer:
         self.history = state["history"]
         self.train_loader.set_position(state["loader"])
         self.logger.resumed_at(self.step)
-        self.logger.line(
-            f"resumed {latest.name}: step {self.step}, epoch {self.epoch}, world size {state['world_size']} → {self.world}"
-        )
+        self.logger.line(f"resumed {latest.name}: step {self.step}, epoch {self.epoch}, world size {state['world_size']} → {self.world}")
 
     def _progress(self, step: int) -> float:
         """Training progress for the schedule: pretraining counts steps (max_steps is a step
@@ -350,10 +246,10 @@ class Trainer:
         return step / max(1, self.total_steps) if self.pretrain else self._data_progress
 
     def _needs_universal(self) -> bool:
-        latest = Checkpointer(self.run_dir).latest()
-        if latest is None or self.cfg.engine.zero_stage == 0:
+        state = self.run.latest_state()
+        if state is None or self.cfg.engine.zero_stage == 0:
             return False
-        return json.loads((latest / "state.json").read_text())["world_size"] != self.world
+        return bool(state["world_size"] != self.world)
 
     def _state(self) -> dict[str, Any]:
         return {
@@ -431,10 +327,8 @@ class Trainer:
             # Final weights where load_trained and model.init_from look; the test split is not touched.
             if self.rank == 0:
                 self._save_best("all", {"score": None, "pretrain_steps": self.step})
-                self.logger.line(f"pretraining done: {self.step} steps, weights in {best_path(self.run_dir, 'all')}")
+                self.logger.line(f"pretraining done: {self.step} steps, weights in {self.run.best('all')}")
         elif self.rank == 0 and cfg.train.evaluate_test:
-            from .evaluate import evaluate_run
-
             records = evaluate_run(self.run_dir, split="test")
             result["test"] = records
             for rec in records:
@@ -482,8 +376,10 @@ class Trainer:
             boundary = micro % cfg.train.grad_accum == 0 or epoch_ends
             if cfg.train.grad_accum > 1:
                 self.engine.set_gradient_accumulation_boundary(boundary)
-            self._grad_norm_due = boundary and bool(cfg.train.log_every_steps) and (
-                (self.engine.global_steps + 1) % cfg.train.log_every_steps == 0 or epoch_ends
+            self._grad_norm_due = (
+                boundary
+                and bool(cfg.train.log_every_steps)
+                and ((self.engine.global_steps + 1) % cfg.train.log_every_steps == 0 or epoch_ends)
             )
             trace_id = self.engine.global_steps * cfg.train.grad_accum + (micro - 1) % cfg.train.grad_accum
             loss, terms = self.step_fn(batch)
@@ -560,9 +456,6 @@ class Trainer:
                 for name in sets:
                     self._save_best(name, {"score": None})
             return
-        from .evaluate import score_loader
-        from .metrics import PRIMARY
-
         val_loader = ShardLoader(
             self.cfg.data.shards,
             "val",
@@ -574,7 +467,13 @@ class Trainer:
             shuffle=False,
         )
         metrics = score_loader(
-            self.engine.module, val_loader, self.built.spec, self.manifest, sensor_sets(self.cfg.model.method, names), self.device, self.dtype
+            self.engine.module,
+            val_loader,
+            self.built.spec,
+            self.manifest,
+            sensor_sets(self.cfg.model.method, names),
+            self.device,
+            self.dtype,
         )
         key, lower_better = PRIMARY[self.built.spec.task]
         scores = {name: (-1.0 if lower_better else 1.0) * float(metrics[name][key]) for name in sets}
@@ -598,7 +497,7 @@ class Trainer:
         """Weights for inference with `sensors`, in fp32, written atomically."""
         module = self.engine.module
         state = {k: v.detach().float().cpu() if v.is_floating_point() else v.cpu() for k, v in module.state_dict().items()}
-        path = best_path(self.run_dir, sensors)
+        path = self.run.best(sensors)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")
         torch.save({"model": state, "config": self.cfg.to_dict(), "epoch": self.epoch, "step": self.step, "sensors": sensors, **info}, tmp)
@@ -611,10 +510,6 @@ def _grad_norm(module: torch.nn.Module) -> float:
     if not grads:
         return 0.0
     return float(torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads))))
-
-
-def best_path(run_dir: str | Path, sensors: str) -> Path:
-    return Path(run_dir) / "best" / f"{sensors}.pt"
 
 
 def _fmt_metrics(metrics: dict[str, float], task: str) -> str:

@@ -8,14 +8,19 @@ the deployment side needs neither this package nor the shard manifest.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable, Optional
+from typing import Any, Optional
 
 import numpy as np
 import torch
 from torch import nn
 
-from .evaluate import Trained, load_trained
+from .archive import open_archive
+from .batch import norm_stats, normalise
+from .loader import ShardLoader
+from .manifest import load_manifest
+from .runs import RunDir, Trained, load_trained
 
 
 class SensorModel(nn.Module):
@@ -23,38 +28,28 @@ class SensorModel(nn.Module):
 
     def __init__(self, trained: Trained, modality: str) -> None:
         super().__init__()
-        info = trained.manifest.modalities[modality]
         self.model = trained.model
         self.modality = modality
-        self.categorical = info["kind"] == "categorical"
-        stats = trained.manifest.stats.get(modality)
-        channels = 1 if self.categorical else int(info["shape"][-1])
-        mean = np.asarray(stats["mean"], dtype=np.float32) if stats else np.zeros(channels, np.float32)
-        std = np.asarray(stats["std"], dtype=np.float32) if stats else np.ones(channels, np.float32)
-        # per channel: the last axis of series/static, the first of an image [C, H, W]
-        shape = (-1, 1, 1) if info["kind"] == "image" else (-1,)
-        self.register_buffer("mean", torch.from_numpy(mean).reshape(shape))
-        self.register_buffer("std", torch.from_numpy(std).reshape(shape))
+        norm = norm_stats(trained.manifest, modality)
+        self.categorical = norm is None
+        mean, std = norm if norm is not None else (np.zeros(1, np.float32), np.ones(1, np.float32))
+        self.register_buffer("mean", torch.from_numpy(mean))
+        self.register_buffer("std", torch.from_numpy(std))
         self.spec = trained.spec
 
     def forward(self, x: torch.Tensor, month: Optional[torch.Tensor] = None) -> torch.Tensor:
         if not self.categorical:
-            valid = torch.isfinite(x)
-            x = torch.where(valid, (x - self.mean) / self.std, torch.zeros_like(x))
+            x, _ = normalise(x, self.mean, self.std)
         pred = self.model.predict({self.modality: x}, month, modalities=[self.modality])
         return self.spec.to_target_units(pred)
 
 
 def example_input(trained: Trained, modality: str, batch: int = 4) -> tuple[torch.Tensor, ...]:
-    info = trained.manifest.modalities[modality]
-    shape = (batch, *info["shape"])
-    if info["kind"] == "categorical":
-        x = torch.randint(0, int(info["num_classes"]), shape)
-    else:
-        x = torch.randn(shape)
-    if trained.manifest.has_month and info["kind"] in ("series", "categorical"):
-        steps = int(info["shape"][0])
-        return x, torch.randint(1, 13, (batch, steps))
+    mod = trained.manifest.modality(modality)
+    shape = (batch, *mod.shape)
+    x = torch.randint(0, int(mod.num_classes or 1), shape) if mod.kind == "categorical" else torch.randn(shape)
+    if trained.manifest.has_month and mod.steps is not None:
+        return x, torch.randint(1, 13, (batch, mod.steps))
     return (x,)
 
 
@@ -65,7 +60,7 @@ def export_sensor(run_dir: str | Path, modality: str, out: str | Path | None = N
     example = example_input(trained, modality)
     with torch.no_grad():
         traced = torch.jit.trace(module, example, check_trace=False)
-    out = Path(out) if out else Path(run_dir) / f"model_{modality}.pt"
+    out = Path(out) if out else RunDir(run_dir).exported(modality)
     meta = {
         "modality": modality,
         "input": trained.manifest.modalities[modality],
@@ -87,7 +82,9 @@ def load_exported(path: str | Path) -> tuple[torch.jit.ScriptModule, dict[str, A
     return module, json.loads(files["colearn.json"])
 
 
-def predict(model_path: str | Path, data_path: str | Path, split: str | None = None, batch_size: int = 1024) -> tuple[np.ndarray, np.ndarray]:
+def predict(
+    model_path: str | Path, data_path: str | Path, split: str | None = None, batch_size: int = 1024
+) -> tuple[np.ndarray, np.ndarray]:
     """Apply an exported sensor model to an archive or to a shards folder (it has `manifest.json`);
     returns (ids, predictions in target units)."""
     if (Path(data_path) / "manifest.json").exists():
@@ -95,10 +92,10 @@ def predict(model_path: str | Path, data_path: str | Path, split: str | None = N
     return predict_archive(model_path, data_path, split, batch_size)
 
 
-def predict_archive(model_path: str | Path, archive_path: str | Path, split: str | None = None, batch_size: int = 1024) -> tuple[np.ndarray, np.ndarray]:
+def predict_archive(
+    model_path: str | Path, archive_path: str | Path, split: str | None = None, batch_size: int = 1024
+) -> tuple[np.ndarray, np.ndarray]:
     """The model on the raw arrays of an archive (`split`, or every sample), in archive order."""
-    from .archive import open_archive
-
     module, meta = load_exported(model_path)
     archive = open_archive(archive_path, check_values=False)
     modality = meta["modality"]
@@ -120,13 +117,12 @@ def predict_archive(model_path: str | Path, archive_path: str | Path, split: str
     return _apply(module, meta, batches())
 
 
-def predict_shards(model_path: str | Path, shards_dir: str | Path, split: str | None, batch_size: int = 1024) -> tuple[np.ndarray, np.ndarray]:
+def predict_shards(
+    model_path: str | Path, shards_dir: str | Path, split: str | None, batch_size: int = 1024
+) -> tuple[np.ndarray, np.ndarray]:
     """The model on one split of shards, in the shards' order: the loader's normalised inputs are
     turned back into raw values (NaN where missing) and go through the exported module as raw
     archive values would."""
-    from .loader import ShardLoader
-    from .shards import load_manifest
-
     module, meta = load_exported(model_path)
     manifest = load_manifest(shards_dir)
     modality = meta["modality"]
@@ -147,7 +143,9 @@ def predict_shards(model_path: str | Path, shards_dir: str | Path, split: str | 
 
 
 @torch.no_grad()
-def _apply(module: torch.jit.ScriptModule, meta: dict[str, Any], batches: Iterable[tuple[np.ndarray, np.ndarray, Optional[np.ndarray]]]) -> tuple[np.ndarray, np.ndarray]:
+def _apply(
+    module: torch.jit.ScriptModule, meta: dict[str, Any], batches: Iterable[tuple[np.ndarray, np.ndarray, Optional[np.ndarray]]]
+) -> tuple[np.ndarray, np.ndarray]:
     """(ids, raw input, month or None) batches through an exported module → (ids, predictions)."""
     categorical = meta["input"]["kind"] == "categorical"
     ids, preds = [], []

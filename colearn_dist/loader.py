@@ -65,13 +65,17 @@ import json
 import multiprocessing
 import sys
 import warnings
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Literal, Sequence
+from typing import Any, Literal
 
 import numpy as np
 import torch
 import webdataset as wds
+
+from .batch import denormalise, norm_stats, normalise
+from .manifest import Modality, load_manifest
 
 PLANS = ("train", "eval")
 _LEG_KEYS = ("world_size", "workers", "batch_size", "plan", "shuffle_buffer")
@@ -132,9 +136,7 @@ def plan_epoch(
     if plan not in PLANS:
         raise ValueError(f"plan must be one of {PLANS}, got {plan!r}")
     if plan == "train" and num_samples < world_size:
-        raise ValueError(
-            f"plan 'train' needs at least one sample per rank: {num_samples} sample(s) for world size {world_size}"
-        )
+        raise ValueError(f"plan 'train' needs at least one sample per rank: {num_samples} sample(s) for world size {world_size}")
     rank_sizes = split_evenly(num_samples, world_size)
     steps = max(1, num_samples // (world_size * batch_size))
     readers = max(workers, 1)
@@ -200,20 +202,11 @@ def buffer_order(n: int, bufsize: int, seed: int, limit: int | None = None) -> n
 
 # ---------------------------------------------------------------------------------------- decoding
 @dataclass(frozen=True)
-class _ModSpec:
-    name: str
-    kind: str
-    shape: tuple[int, ...]
-    mean: np.ndarray | None
-    std: np.ndarray | None
-    missing_value: int | None
-
-
-@dataclass(frozen=True)
 class _DecodeSpec:
     """Everything a reader process needs to decode; small and picklable (spawn)."""
 
-    modalities: tuple[_ModSpec, ...]
+    modalities: tuple[Modality, ...]
+    norms: tuple[tuple[np.ndarray, np.ndarray] | None, ...]  # per modality: batch.norm_stats
     task: str
     target_shape: tuple[int, ...]
     has_month: bool
@@ -286,23 +279,19 @@ def _collate(raws: Sequence[dict[str, Any]], spec: _DecodeSpec) -> dict[str, Any
 
     b = len(decoded)
     inputs, valid, present = {}, {}, {}
-    for m in spec.modalities:
+    for m, norm in zip(spec.modalities, spec.norms):
         if b:
             x = np.stack([d[0][m.name] for d in decoded])
         else:
             x = np.zeros((0,) + m.shape, dtype=np.int64 if m.kind == "categorical" else np.float32)
-        if m.kind == "categorical":
-            x = x.astype(np.int64, copy=False)
-            ok = np.ones(x.shape, dtype=bool) if m.missing_value is None else x != m.missing_value
+        if norm is None:
+            t = torch.from_numpy(x.astype(np.int64, copy=False))
+            ok = torch.ones(t.shape, dtype=torch.bool) if m.missing_value is None else t != m.missing_value
         else:
-            x = x.astype(np.float32, copy=True)
-            ok = ~np.isnan(x)
-            x -= m.mean
-            x /= m.std
-            np.copyto(x, 0.0, where=~ok)
-        inputs[m.name] = torch.from_numpy(x)
-        valid[m.name] = torch.from_numpy(ok)
-        present[m.name] = torch.from_numpy(ok.reshape(b, int(np.prod(m.shape))).any(axis=1))
+            t, ok = normalise(torch.from_numpy(x.astype(np.float32, copy=False)), torch.from_numpy(norm[0]), torch.from_numpy(norm[1]))
+        inputs[m.name] = t
+        valid[m.name] = ok
+        present[m.name] = ok.reshape(b, int(np.prod(m.shape))).any(dim=1)
 
     if b:
         target = np.stack([d[1] for d in decoded])
@@ -486,8 +475,6 @@ class ShardLoader:
         verify: bool = True,
         mp_context: str | None = None,
     ):
-        from .shards import load_manifest
-
         self.shards_dir = Path(shards_dir)
         self.manifest = load_manifest(self.shards_dir)
         if split not in self.manifest.splits:
@@ -560,18 +547,11 @@ class ShardLoader:
 
     # ------------------------------------------------------------------ normalisation
     def _decode_spec(self) -> _DecodeSpec:
-        mods = []
-        for name in self.modalities:
-            meta = self.manifest.modalities[name]
-            kind = meta["kind"]
-            mean = std = None
-            if kind != "categorical":
-                mean, std = self._stats(name)
-            missing = meta.get("missing_value")
-            mods.append(_ModSpec(name, kind, tuple(meta["shape"]), mean, std, None if missing is None else int(missing)))
+        mods = tuple(self.manifest.modality(name) for name in self.modalities)
         steps = [tuple(m["shape"])[:1] for m in self.manifest.modalities.values() if m["kind"] in ("series", "categorical")]
         return _DecodeSpec(
-            modalities=tuple(mods),
+            modalities=mods,
+            norms=tuple(norm_stats(self.manifest, m.name) for m in mods),
             task=self.manifest.task,
             target_shape=tuple(self.manifest.target_shape or ()),
             has_month=bool(self.manifest.has_month),
@@ -579,29 +559,16 @@ class ShardLoader:
             skip_corrupt=self.on_corrupt == "skip",
         )
 
-    def _stats(self, name: str) -> tuple[np.ndarray, np.ndarray]:
-        """Per-band mean and std shaped to broadcast against one sample (images: [C, 1, 1], channels first)."""
-        stats = self.manifest.stats[name]
-        mean = np.asarray(stats["mean"], dtype=np.float32)
-        std = np.asarray(stats["std"], dtype=np.float32)
-        if self.manifest.modalities[name]["kind"] == "image":
-            mean, std = mean[:, None, None], std[:, None, None]
-        return mean, std
-
     def denormalise(self, modality: str, x: Any, valid: Any = None) -> np.ndarray:
         """Raw units from loader inputs (for tests and export); NaN where `valid` is False.
 
         Categorical inputs are raw codes already and come back unchanged (as int64)."""
-        arr = x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
-        meta = self.manifest.modalities[modality]
-        if meta["kind"] == "categorical":
-            return arr.astype(np.int64, copy=True)
-        mean, std = self._stats(modality)
-        out = arr.astype(np.float32) * std + mean
-        if valid is not None:
-            ok = valid.detach().cpu().numpy() if isinstance(valid, torch.Tensor) else np.asarray(valid)
-            out[~ok] = np.nan
-        return out
+        t = x.detach().cpu() if isinstance(x, torch.Tensor) else torch.as_tensor(np.asarray(x))
+        norm = norm_stats(self.manifest, modality)
+        if norm is None:
+            return t.numpy().astype(np.int64, copy=True)
+        ok = None if valid is None else (valid.detach().cpu() if isinstance(valid, torch.Tensor) else torch.as_tensor(np.asarray(valid)))
+        return denormalise(t, torch.from_numpy(norm[0]), torch.from_numpy(norm[1]), ok).numpy()
 
     # ------------------------------------------------------------------ position
     def position(self) -> dict[str, Any]:
@@ -669,7 +636,9 @@ class ShardLoader:
         starts = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
         return order, starts
 
-    def _leg_plan(self, remaining: np.ndarray, leg: dict[str, Any], epoch: int, leg_index: int) -> list[tuple[RankPlan, list[tuple[np.ndarray, int]]]]:
+    def _leg_plan(
+        self, remaining: np.ndarray, leg: dict[str, Any], epoch: int, leg_index: int
+    ) -> list[tuple[RankPlan, list[tuple[np.ndarray, int]]]]:
         """Per rank: its plan for one leg, and per reader (stream positions, shuffle-buffer seed)."""
         ranks = plan_epoch(len(remaining), **{k: leg[k] for k in _LEG_KEYS if k != "shuffle_buffer"})
         return [

@@ -4,18 +4,18 @@ from __future__ import annotations
 
 import sys
 import time
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Mapping
 
 from torch.utils.tensorboard import SummaryWriter
 
 
 class RunLogger:
-    def __init__(self, run_dir: str | Path, rank: int) -> None:
+    def __init__(self, log_file: Path, tb_dir: Path, rank: int) -> None:
         self.rank = rank
-        self.writer = SummaryWriter(str(Path(run_dir) / "tb")) if rank == 0 else None
+        self.writer = SummaryWriter(str(tb_dir)) if rank == 0 else None
         # Appended, not overwritten: a resumed run continues the same log.
-        self.file = open(Path(run_dir) / "train.log", "a") if rank == 0 else None
+        self.file = open(log_file, "a") if rank == 0 else None  # noqa: SIM115 (open for the run's lifetime)
         self.start = time.time()
 
     def resumed_at(self, step: int) -> None:

@@ -8,7 +8,8 @@ shows a number that was not measured.
 
 from __future__ import annotations
 
-from typing import Literal, Sequence
+from collections.abc import Sequence
+from typing import Literal
 
 import numpy as np
 
@@ -123,8 +124,7 @@ def _to_labels(proba_or_labels: np.ndarray, num_classes: int) -> np.ndarray:
     if num_classes == 2:
         if a.min() < 0 or a.max() > 1:
             raise ValueError(
-                "a 1-D float prediction for a binary task must be the positive-class probability in [0, 1]; "
-                "apply a sigmoid to logits first"
+                "a 1-D float prediction for a binary task must be the positive-class probability in [0, 1]; apply a sigmoid to logits first"
             )
         return (a >= 0.5).astype(np.int64)
     raise ValueError("1-D non-integer predictions are only understood for two classes; pass [N, C] scores")
@@ -142,9 +142,7 @@ def _f1_from_counts(tp: np.ndarray, fp: np.ndarray, fn: np.ndarray) -> np.ndarra
     return _safe_div(2.0 * tp, 2.0 * tp + fp + fn)
 
 
-def classification_metrics(
-    y_true: np.ndarray, proba_or_labels: np.ndarray, class_names: Sequence[str]
-) -> dict[str, float]:
+def classification_metrics(y_true: np.ndarray, proba_or_labels: np.ndarray, class_names: Sequence[str]) -> dict[str, float]:
     """Overall accuracy, macro F1, Cohen's kappa and per-class F1 (`f1/<class>`).
 
     Macro F1 averages the classes that occur in the targets or the predictions (as scikit-learn
@@ -214,9 +212,7 @@ def average_precision(y_true: np.ndarray, scores: np.ndarray) -> float:
     return float(np.sum(np.diff(recall, prepend=0.0) * precision))
 
 
-def multilabel_metrics(
-    y_true: np.ndarray, scores: np.ndarray, class_names: Sequence[str], threshold: float = 0.5
-) -> dict[str, float]:
+def multilabel_metrics(y_true: np.ndarray, scores: np.ndarray, class_names: Sequence[str], threshold: float = 0.5) -> dict[str, float]:
     """Micro / macro / weighted F1 at `threshold`, per-class F1 and mean average precision.
 
     `scores` are per-class probabilities (sigmoid outputs); a label is predicted where the score is
@@ -259,9 +255,7 @@ def multilabel_metrics(
 # ------------------------------------------------------------------------------------- dispatch
 
 
-def compute_metrics(
-    task: str, y_true: np.ndarray, y_pred: np.ndarray, class_names: Sequence[str] = ()
-) -> dict[str, float]:
+def compute_metrics(task: str, y_true: np.ndarray, y_pred: np.ndarray, class_names: Sequence[str] = ()) -> dict[str, float]:
     """The metrics of an archive's `task`, so callers need not know which function fits which task."""
     if task == "regression":
         return regression_metrics(y_true, y_pred)

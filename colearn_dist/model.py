@@ -14,14 +14,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .config import ModelConfig
-from .encoders import (
-    CategoricalEmbedding,
-    CategoricalEncoder,
-    ModalityInput,
-    TempCNNBank,
-    build_encoder,
-    group_batch_norm,
-)
+from .encoders import CategoricalEmbedding, CategoricalEncoder, build_encoder
+from .manifest import Modality
+from .tempcnn_bank import TempCNNBank, group_batch_norm
 
 OUTPUT_KEYS = ("pred", "z_spe", "z_unu", "z_sha", "aux_spe", "aux_sha", "mod_spe", "mod_second")
 SECOND_CLASSIFIER = ("unused", "shared")
@@ -80,7 +75,7 @@ class MDiCo(nn.Module):
 
     def __init__(
         self,
-        inputs: dict[str, ModalityInput],
+        inputs: dict[str, Modality],
         cfg: ModelConfig,
         out_dim: int,
         second_classifier_on: str = "unused",
@@ -121,17 +116,13 @@ class MDiCo(nn.Module):
         for (steps, hidden, depth, kernel, dropout), group in members.items():
             self.banks.append(TempCNNBank([c for _, _, c in group], steps, emb, hidden, depth, kernel, dropout))
             self.slots.update({(role, m): (len(self.banks) - 1, g) for g, (role, m, _) in enumerate(group)})
-        self.project = nn.ModuleDict(
-            {m: nn.Sequential(nn.Linear(emb, self.half), nn.BatchNorm1d(self.half), nn.ReLU()) for m in inputs}
-        )
+        self.project = nn.ModuleDict({m: nn.Sequential(nn.Linear(emb, self.half), nn.BatchNorm1d(self.half), nn.ReLU()) for m in inputs})
         self.heads = nn.ModuleDict({m: make_head(emb, out_dim, cfg.head_hidden) for m in inputs})
         self.aux_head = make_head(self.half, out_dim, cfg.head_hidden)
         self.mod_spe = nn.Linear(self.half, len(inputs))
         self.mod_second = nn.Linear(self.half, len(inputs))
         # Pretraining's masked-sensor term: the other sensors' mean z_sha → this sensor's z_sha.
-        self.predictor = (
-            nn.Sequential(nn.Linear(self.half, self.half), nn.ReLU(), nn.Linear(self.half, self.half)) if predictor else None
-        )
+        self.predictor = nn.Sequential(nn.Linear(self.half, self.half), nn.ReLU(), nn.Linear(self.half, self.half)) if predictor else None
         self.frozen = False
 
     def representation(self) -> list[nn.Module]:
@@ -146,7 +137,7 @@ class MDiCo(nn.Module):
             part.requires_grad_(False)
         self.train(self.training)
 
-    def train(self, mode: bool = True) -> "MDiCo":
+    def train(self, mode: bool = True) -> MDiCo:
         super().train(mode)
         if self.frozen:
             for part in self.representation():
@@ -230,9 +221,7 @@ class MDiCo(nn.Module):
             out["z_sha_pred"] = dict(zip(names, self.predictor(others.flatten(0, 1)).split(sizes)))
         return out
 
-    def predict(
-        self, inputs: dict[str, Tensor], month: Optional[Tensor] = None, modalities: Optional[list[str]] = None
-    ) -> Tensor:
+    def predict(self, inputs: dict[str, Tensor], month: Optional[Tensor] = None, modalities: Optional[list[str]] = None) -> Tensor:
         """Mean of the heads P_m over `modalities` (default: those in `inputs`): any subset of sensors.
         Raw outputs (logits / regression values) are averaged; apply softmax / sigmoid afterwards."""
         names = _present(self.modalities, inputs) if modalities is None else list(modalities)
@@ -260,7 +249,7 @@ class FusionModel(nn.Module):
 
     def __init__(
         self,
-        inputs: dict[str, ModalityInput],
+        inputs: dict[str, Modality],
         cfg: ModelConfig,
         out_dim: int,
         modalities: list[str],
@@ -290,7 +279,7 @@ class FusionModel(nn.Module):
                 }
             )
             width = sum(enc_cfg.categorical_dim if inp.kind == "categorical" else inp.channels for inp in self.inputs.values())
-            fused = ModalityInput("+".join(self.modalities), "series" if t else "static", t, width)
+            fused = Modality("+".join(self.modalities), "series" if t else "static", t, width)
             self.steps = t
             self.encoder = build_encoder(enc_cfg, fused, emb)
             head_in = emb
@@ -300,7 +289,7 @@ class FusionModel(nn.Module):
         self.head = make_head(head_in, out_dim, cfg.head_hidden)
         self.frozen = False  # a probe of a pretrained single-sensor encoder (see freeze_encoders)
 
-    def train(self, mode: bool = True) -> "FusionModel":
+    def train(self, mode: bool = True) -> FusionModel:
         super().train(mode)
         if self.frozen:
             self.encoder.eval()
@@ -357,9 +346,7 @@ class FusionModel(nn.Module):
             keep = self.sensor_mask(inputs[names[0]].shape[0], len(names), inputs[names[0]].device)
         return {"pred": self._run(inputs, names, keep, month)}
 
-    def predict(
-        self, inputs: dict[str, Tensor], month: Optional[Tensor] = None, modalities: Optional[list[str]] = None
-    ) -> Tensor:
+    def predict(self, inputs: dict[str, Tensor], month: Optional[Tensor] = None, modalities: Optional[list[str]] = None) -> Tensor:
         """Prediction from `modalities` (default: those in `inputs`); every other sensor is blanked."""
         if modalities is not None:
             _check_known(self.modalities, list(modalities))
@@ -368,31 +355,6 @@ class FusionModel(nn.Module):
         if not names:
             raise KeyError(f"predict needs an input for at least one of {wanted} (got {list(inputs)})")
         return self._run(inputs, names, None, month)
-
-
-def build_model(
-    cfg: ModelConfig,
-    inputs: dict[str, ModalityInput],
-    out_dim: int,
-    second_classifier_on: str = "unused",
-    predictor: bool = False,
-) -> nn.Module:
-    """The model for `cfg.method`; distill builds the student only (the engine loads the fusion teacher).
-    `pretrain` is MDiCo (its heads stay untrained), with the masked-sensor `predictor` when asked."""
-    if cfg.method in ("mdico", "pretrain"):
-        return MDiCo(inputs, cfg, out_dim, second_classifier_on=second_classifier_on, predictor=predictor)
-    if cfg.method in ("single", "distill"):
-        if not cfg.modality or cfg.modality not in inputs:
-            raise KeyError(f"model.modality {cfg.modality!r} must name one of {list(inputs)} for method {cfg.method!r}")
-        return FusionModel(inputs, cfg, out_dim, [cfg.modality])
-    if cfg.method == "fusion":
-        return FusionModel(inputs, cfg, out_dim, list(inputs))
-    if cfg.method == "dropout":
-        return FusionModel(inputs, cfg, out_dim, list(inputs), sensor_dropout=cfg.sensor_dropout)
-    raise ValueError(f"unknown method {cfg.method!r}")
-
-
-
 
 
 def _set_encoder(model: MDiCo, role: str, modality: str, source: nn.Module) -> None:
@@ -465,18 +427,4 @@ def freeze_encoders(model: nn.Module) -> None:
     raise TypeError(f"cannot freeze the encoders of a {type(model).__name__}")
 
 
-class OneSensor(nn.Module):
-    """`model.predict({modality: x}, modalities=[modality])` as a module, so `torch.jit.trace` registers the
-    model's parameters instead of trying to bake grad-requiring tensors into a traced lambda (which fails)."""
-
-    def __init__(self, model: nn.Module, modality: str):
-        super().__init__()
-        if modality not in getattr(model, "modalities", []):
-            raise KeyError(f"{modality!r} is not a modality of the model ({getattr(model, 'modalities', None)})")
-        self.model = model
-        self.modality = modality
-
-    def forward(self, x: Tensor, month: Optional[Tensor] = None) -> Tensor:
-        return self.model.predict({self.modality: x}, month, modalities=[self.modality])  # type: ignore[operator]
-
-__all__ = ["FusionModel", "MDiCo", "OUTPUT_KEYS", "OneSensor", "build_model", "freeze_encoders", "load_pretrained", "make_head"]
+__all__ = ["FusionModel", "MDiCo", "OUTPUT_KEYS", "freeze_encoders", "load_pretrained", "make_head"]

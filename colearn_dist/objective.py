@@ -24,8 +24,9 @@ them, with the same modalities, and backpropagate, in the same order.
 from __future__ import annotations
 
 import itertools
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -85,7 +86,7 @@ class TaskSpec:
             raise ValueError(f"target_std must be > 0, got {self.target_std}")
 
     @classmethod
-    def from_manifest(cls, manifest: Any) -> "TaskSpec":
+    def from_manifest(cls, manifest: Any) -> TaskSpec:
         """Spec from a shard manifest (`task`, `class_names`, `target_shape`, `target_stats`)."""
         task = _get(manifest, "task")
         stats = _get(manifest, "target_stats") or {}
@@ -198,20 +199,6 @@ def _pairwise_nt_xent_sums(local: Tensor, glob: Tensor, offset: int, temperature
     return (lse - same_sample).sum(dim=-1)
 
 
-def nt_xent(z_a: Tensor, z_b: Tensor, temperature: float = 0.1) -> Tensor:
-    """Symmetric NT-Xent between paired embeddings over the global batch, in rank-contribution form.
-
-    Single process: the mean over the 2N anchors, identical to pytorch-metric-learning's
-    `SelfSupervisedLoss(NTXentLoss(temperature), symmetric=True)`. Distributed: this rank's share;
-    the sum over ranks is the global value (collective: every rank must call it).
-    """
-    za = F.normalize(_upcast(z_a), dim=1)
-    zb = F.normalize(_upcast(z_b), dim=1)
-    ga, offset = gather_with_grad(za)
-    gb, _ = gather_with_grad(zb)
-    return _nt_xent_sums(za, zb, ga, gb, offset, temperature) / (2 * ga.shape[0])
-
-
 def _require(out: Mapping[str, Any], key: str, modality: str) -> Tensor:
     try:
         return out[key][modality]
@@ -233,18 +220,14 @@ def _mean_modality_term(terms: Mapping[str, Tensor], mods: list[str]) -> Tensor:
     return sum(terms[f"mod_spe/{m}"] + terms[f"mod_second/{m}"] for m in mods) / (2 * len(mods))
 
 
-def _contrastive_terms(
-    out: Mapping[str, Any], mods: list[str], pairs: list[tuple[str, str]], temperature: float
-) -> dict[str, Tensor]:
+def _contrastive_terms(out: Mapping[str, Any], mods: list[str], pairs: list[tuple[str, str]], temperature: float) -> dict[str, Tensor]:
     """con/<a>-<b>: symmetric NT-Xent between z_sha of a and b over the global batch; every modality in
     one gather, every ordered pair in one similarity tensor."""
     local = F.normalize(torch.stack([_upcast(_require(out, "z_sha", m)) for m in mods], dim=1), dim=2)
     gathered, offset = gather_with_grad(local)
     sums = _pairwise_nt_xent_sums(local.transpose(0, 1), gathered.transpose(0, 1), offset, temperature)
     index = {m: i for i, m in enumerate(mods)}
-    return {
-        f"con/{a}-{b}": (sums[index[a], index[b]] + sums[index[b], index[a]]) / (2 * gathered.shape[0]) for a, b in pairs
-    }
+    return {f"con/{a}-{b}": (sums[index[a], index[b]] + sums[index[b], index[a]]) / (2 * gathered.shape[0]) for a, b in pairs}
 
 
 def _combined_contrastive(terms: Mapping[str, Tensor], pairs: list[tuple[str, str]], mode: str) -> Tensor:
@@ -415,23 +398,3 @@ class DistillObjective:
 
 
 Objective = MDiCoObjective | SupervisedObjective | DistillObjective | PretrainObjective
-
-
-def build_objective(
-    method: str,
-    cfg: ObjectiveConfig,
-    spec: TaskSpec,
-    modalities: list[str],
-    distill_weight: float = 1.0,
-    distill_temperature: float = 2.0,
-) -> Objective:
-    """The objective of a training method (`ModelConfig.method`)."""
-    if method == "mdico":
-        return MDiCoObjective(cfg, spec, modalities)
-    if method == "pretrain":
-        return PretrainObjective(cfg, modalities)
-    if method in ("single", "fusion", "dropout"):
-        return SupervisedObjective(spec)
-    if method == "distill":
-        return DistillObjective(spec, distill_weight, distill_temperature)
-    raise ValueError(f"unknown method {method!r}; expected mdico, single, fusion, dropout, distill or pretrain")

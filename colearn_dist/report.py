@@ -12,8 +12,9 @@ import csv
 import math
 import numbers
 import os
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -89,21 +90,6 @@ def write_csv(rows: Sequence[Mapping[str, Any]], path: PathLike) -> Path:
     return path
 
 
-def _parse_cell(s: str) -> Any:
-    for cast in (int, float):
-        try:
-            return cast(s)
-        except ValueError:
-            pass
-    return s
-
-
-def read_csv(path: PathLike) -> list[dict[str, Any]]:
-    """Rows back from `write_csv`: numbers as int / float, empty cells left out of the row."""
-    with open(path, newline="") as f:
-        return [{k: _parse_cell(v) for k, v in r.items() if v != ""} for r in csv.DictReader(f)]
-
-
 # ------------------------------------------------------------------------------ table and figure
 
 
@@ -113,9 +99,7 @@ def _single_table(rows: Sequence[Mapping[str, Any]], metric: str) -> dict[str, A
         raise ValueError("no rows to show")
     combos = {tuple(r.get(k) for k in _TABLE_KEYS) for r in rows}
     if len(combos) > 1:
-        raise ValueError(
-            f"rows mix several {_TABLE_KEYS}: {sorted(map(str, combos))}; filter them to one first"
-        )
+        raise ValueError(f"rows mix several {_TABLE_KEYS}: {sorted(map(str, combos))}; filter them to one first")
     if not any(f"{metric}_mean" in r for r in rows):
         have = sorted({k[: -len("_mean")] for r in rows for k in r if k.endswith("_mean")})
         raise ValueError(f"no row has metric {metric!r}; available: {have}")
@@ -183,9 +167,7 @@ def markdown_table(
     header = [f"sensors ({metric}, {word} is better)", *map(_md_escape, columns)]
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join([":---"] + ["---:"] * len(columns)) + "|"]
     for sensor in sensors:
-        entries: list[tuple[float, float] | None] = [
-            cells[(sensor, m)][:2] if (sensor, m) in cells else None for m in methods
-        ]
+        entries: list[tuple[float, float] | None] = [cells[(sensor, m)][:2] if (sensor, m) in cells else None for m in methods]
         if reference is not None:
             ref = reference.get(sensor)
             entries.append((float(ref), math.nan) if ref is not None else None)
@@ -236,8 +218,14 @@ def plot_scores(
         std = np.array([cells.get((s, m), (math.nan, math.nan))[1] for s in sensors])
         std = np.where(np.isfinite(std), std, 0.0)
         ax.bar(
-            x + (i - (n_m - 1) / 2) * width, mean, width * 0.92, yerr=std, capsize=3,
-            label=str(m), color=colors[i], error_kw={"elinewidth": 1, "ecolor": "0.2"},
+            x + (i - (n_m - 1) / 2) * width,
+            mean,
+            width * 0.92,
+            yerr=std,
+            capsize=3,
+            label=str(m),
+            color=colors[i],
+            error_kw={"elinewidth": 1, "ecolor": "0.2"},
         )
     if reference is not None:
         ref = np.array([float(reference.get(s, math.nan)) for s in sensors])
@@ -321,9 +309,7 @@ def write_embeddings(
     writer = SummaryWriter(log_dir=str(log_dir))
     try:
         for name, a in mats.items():
-            writer.add_embedding(
-                a, metadata=meta, metadata_header=meta_header, tag=f"{tag}/{name}", global_step=global_step
-            )
+            writer.add_embedding(a, metadata=meta, metadata_header=meta_header, tag=f"{tag}/{name}", global_step=global_step)
     finally:
         writer.close()
 

@@ -19,23 +19,23 @@ import io
 import json
 import multiprocessing
 import os
+import shutil
 import sys
 import tarfile
 from collections import deque
+from collections.abc import Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import zarr
 from tqdm import tqdm
 
 from .archive import SPLIT_CODES, SPLITS, Archive, channel_axis, nan_safe_mean_std, open_archive
+from .manifest import MANIFEST_NAME, Manifest, ShardError, load_manifest
 
-FORMAT = "colearn-shards"
-VERSION = 1
-MANIFEST_NAME = "manifest.json"
 KEY_DIGITS = 10
 RESERVED_MEMBERS = ("target", "month", "meta")
 
@@ -46,10 +46,6 @@ _TAG_VAL = 3
 _NO_SPLIT = 255  # split code of rows outside `row_range`: in no split
 
 
-class ShardError(ValueError):
-    """Shards or a manifest that cannot be used; the message names the file and the problem."""
-
-
 def shard_name(split: str, k: int) -> str:
     return f"{split}-{k:06d}.tar"
 
@@ -57,158 +53,6 @@ def shard_name(split: str, k: int) -> str:
 def sample_key(index: int) -> str:
     """The WebDataset key of an archive row; fixed width so keys sort like rows."""
     return f"{int(index):0{KEY_DIGITS}d}"
-
-
-# --------------------------------------------------------------------------------------------
-# Manifest
-
-
-@dataclass
-class Manifest:
-    """The parsed `manifest.json`: everything the loader and the model builder need about the shards.
-
-    Fields (JSON key in brackets where it differs):
-
-    * `path`: the shard directory (not stored; where the manifest was read from / written to).
-    * `task`: "binary" | "multiclass" | "multilabel" | "regression"; `class_names`: list[str].
-    * `target_name`, `target_unit`: str; `target_shape`: [] (one value per sample) or [K] (multilabel).
-    * `modalities`: name -> {"kind": "series"|"static"|"categorical"|"image", "shape": per-sample shape
-      ([T, C], [C], [T] or [C, H, W]), "dtype": numpy dtype name, "bands", "units", "time_step",
-      "num_classes", "missing_value"}; in archive order.
-    * `has_month`: whether each sample has a `month.npy` member (int64 [T], 1..12).
-    * `stats`: modality -> {"mean": [C], "std": [C]} per band (images: per channel over H×W; NaN-aware, train split only,
-      std floored to 1 for constant bands); categorical modalities are absent.
-    * `target_stats`: regression {"mean", "std"}; binary/multiclass {"class_counts": [K]};
-      multilabel {"positive_counts": [K], "num_samples"}; all on the train split.
-    * `splits`: split -> {"num_samples": n, "shards": [{"name", "num_samples", "sha256"}]} for
-      train, val and test (an empty split has no shards).
-    * `seed`, `samples_per_shard`, `shuffle_window`, `archive` (the archive path): with the archive
-      they determine every byte of the shards; `val_split` (how val was made:
-      {"source": "archive"|"carved"|"none", "by": "group"|"random"|null, "fraction", "num_groups"}).
-    """
-
-    path: Path
-    task: str
-    class_names: list[str]
-    target_name: str
-    target_unit: str
-    target_shape: list[int]
-    modalities: dict[str, dict[str, Any]]
-    has_month: bool
-    stats: dict[str, dict[str, list[float]]]
-    target_stats: dict[str, Any]
-    splits: dict[str, dict[str, Any]]
-    seed: int
-    samples_per_shard: int
-    archive: str = ""
-    shuffle_window: int = 0
-    val_split: dict[str, Any] = field(default_factory=dict)
-    version: int = VERSION
-    # Exact float64 train sums behind `stats` / `target_stats`, so parts sharded by separate jobs
-    # merge exactly (`merge_shards`): {"modalities": {m: {"sum", "sumsq", "count"}}, "target": {...}}.
-    train_sums: dict[str, Any] = field(default_factory=dict)
-    # [start, stop) archive rows these shards hold (`write_shards(row_range=...)`); None = all rows.
-    rows: list[int] | None = None
-
-    def shard_paths(self, split: str) -> list[Path]:
-        """Shard files of a split in shard order (empty list for an empty split)."""
-        self._check_split(split)
-        return [self.path / s["name"] for s in self.splits[split]["shards"]]
-
-    def split_size(self, split: str) -> int:
-        self._check_split(split)
-        return int(self.splits[split]["num_samples"])
-
-    def shard_sizes(self, split: str) -> list[int]:
-        """Samples per shard, for splitting shards evenly over ranks and loader workers."""
-        self._check_split(split)
-        return [int(s["num_samples"]) for s in self.splits[split]["shards"]]
-
-    def _check_split(self, split: str) -> None:
-        if split not in self.splits:
-            raise ShardError(f"{self.path / MANIFEST_NAME}: no split {split!r}; splits are {list(self.splits)}")
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "format": FORMAT,
-            "version": self.version,
-            "archive": self.archive,
-            "seed": self.seed,
-            "samples_per_shard": self.samples_per_shard,
-            "shuffle_window": self.shuffle_window,
-            "task": self.task,
-            "class_names": list(self.class_names),
-            "target_name": self.target_name,
-            "target_unit": self.target_unit,
-            "target_shape": list(self.target_shape),
-            "modalities": self.modalities,
-            "has_month": self.has_month,
-            "stats": self.stats,
-            "target_stats": self.target_stats,
-            "val_split": self.val_split,
-            "splits": self.splits,
-            "train_sums": self.train_sums,
-            "rows": self.rows,
-        }
-
-    def summary(self) -> str:
-        """A short human summary, for the CLI."""
-        lines = [f"{self.path}: {self.task} shards of {self.archive or '?'} (seed {self.seed})"]
-        for split, info in self.splits.items():
-            lines.append(f"  {split:<5} {info['num_samples']:>9} samples in {len(info['shards'])} shards")
-        for name, mod in self.modalities.items():
-            lines.append(f"  {name:<8} {mod['kind']:<11} {str(mod['shape']):<10} {mod['dtype']}")
-        return "\n".join(lines)
-
-
-_REQUIRED_KEYS = (
-    "task", "class_names", "target_name", "target_unit", "target_shape", "modalities",
-    "has_month", "stats", "target_stats", "splits", "seed", "samples_per_shard",
-)  # fmt: skip
-
-
-def load_manifest(out_dir: str | Path) -> Manifest:
-    """Read and check `manifest.json` (`out_dir` may also be the manifest file itself)."""
-    out_dir = Path(out_dir)
-    file = out_dir if out_dir.name == MANIFEST_NAME else out_dir / MANIFEST_NAME
-    if not file.exists():
-        raise ShardError(f"{file}: no shard manifest (write shards first: write_shards / `colearn-dist shard`)")
-    try:
-        data = json.loads(file.read_text())
-    except (OSError, ValueError) as exc:
-        raise ShardError(f"{file}: not readable JSON ({exc})") from exc
-    if not isinstance(data, dict) or data.get("format") != FORMAT:
-        got = data.get("format") if isinstance(data, dict) else type(data).__name__
-        raise ShardError(f"{file}: key 'format' is {got!r}, expected {FORMAT!r}")
-    if data.get("version") != VERSION:
-        raise ShardError(f"{file}: key 'version' is {data.get('version')!r}, this code reads version {VERSION}")
-    missing = [k for k in _REQUIRED_KEYS if k not in data]
-    if missing:
-        raise ShardError(f"{file}: missing key(s) {missing}")
-    for split in SPLITS:
-        if split not in data["splits"]:
-            raise ShardError(f"{file}: key 'splits' has no {split!r} entry")
-    return Manifest(
-        path=file.parent,
-        task=data["task"],
-        class_names=list(data["class_names"]),
-        target_name=data["target_name"],
-        target_unit=data["target_unit"],
-        target_shape=list(data["target_shape"]),
-        modalities=dict(data["modalities"]),
-        has_month=bool(data["has_month"]),
-        stats=data["stats"],
-        target_stats=data["target_stats"],
-        splits=data["splits"],
-        seed=int(data["seed"]),
-        samples_per_shard=int(data["samples_per_shard"]),
-        archive=str(data.get("archive", "")),
-        shuffle_window=int(data.get("shuffle_window", 0)),
-        val_split=dict(data.get("val_split") or {}),
-        version=int(data["version"]),
-        train_sums=dict(data.get("train_sums") or {}),
-        rows=list(data["rows"]) if data.get("rows") is not None else None,
-    )
 
 
 def _write_json_atomic(file: Path, data: dict[str, Any]) -> None:
@@ -359,9 +203,7 @@ def _write_window(w: _Window) -> _WindowResult:
 
     result = _WindowResult(shards=[], band_sums=None, target_sums=None)
     if w.with_stats:
-        result.band_sums = {
-            m.name: _band_sums(data[m.name], channel_axis(m.kind)) for m in w.modalities if m.kind != "categorical"
-        }
+        result.band_sums = {m.name: _band_sums(data[m.name], channel_axis(m.kind)) for m in w.modalities if m.kind != "categorical"}
         result.target_sums = _target_sums(w.task, target)
 
     perm = np.random.default_rng([w.seed, _TAG_WINDOW_SHUFFLE, SPLIT_CODES[w.split], w.window]).permutation(len(rows))
@@ -578,20 +420,18 @@ def _start_pool(workers: int) -> ProcessPoolExecutor | None:
         return None
     # fork starts workers instantly; from 3.12 Python warns about forking a threaded process (zarr
     # runs an IO thread), so use forkserver there. The bytes written do not depend on the method.
-    methods = multiprocessing.get_all_start_methods()
-    if "fork" in methods and sys.version_info < (3, 12):
-        method = "fork"
+    starts = multiprocessing.get_all_start_methods()
+    if "fork" in starts and sys.version_info < (3, 12):
+        start = "fork"
     else:
-        method = "forkserver" if "forkserver" in methods else "spawn"
-    pool = ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context(method))
-    if method == "fork":
+        start = "forkserver" if "forkserver" in starts else "spawn"
+    pool = ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context(start))
+    if start == "fork":
         list(pool.map(_warm, range(workers)))
     return pool
 
 
-def _run(
-    tasks: Iterator[_Window], pool: ProcessPoolExecutor | None, workers: int, n_tasks: int, on_done
-) -> list[_WindowResult]:
+def _run(tasks: Iterator[_Window], pool: ProcessPoolExecutor | None, workers: int, n_tasks: int, on_done) -> list[_WindowResult]:
     """Run window tasks in plan order, at most 2 x workers queued at once (bounded parent memory)."""
     results: list[_WindowResult | None] = [None] * n_tasks
     if pool is None or n_tasks <= 1:
@@ -618,12 +458,12 @@ def _run(
     return results  # type: ignore[return-value]
 
 
-
 def _band_stats(s: np.ndarray, ss: np.ndarray, c: np.ndarray) -> tuple[dict[str, list], dict[str, list]]:
     """Manifest entries of one modality: normalisation stats, and the exact sums they came from
     (kept so that parts sharded by separate jobs can be merged exactly)."""
     mean, std = nan_safe_mean_std(s, ss, c)
     return {"mean": mean.tolist(), "std": std.tolist()}, {"sum": s.tolist(), "sumsq": ss.tolist(), "count": c.tolist()}
+
 
 def write_shards(
     archive_path: str | Path,
@@ -665,7 +505,16 @@ def write_shards(
     pool = _start_pool(workers)
     try:
         return _write_shards(
-            archive_path, Path(out_dir), pool, samples_per_shard, seed, workers, val_fraction, window_size, overwrite, progress,
+            archive_path,
+            Path(out_dir),
+            pool,
+            samples_per_shard,
+            seed,
+            workers,
+            val_fraction,
+            window_size,
+            overwrite,
+            progress,
             row_range,
         )
     finally:
@@ -689,7 +538,9 @@ def _write_shards(
     archive = open_archive(archive_path)
     for name in archive.modalities:
         if "." in name or "/" in name or name in RESERVED_MEMBERS:
-            raise ShardError(f"{archive_path}: modality name {name!r} cannot be a shard member name (no '.', '/', {list(RESERVED_MEMBERS)})")
+            raise ShardError(
+                f"{archive_path}: modality name {name!r} cannot be a shard member name (no '.', '/', {list(RESERVED_MEMBERS)})"
+            )
     _prepare_out(out, overwrite)
 
     split = archive.split.copy()
@@ -788,10 +639,7 @@ def _write_shards(
     )
     _write_json_atomic(out / MANIFEST_NAME, manifest.to_json())
     if progress:
-        _log(
-            f"{out}: "
-            + ", ".join(f"{s} {splits[s]['num_samples']} samples / {len(splits[s]['shards'])} shards" for s in SPLITS)
-        )
+        _log(f"{out}: " + ", ".join(f"{s} {splits[s]['num_samples']} samples / {len(splits[s]['shards'])} shards" for s in SPLITS))
     return manifest
 
 
@@ -854,7 +702,7 @@ def merge_shards(out_dir: str | Path, parts: list[str | Path], *, overwrite: boo
         raise ShardError("merge_shards: no part to merge")
     manifests = [load_manifest(p) for p in parts]
     first = manifests[0]
-    for i, m in enumerate(manifests):
+    for m in manifests:
         for key in _SAME_IN_EVERY_PART:
             if getattr(m, key) != getattr(first, key):
                 raise ShardError(f"{m.path}: {key} {getattr(m, key)!r} differs from {first.path}'s {getattr(first, key)!r}")
@@ -884,7 +732,9 @@ def merge_shards(out_dir: str | Path, parts: list[str | Path], *, overwrite: boo
 
     stats, sums = {}, {}
     for name in first.stats:
-        s, ss, c = (sum(np.asarray(m.train_sums["modalities"][name][k], dtype=np.float64) for m in manifests) for k in ("sum", "sumsq", "count"))
+        s, ss, c = (
+            sum(np.asarray(m.train_sums["modalities"][name][k], dtype=np.float64) for m in manifests) for k in ("sum", "sumsq", "count")
+        )
         stats[name], sums[name] = _band_stats(s, ss, c)
     target_parts = [m.train_sums.get("target") or {} for m in manifests]
     target_stats, target_sums = _merge_target_json(first.task, [p for p in target_parts if p])
@@ -914,8 +764,6 @@ def merge_shards(out_dir: str | Path, parts: list[str | Path], *, overwrite: boo
 
 
 def _link_or_copy(src: Path, dst: Path, copy: bool) -> None:
-    import shutil
-
     if not src.exists():
         raise ShardError(f"{src}: listed in its manifest but missing")
     if not copy:
@@ -1001,12 +849,13 @@ def verify_shards(out_dir: str | Path) -> list[str]:
             if incomplete:
                 key, exts = incomplete[0]
                 problems.append(
-                    f"{file}: {len(incomplete)} sample(s) with wrong members, e.g. {key} has {sorted(exts)}, "
-                    f"expected {sorted(expected)}"
+                    f"{file}: {len(incomplete)} sample(s) with wrong members, e.g. {key} has {sorted(exts)}, expected {sorted(expected)}"
                 )
             total += entry["num_samples"]
         if total != manifest.splits[split]["num_samples"]:
-            problems.append(f"{out / MANIFEST_NAME}: split {split!r} lists {total} samples in shards but num_samples {manifest.splits[split]['num_samples']}")
+            problems.append(
+                f"{out / MANIFEST_NAME}: split {split!r} lists {total} samples in shards but num_samples {manifest.splits[split]['num_samples']}"
+            )
     for p in sorted(out.glob("*.tar")):
         if p.name not in listed:
             problems.append(f"{p}: shard file not listed in the manifest")
@@ -1014,11 +863,6 @@ def verify_shards(out_dir: str | Path) -> list[str]:
 
 
 __all__ = [
-    "FORMAT",
-    "MANIFEST_NAME",
-    "Manifest",
-    "ShardError",
-    "load_manifest",
     "merge_shards",
     "sample_key",
     "shard_name",

@@ -9,23 +9,25 @@ which finds `latest` in the run directory and continues.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import glob
 import json
 import os
-import shlex
 import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any
 
 import submitit
 
 from .config import ConfigError, RunConfig, SlurmConfig, apply_override, from_dict, load_config
+from .engine import train
+from .methods import method
+from .runs import RunDir
+from .sweep import PlannedRun, plan_sweep
 
 
 @dataclass
@@ -37,8 +39,6 @@ class TrainJob:
     allow_config_change: bool = False
 
     def __call__(self) -> dict[str, Any]:
-        from .engine import train
-
         submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
         cfg = load_config(self.config, self.overrides)
         result = train(cfg, allow_config_change=self.allow_config_change)
@@ -76,45 +76,6 @@ def requeue_refusal(max_requeues: int, run_dir: str | Path, environ: Mapping[str
         f"{run_dir}: stopped at its checkpoint and not requeued: the job was requeued {restarts} time(s), "
         f"slurm.max_requeues is {max_requeues}. Continue it in a new allocation with: colearn-dist submit --resume {run_dir}"
     )
-
-
-@dataclass
-class CommandJob:
-    """A picklable callable: one colearn-dist sub-command (shard, evaluate, ...) as a Slurm job.
-    Wildcards (`runs/*/seed*`) are expanded when the job runs, as a shell would (kept if nothing matches)."""
-
-    argv: list[str]
-
-    def __call__(self) -> dict[str, Any]:
-        from .cli import main
-
-        argv = [match for arg in self.argv for match in (sorted(glob.glob(arg)) if glob.has_magic(arg) else []) or [arg]]
-        err = _Tee(sys.stderr)
-        with contextlib.redirect_stderr(err):
-            try:
-                code = main(argv)
-            except SystemExit as exc:  # argparse rejected the command line
-                code = exc.code if isinstance(exc.code, int) else 2
-        if code:
-            raise RuntimeError(f"colearn-dist {shlex.join(self.argv)} exited with status {code}: {err.tail().strip()}")
-        return {"status": "finished", "command": shlex.join(self.argv)}
-
-
-class _Tee:
-    """Writes through to a stream and keeps the end of what was written (for the job's error message)."""
-
-    def __init__(self, stream: Any, keep: int = 4000) -> None:
-        self._stream, self._keep, self._text = stream, keep, ""
-
-    def write(self, text: str) -> int:
-        self._text = (self._text + text)[-self._keep :]
-        return self._stream.write(text)
-
-    def tail(self) -> str:
-        return self._text
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._stream, name)
 
 
 def command_slurm(overrides: list[str], command: str) -> SlurmConfig:
@@ -193,7 +154,7 @@ def submit_runs(
     cluster, submitted = submit_jobs(list(jobs), folder, slurm, local=local, after=after)
     for job, run_dir in zip(submitted, run_dirs):
         run_dir.mkdir(parents=True, exist_ok=True)
-        record = run_dir / "jobs.json"
+        record = RunDir(run_dir).jobs
         history = json.loads(record.read_text()) if record.exists() else []
         history.append({"job_id": job.job_id, "submitted": time.strftime("%Y-%m-%dT%H:%M:%S"), "cluster": cluster})
         record.write_text(json.dumps(history, indent=1))
@@ -202,17 +163,14 @@ def submit_runs(
 
 def status(run_dir: str | Path) -> str:
     """Job state, last checkpoint and the last logged lines of a run, as text."""
-    from .checkpoint import Checkpointer
-
-    run_dir = Path(run_dir)
-    lines = [f"run {run_dir}"]
-    record = run_dir / "jobs.json"
-    if record.exists():
-        last = json.loads(record.read_text())[-1]
+    run = RunDir(run_dir)
+    lines = [f"run {run.path}"]
+    if run.jobs.exists():
+        last = json.loads(run.jobs.read_text())[-1]
         lines.append(f"  job {last['job_id']} ({last['cluster']}, submitted {last['submitted']}): {job_state(last['job_id'])}")
     else:
         lines.append("  no job submitted from here")
-    latest = Checkpointer(run_dir).latest()
+    latest = run.checkpointer().latest()
     if latest is None:
         lines.append("  no checkpoint yet")
     else:
@@ -222,14 +180,13 @@ def status(run_dir: str | Path) -> str:
             h = state["history"][-1]
             shown = ", ".join(f"{k} {v:.4g}" for k, v in h["scores"].items())
             lines.append(f"  last validation (epoch {h['epoch']}, higher is better): {shown}")
-    metrics = run_dir / "metrics_test.json"
+    metrics = run.metrics("test")
     if metrics.exists():
         for rec in json.loads(metrics.read_text()):
             shown = ", ".join(f"{k} {v:.4g}" for k, v in list(rec["metrics"].items())[:4])
             lines.append(f"  test {rec['sensors']}: {shown}")
-    log = run_dir / "train.log"
-    if log.exists():
-        tail = log.read_text().splitlines()[-3:]
+    if run.log.exists():
+        tail = run.log.read_text().splitlines()[-3:]
         lines += ["  log: " + t for t in tail]
     return "\n".join(lines)
 
@@ -247,21 +204,65 @@ def job_state(job_id: str) -> str:
 
 def resume_config(run_dir: str | Path) -> tuple[str, RunConfig]:
     """The config a run was started with (its run_dir/config.yaml), to continue it in a new allocation."""
-    path = Path(run_dir) / "config.yaml"
-    if not path.exists():
-        raise FileNotFoundError(f"{run_dir}: no config.yaml (was this run started by colearn-dist?)")
-    return str(path), load_config(path)
+    run = RunDir(run_dir)
+    return str(run.config_file), run.config()
+
+
+def plan_submission(
+    configs: list[str],
+    overrides: list[str],
+    methods: str | None = None,
+    seeds: list[int] | None = None,
+    root: str | None = None,
+) -> tuple[list[list[PlannedRun]], SlurmConfig]:
+    """CONFIG… (× methods × seeds) as runs grouped into array jobs: students wait for their
+    teachers in a second array after the first. Every config must ask for the same allocation."""
+    planned: list[PlannedRun] = []
+    slurm: SlurmConfig | None = None
+    for config in configs:
+        base = load_config(config, overrides)
+        if slurm is not None and base.slurm != slurm:
+            raise ValueError(f"{config}: its slurm section differs from {configs[0]}'s; one array job has one allocation shape")
+        slurm = base.slurm
+        if methods or seeds:
+            names = (methods or base.model.method).split(",")
+            run_root = Path(root) / Path(config).stem if root and len(configs) > 1 else root
+            planned += plan_sweep(config, names, seeds or [base.train.seed], overrides, run_root)
+        else:
+            planned.append(PlannedRun(config, Path(base.run_dir), base.model.method, base.train.seed, overrides=list(overrides)))
+    assert slurm is not None
+    groups = [[r for r in planned if not method(r.method).teacher], [r for r in planned if method(r.method).teacher]]
+    return [g for g in groups if g], slurm
+
+
+def submit_planned(
+    groups: list[list[PlannedRun]],
+    slurm: SlurmConfig,
+    *,
+    allow_config_change: bool = False,
+    local: bool = False,
+    after: list[str] | None = None,
+) -> list[tuple[submitit.Job, Path]]:
+    """Each group as one array job, each after the previous one (and after `after`)."""
+    waits = list(after or [])
+    submitted = []
+    for group in groups:
+        jobs = [TrainJob(r.config, r.overrides, allow_config_change) for r in group]
+        done = submit_runs(jobs, [r.run_dir for r in group], slurm, local=local, after=waits)
+        waits = [done[0].job_id.split("_")[0]]
+        submitted += [(job, run.run_dir) for job, run in zip(done, group)]
+    return submitted
 
 
 __all__ = [
-    "CommandJob",
     "TrainJob",
     "command_slurm",
     "make_executor",
+    "plan_submission",
     "requeue_refusal",
     "resume_config",
     "status",
     "submit_jobs",
+    "submit_planned",
     "submit_runs",
 ]
-

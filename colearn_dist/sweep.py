@@ -13,10 +13,18 @@ from typing import Any
 
 import yaml
 
+from .archive import describe, open_archive
 from .config import RunConfig, load_config
+from .engine import train
+from .evaluate import evaluate_runs
+from .launch import launch_local
+from .manifest import load_manifest
+from .methods import TRAIN_ORDER, method
+from .runs import RunDir
+from .shards import write_shards
 
-# Training order matters: distillation students need their fusion teacher of the same seed.
-ORDER = ("fusion", "mdico", "single", "dropout", "distill")
+# The shipped configs (package data; the repository's top-level configs/ links here).
+CONFIGS = Path(__file__).resolve().parent / "configs"
 
 
 @dataclass
@@ -33,7 +41,7 @@ class PlannedRun:
 
     @property
     def done(self) -> bool:
-        return (self.run_dir / "metrics_test.json").exists()
+        return RunDir(self.run_dir).metrics("test").exists()
 
 
 def plan_sweep(
@@ -47,38 +55,32 @@ def plan_sweep(
     base = load_config(config, overrides)
     root = Path(root or base.run_dir)
     modalities = base.data.modalities or _manifest_modalities(base)
-    unknown = sorted(set(methods) - set(ORDER))
+    unknown = sorted(set(methods) - set(TRAIN_ORDER))
     if unknown:
-        raise ValueError(f"unknown method(s) {unknown}; known: {list(ORDER)}")
+        raise ValueError(f"unknown method(s) {unknown}; known: {list(TRAIN_ORDER)}")
     runs: list[PlannedRun] = []
     for seed in seeds:
-        for method in sorted(methods, key=ORDER.index):
-            per_sensor = method in ("single", "distill")
-            for modality in modalities if per_sensor else [None]:
-                name = f"{method}-{modality}" if modality else method
-                run_dir = root / name / f"seed{seed}"
-                sets = [f"model.method={method}", f"train.seed={seed}", f"run_dir={run_dir}", f"name={name}-seed{seed}"]
+        for name in sorted(methods, key=TRAIN_ORDER.index):
+            how = method(name)
+            for modality in modalities if how.per_sensor else [None]:
+                run_name = f"{name}-{modality}" if modality else name
+                run_dir = root / run_name / f"seed{seed}"
+                sets = [f"model.method={name}", f"train.seed={seed}", f"run_dir={run_dir}", f"name={run_name}-seed{seed}"]
                 if modality:
                     sets.append(f"model.modality={modality}")
-                if method == "distill":
-                    if "fusion" not in methods:
-                        raise ValueError("method 'distill' needs 'fusion' in the same sweep (its teacher)")
-                    sets.append(f"model.teacher={root / 'fusion' / f'seed{seed}'}")
-                runs.append(PlannedRun(str(config), run_dir, method, seed, modality, overrides + sets))
+                if how.teacher:
+                    if how.teacher not in methods:
+                        raise ValueError(f"method {name!r} needs {how.teacher!r} in the same sweep (its teacher)")
+                    sets.append(f"model.teacher={root / how.teacher / f'seed{seed}'}")
+                runs.append(PlannedRun(str(config), run_dir, name, seed, modality, overrides + sets))
     return runs
 
 
 def _manifest_modalities(cfg: RunConfig) -> list[str]:
-    from .shards import load_manifest
-
     return list(load_manifest(cfg.data.shards).modalities)
 
 
 def run_sweep(runs: list[PlannedRun], nproc: int = 1, out: str | Path | None = None, reference: str | None = None) -> int:
-    from .engine import train
-    from .evaluate import evaluate_runs
-    from .launch import launch_local
-
     for i, run in enumerate(runs, 1):
         if run.done:
             print(f"[{i}/{len(runs)}] {run.run_dir}: done, skipped")
@@ -110,11 +112,9 @@ def load_reference(path: str | None) -> dict[str, dict[str, float]] | None:
 
 def demo(datasets: list[str], seeds: list[int], methods: list[str], quick: bool = False) -> int:
     """The main job on the bundled data: import → shard → train every method → evaluate → print the table."""
-    from .archive import describe, open_archive
     from .importers.presto import BUNDLED, import_presto
-    from .shards import write_shards
 
-    configs = Path(__file__).resolve().parent / "configs"
+    configs = CONFIGS
     for name in datasets:
         if name not in BUNDLED:
             raise ValueError(f"unknown bundled dataset {name!r}; have {sorted(BUNDLED)}")

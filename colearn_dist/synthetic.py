@@ -20,6 +20,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import zarr
+
+from .archive import FORMAT, SPLIT_CODES, VERSION, ModalitySpec, open_archive
 
 # name -> (kind, bands); series get `t` monthly steps.
 SENSORS: dict[str, tuple[str, tuple[str, ...]]] = {
@@ -61,7 +64,7 @@ def _block(
     u = rng.normal(size=(m, shared_dim))
     data: dict[str, np.ndarray] = {}
     score = u @ f.a + 0.5 * np.tanh(u[:, 0] * u[:, 1])
-    for name, (kind, bands) in f.sensors.items():
+    for name, (kind, _) in f.sensors.items():
         v = rng.normal(size=(m, f.s[name].shape[0]))
         score += f.b[name] * v[:, 0]
         if kind == "series":
@@ -104,10 +107,6 @@ def write_synthetic_archive(
     `labelled=False` writes NaN targets: an unlabeled archive, as pretraining reads it.
     `sites`: number of `group` values (default n // 100, at least 2), assigned at random.
     """
-    import zarr
-
-    from .archive import FORMAT, SPLIT_CODES, VERSION, ModalitySpec, open_archive
-
     if n < 2:
         raise ValueError(f"a synthetic archive needs n ≥ 2 samples, got {n}")
     if chunk_size < 1 or block < 1 or t < 1:

@@ -9,6 +9,6 @@ export OMP_NUM_THREADS=1
 [ -d "archives/$name.zarr" ] || colearn-dist import presto "$name" "archives/$name.zarr"
 [ -f "shards/$name/manifest.json" ] || colearn-dist shard "archives/$name.zarr" "shards/$name" --samples-per-shard 256 --workers 1
 for setting in "" _s1s2; do
-  colearn-dist sweep "configs/$name$setting.yaml" --seeds 0 1 2 --set train.threads=1 \
-    --root "runs/results/$name$setting" --out "runs/results/$name$setting/tables" --reference configs/reference.yaml
+  colearn-dist sweep "colearn_dist/configs/$name$setting.yaml" --seeds 0 1 2 --set train.threads=1 \
+    --root "runs/results/$name$setting" --out "runs/results/$name$setting/tables" --reference colearn_dist/configs/reference.yaml
 done

@@ -12,7 +12,7 @@
 #SBATCH --requeue
 #SBATCH --open-mode=append
 set -uo pipefail
-srun --kill-on-bad-exit=0 colearn-dist train configs/fuel_moisture.yaml --set run_dir=runs/direct/mdico
+srun --kill-on-bad-exit=0 colearn-dist train colearn_dist/configs/fuel_moisture.yaml --set run_dir=runs/direct/mdico
 status=$?
 if [ "$status" -eq 3 ]; then
   scontrol requeue "$SLURM_JOB_ID"

@@ -3,7 +3,7 @@
 # Time limits and preemption are handled: Slurm warns the job (USR2, 120 s before the limit), every
 # rank checkpoints at the next step boundary, the job requeues itself and resumes from `latest`.
 set -euo pipefail
-CONFIG=${1:-configs/fuel_moisture.yaml}
+CONFIG=${1:-colearn_dist/configs/fuel_moisture.yaml}
 colearn-dist submit "$CONFIG" \
   --set run_dir=runs/continental/mdico \
   --set slurm.nodes=2 --set slurm.gpus_per_node=4 --set slurm.cpus_per_task=8 --set slurm.mem_gb=32 \

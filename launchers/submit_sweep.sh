@@ -3,7 +3,7 @@
 # The runs are one array job (one config per element; several CONFIG files, e.g. one per fold, add
 # elements); the distillation students form a second array that starts after their fusion teachers.
 set -euo pipefail
-CONFIG=${1:-configs/fuel_moisture.yaml}
+CONFIG=${1:-colearn_dist/configs/fuel_moisture.yaml}
 ARCHIVE=${2:-archives/fuel_moisture.zarr}
 SHARDS=shards/sweep
 SLURM=(--set slurm.cpus_per_task=2 --set slurm.mem_gb=4 --set slurm.time_min=30 --set slurm.partition=cpu)

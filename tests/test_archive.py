@@ -9,9 +9,9 @@ import pytest
 import zarr
 
 from colearn_dist.archive import (
+    SPLIT_CODES,
     ArchiveError,
     ModalitySpec,
-    SPLIT_CODES,
     describe,
     nan_safe_mean_std,
     open_archive,
@@ -111,7 +111,9 @@ def test_categorical_code_out_of_range_names_array(synthetic_archive):
     assert codes.max() <= 4
     codes[7, 2] = 6
     _replace(path, "modalities/dw", codes)
-    with pytest.raises(ArchiveError, match=r"'modalities/dw' \(categorical\) has code 6 outside \[0, 4\] that is not its missing_value \(4\)"):
+    with pytest.raises(
+        ArchiveError, match=r"'modalities/dw' \(categorical\) has code 6 outside \[0, 4\] that is not its missing_value \(4\)"
+    ):
         open_archive(path)
 
 

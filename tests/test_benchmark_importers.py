@@ -16,7 +16,7 @@ import torch
 from colearn_dist.archive import SPLIT_CODES, ArchiveError, ModalitySpec, open_archive, write_archive
 from colearn_dist.cli import main as cli_main
 from colearn_dist.config import EncoderConfig, ModelConfig, ObjectiveConfig, load_config
-from colearn_dist.encoders import ImageCNN, ModalityInput, build_encoder, modality_inputs
+from colearn_dist.encoders import ImageCNN, build_encoder
 from colearn_dist.importers import (
     IMPORTERS,
     import_cropharvest,
@@ -26,7 +26,7 @@ from colearn_dist.importers import (
 )
 from colearn_dist.importers.presto import BANDS
 from colearn_dist.importers.treesatai import GENERA
-
+from colearn_dist.manifest import Modality, modality_inputs
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -52,10 +52,17 @@ def lfmc_rows(n_sites: int = 12, per_site: int = 5, seed: int = 0) -> tuple[list
     header += [f"{f}(t)" if k == 0 else f"{f}(t-{k})" for f in feats for k in range(4)]
     rows = []
     for s in range(n_sites):
-        for j in range(per_site):
+        for _ in range(per_site):
             i = len(rows)
             month = 1 + (i % 12)
-            row = [str(i), f"site{s}", f"2018-{month:02d}-15", f"{35 + s * 0.1:.3f}", f"{-120 - s * 0.1:.3f}", f"{rng.uniform(50, 200):.2f}"]
+            row = [
+                str(i),
+                f"site{s}",
+                f"2018-{month:02d}-15",
+                f"{35 + s * 0.1:.3f}",
+                f"{-120 - s * 0.1:.3f}",
+                f"{rng.uniform(50, 200):.2f}",
+            ]
             for fi, f in enumerate(feats):
                 for k in range(4):
                     value = 100 * fi + 10 * k + i / 1000 if f not in STATIC else 100 * fi + s
@@ -123,7 +130,9 @@ def test_lfmc_modalities_from_yaml(tmp_path, lfmc_csv):
 def test_lfmc_errors_name_file_column_and_line(tmp_path):
     header, rows = lfmc_rows(n_sites=3, per_site=4)
     drop = header.index("vh(t-2)")
-    bad = write_csv(tmp_path / "missing.csv", [h for j, h in enumerate(header) if j != drop], [[v for j, v in enumerate(r) if j != drop] for r in rows])
+    bad = write_csv(
+        tmp_path / "missing.csv", [h for j, h in enumerate(header) if j != drop], [[v for j, v in enumerate(r) if j != drop] for r in rows]
+    )
     with pytest.raises(ArchiveError, match=r"missing\.csv.*feature 'vh'.*'vh\(t-2\)'"):
         import_lfmc(bad, tmp_path / "a.zarr")
     rows[2][header.index("red(t-1)")] = "cloudy"
@@ -183,7 +192,9 @@ def write_cropharvest(root: Path, n: int = 30, seed: int = 0) -> Path:
             "classification_label": crops[i % 3] if i % 4 else None,
             "export_end_date": "2020-02-01T00:00:00",
         }
-        features.append({"type": "Feature", "properties": props, "geometry": {"type": "Point", "coordinates": [props["lon"], props["lat"]]}})
+        features.append(
+            {"type": "Feature", "properties": props, "geometry": {"type": "Point", "coordinates": [props["lon"], props["lat"]]}}
+        )
         if i <= n - 1:
             x = rng.uniform(100, 3000, size=(12, 18))
             x[:, :2] = rng.normal(-12, 3, size=(12, 2))
@@ -338,8 +349,16 @@ def test_treesatai_errors_name_file_key_and_shape(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------ MDiCo netCDF
-def write_netcdf(path: Path, views: dict[str, np.ndarray], target: np.ndarray, *, ids: list[str], train_mask: np.ndarray | None,
-                 target_names: list[str] | str, attr: str = "view_names") -> Path:
+def write_netcdf(
+    path: Path,
+    views: dict[str, np.ndarray],
+    target: np.ndarray,
+    *,
+    ids: list[str],
+    train_mask: np.ndarray | None,
+    target_names: list[str] | str,
+    attr: str = "view_names",
+) -> Path:
     """The layout xarray + h5netcdf write for the reference code's Dataset: an `identifier` dimension
     scale with the ids, one variable per view with dimensions identifier, <view>-D1, …, `target`
     (identifier, dim_target), `train_mask` (bool as int8), global attributes view_names, target_names."""
@@ -396,10 +415,23 @@ def test_mdico_netcdf_views_splits_and_concatenation(tmp_path, capsys):
     classes = ["maize", "rice", "wheat"]
     tr, te = crop_views(20, 0), crop_views(6, 1)
     mask = np.arange(20) % 5 != 0
-    write_netcdf(tmp_path / "crop_multi_train.nc", tr, (np.arange(20) % 3).astype(np.int8), ids=[f"s{i}" for i in range(20)],
-                 train_mask=mask, target_names=classes)
-    write_netcdf(tmp_path / "crop_multi_test.nc", te, (np.arange(6) % 3).astype(np.int8), ids=[f"t{i}" for i in range(6)],
-                 train_mask=None, target_names=classes, attr="modality_names")
+    write_netcdf(
+        tmp_path / "crop_multi_train.nc",
+        tr,
+        (np.arange(20) % 3).astype(np.int8),
+        ids=[f"s{i}" for i in range(20)],
+        train_mask=mask,
+        target_names=classes,
+    )
+    write_netcdf(
+        tmp_path / "crop_multi_test.nc",
+        te,
+        (np.arange(6) % 3).astype(np.int8),
+        ids=[f"t{i}" for i in range(6)],
+        train_mask=None,
+        target_names=classes,
+        attr="modality_names",
+    )
     path = import_mdico_netcdf(tmp_path / "crop_multi_train.nc", tmp_path / "nc.zarr", modalities=["S1", "S2_S2VI", "DEM"])
     assert "crop_multi_test.nc (test)" in capsys.readouterr().err
     a = open_archive(path)
@@ -417,8 +449,14 @@ def test_mdico_netcdf_views_splits_and_concatenation(tmp_path, capsys):
     np.testing.assert_allclose(a.latlon[0], [5, 1])  # the reference stores (lon, lat)
     # kinds override: S1Ind [N, 12] read as a series [N, 12, 1]; nothing held out → one of 10 folds
     only = tmp_path / "lfmc.nc"
-    write_netcdf(only, {"S1Ind": tr["S1Ind"], "DEM": tr["DEM"]}, np.linspace(50, 150, 20).astype(np.float32)[:, None],
-                 ids=[f"s{i}" for i in range(20)], train_mask=np.ones(20, bool), target_names="lfmc")
+    write_netcdf(
+        only,
+        {"S1Ind": tr["S1Ind"], "DEM": tr["DEM"]},
+        np.linspace(50, 150, 20).astype(np.float32)[:, None],
+        ids=[f"s{i}" for i in range(20)],
+        train_mask=np.ones(20, bool),
+        target_names="lfmc",
+    )
     b = open_archive(import_mdico_netcdf(only, tmp_path / "l.zarr", kinds={"S1Ind": "series"}))
     assert b.task == "regression" and b.target_name == "lfmc" and b.array("S1Ind").shape == (20, 12, 1)
     assert b.split_counts() == {"train": 18, "val": 0, "test": 2}
@@ -429,7 +467,9 @@ def test_mdico_netcdf_image_view_and_errors(tmp_path):
     views = {"S2": rng.normal(size=(8, 5, 10)).astype(np.float32), "aerial": rng.uniform(size=(8, 6, 6, 4)).astype(np.float32)}
     y = rng.integers(0, 2, size=(8, 15)).astype(np.uint8)
     y[:, 0] = 1
-    write_netcdf(tmp_path / "tree_train.nc", views, y, ids=[f"p{i}" for i in range(8)], train_mask=np.arange(8) < 6, target_names=list(GENERA))
+    write_netcdf(
+        tmp_path / "tree_train.nc", views, y, ids=[f"p{i}" for i in range(8)], train_mask=np.arange(8) < 6, target_names=list(GENERA)
+    )
     a = open_archive(import_mdico_netcdf(tmp_path / "tree_train.nc", tmp_path / "t.zarr", heldout="val"))
     assert a.task == "multilabel" and a.modalities["aerial"].kind == "image"
     np.testing.assert_allclose(a.array("aerial")[2], np.moveaxis(views["aerial"][2], -1, 0))  # channels first
@@ -458,7 +498,10 @@ def image_archive(path: Path, n: int = 48) -> Path:
     target = (img[:, 0].mean(axis=(1, 2)) > 10).astype(np.int64)
     return write_archive(
         path,
-        {"s2": (s2, ModalitySpec("s2", "series", ("a", "b", "c", "d"))), "aerial": (img, ModalitySpec("aerial", "image", ("R", "G", "NIR")))},
+        {
+            "s2": (s2, ModalitySpec("s2", "series", ("a", "b", "c", "d"))),
+            "aerial": (img, ModalitySpec("aerial", "image", ("R", "G", "NIR"))),
+        },
         target=target,
         task="binary",
         split=np.where(np.arange(n) < 40, 0, 2),
@@ -472,16 +515,34 @@ def test_image_archive_validation(tmp_path):
     a = open_archive(path)
     assert a.modalities["aerial"].kind == "image" and a.array("aerial").shape == (48, 3, 8, 8)
     with pytest.raises(ArchiveError, match=r"'modalities/aerial' \(image\) has shape .*expected \[N, C, H, W\]"):
-        write_archive(tmp_path / "b.zarr", {"aerial": (np.zeros((4, 8, 8), np.float32), ModalitySpec("aerial", "image", ("R",) * 8))},
-                      target=np.zeros(4, np.int64), task="binary", split=np.zeros(4), ids=np.arange(4))
+        write_archive(
+            tmp_path / "b.zarr",
+            {"aerial": (np.zeros((4, 8, 8), np.float32), ModalitySpec("aerial", "image", ("R",) * 8))},
+            target=np.zeros(4, np.int64),
+            task="binary",
+            split=np.zeros(4),
+            ids=np.arange(4),
+        )
     with pytest.raises(ArchiveError, match=r"'modalities/aerial' has 3 bands but attribute 'bands' names 8"):
-        write_archive(tmp_path / "c.zarr", {"aerial": (np.zeros((4, 3, 8, 8), np.float32), ModalitySpec("aerial", "image", ("R",) * 8))},
-                      target=np.zeros(4, np.int64), task="binary", split=np.zeros(4), ids=np.arange(4))
+        write_archive(
+            tmp_path / "c.zarr",
+            {"aerial": (np.zeros((4, 3, 8, 8), np.float32), ModalitySpec("aerial", "image", ("R",) * 8))},
+            target=np.zeros(4, np.int64),
+            task="binary",
+            split=np.zeros(4),
+            ids=np.arange(4),
+        )
     bad = np.ones((4, 2, 8, 8), np.float32)
     bad[:, 1] = np.nan
     with pytest.raises(ArchiveError, match=r"all-NaN band\(s\) \['G'\]"):
-        write_archive(tmp_path / "d.zarr", {"aerial": (bad, ModalitySpec("aerial", "image", ("R", "G")))},
-                      target=np.zeros(4, np.int64), task="binary", split=np.zeros(4), ids=np.arange(4))
+        write_archive(
+            tmp_path / "d.zarr",
+            {"aerial": (bad, ModalitySpec("aerial", "image", ("R", "G")))},
+            target=np.zeros(4, np.int64),
+            task="binary",
+            split=np.zeros(4),
+            ids=np.arange(4),
+        )
 
 
 def test_image_shards_loader_and_mdico_forward(tmp_path):
@@ -513,7 +574,7 @@ def test_image_shards_loader_and_mdico_forward(tmp_path):
         assert not valid[k, 1].any() and (x[k, 1] == 0).all()
 
     inputs = modality_inputs(manifest.modalities)
-    assert inputs["aerial"] == ModalityInput("aerial", "image", None, 3, height=8, width=8)
+    assert inputs["aerial"] == Modality("aerial", "image", None, 3, height=8, width=8)
     cfg = ModelConfig(
         embedding_dim=16,
         encoders={"default": EncoderConfig(hidden=8, depth=1), "aerial": EncoderConfig(type="cnn", hidden=8, depth=2)},
@@ -531,12 +592,12 @@ def test_image_shards_loader_and_mdico_forward(tmp_path):
 
 
 def test_build_encoder_for_images():
-    inp = ModalityInput("aerial", "image", None, 4, height=304, width=304)
+    inp = Modality("aerial", "image", None, 4, height=304, width=304)
     enc = build_encoder(EncoderConfig(type="tempcnn", hidden=8, depth=3), inp, 16)  # a temporal default still gets the CNN
     assert isinstance(enc, ImageCNN)
     assert enc(torch.randn(2, 4, 32, 32)).shape == (2, 16)
     with pytest.raises(ValueError, match="'cnn' is for image modalities"):
-        build_encoder(EncoderConfig(type="cnn"), ModalityInput("s2", "series", 5, 4), 16)
+        build_encoder(EncoderConfig(type="cnn"), Modality("s2", "series", 5, 4), 16)
     with pytest.raises(ValueError, match=r"\(image\): manifest shape \[4, 8\] is not \[C, H, W\]"):
         modality_inputs({"aerial": {"kind": "image", "shape": [4, 8]}})
 
@@ -563,7 +624,7 @@ def test_cli_import_lfmc_and_treesatai(tmp_path, lfmc_csv, capsys):
     ],
 )
 def test_benchmark_configs_have_the_paper_settings(name, modalities, batch):
-    cfg = load_config(REPO / "configs" / f"{name}.yaml")
+    cfg = load_config(REPO / "colearn_dist" / "configs" / f"{name}.yaml")
     assert cfg.data.modalities == modalities and cfg.data.batch_size == batch
     assert cfg.model.method == "mdico" and cfg.model.embedding_dim == 128
     assert cfg.model.encoders["default"].type == "tempcnn"

@@ -83,10 +83,10 @@ def test_keep_zero_keeps_all_and_universal_copies_go_with_their_checkpoint(tmp_p
 
 
 def test_changed_config_refuses_to_resume_unless_allowed(run_shards, tmp_path):
-    from test_engine import write_config
-
     from colearn_dist.config import load_config
     from colearn_dist.engine import ResumeError, Trainer, train
+
+    from helpers import write_config
 
     cfg_path = write_config(tmp_path / "c.yaml", run_shards, tmp_path / "run", train={"epochs": 1})
     assert train(load_config(cfg_path))["status"] == "finished"

@@ -10,9 +10,10 @@ import sys
 from pathlib import Path
 
 import pytest
-from test_engine import RENDEZVOUS
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+from helpers import RENDEZVOUS
+
+CONFIGS = Path(__file__).resolve().parents[1] / "colearn_dist" / "configs"
 
 
 def cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
@@ -29,13 +30,28 @@ def test_bundled_fuel_moisture_import_shard_sweep_evaluate_export_predict(tmp_pa
     assert cli("shards", "verify", "shards/fm", cwd=tmp_path).stdout.strip().endswith("OK")
 
     sets = ["--set", "data.shards=shards/fm", "--set", "train.epochs=2", "--set", "model.embedding_dim=32"]
-    out = cli("sweep", str(CONFIGS / "fuel_moisture_s1s2.yaml"), "--methods", "mdico,single", "--seeds", "0", "--root", "runs", *sets, cwd=tmp_path)
+    out = cli(
+        "sweep",
+        str(CONFIGS / "fuel_moisture_s1s2.yaml"),
+        "--methods",
+        "mdico,single",
+        "--seeds",
+        "0",
+        "--root",
+        "runs",
+        *sets,
+        cwd=tmp_path,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     # the per-sensor table: rows s1, s2, all; columns the methods
     assert "| s1 " in out.stdout and "| s2 " in out.stdout and "mdico" in out.stdout and "single" in out.stdout
     rows = list(csv.DictReader(open(tmp_path / "runs" / "results" / "results_test.csv")))
     assert {(r["method"], r["sensors"]) for r in rows} == {
-        ("mdico", "s1"), ("mdico", "s2"), ("mdico", "all"), ("single", "s1"), ("single", "s2")
+        ("mdico", "s1"),
+        ("mdico", "s2"),
+        ("mdico", "all"),
+        ("single", "s1"),
+        ("single", "s2"),
     }
     assert list((tmp_path / "runs" / "results").glob("*.png"))
 

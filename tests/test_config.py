@@ -4,7 +4,7 @@ import pytest
 
 from colearn_dist.config import ConfigError, RunConfig, dump_config, from_dict, load_config
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+CONFIGS = Path(__file__).resolve().parents[1] / "colearn_dist" / "configs"
 
 
 RUN_CONFIGS = sorted(p for p in CONFIGS.glob("*.yaml") if p.name != "reference.yaml")
@@ -84,4 +84,3 @@ def test_hash_ignores_how_a_run_executes(execution):
 def test_hash_follows_what_a_run_computes(what):
     cfg = load_config(CONFIGS / "fuel_moisture.yaml")
     assert load_config(CONFIGS / "fuel_moisture.yaml", [what]).hash() != cfg.hash()
-

@@ -15,26 +15,23 @@ from colearn_dist.encoders import (
     CategoricalEmbedding,
     CategoricalEncoder,
     MLPEncoder,
-    ModalityInput,
     Recurrent,
     TempCNN,
-    TempCNNBank,
     TemporalAttention,
-    batch_norm_stacked,
     build_encoder,
-    fast_dropout,
-    modality_inputs,
     month_encoding,
 )
+from colearn_dist.manifest import Modality, modality_inputs
+from colearn_dist.tempcnn_bank import TempCNNBank, batch_norm_stacked, fast_dropout
 
 torch.set_num_threads(1)
 
 B, T = 5, 3
 TYPES = ["tempcnn", "attention", "gru", "lstm", "mlp"]
 INPUTS = {
-    "series": ModalityInput("s2", "series", T, 4),
-    "static": ModalityInput("srtm", "static", None, 2),
-    "categorical": ModalityInput("dw", "categorical", T, 1, num_classes=10, missing_value=9),
+    "series": Modality("s2", "series", T, 4),
+    "static": Modality("srtm", "static", None, 2),
+    "categorical": Modality("dw", "categorical", T, 1, num_classes=10, missing_value=9),
 }
 
 
@@ -42,7 +39,7 @@ def small(type_: str, **kw) -> EncoderConfig:
     return EncoderConfig(type=type_, hidden=8, depth=kw.pop("depth", 2), heads=2, categorical_dim=3, **kw)
 
 
-def batch(inp: ModalityInput, n: int = B) -> torch.Tensor:
+def batch(inp: Modality, n: int = B) -> torch.Tensor:
     if inp.kind == "series":
         return torch.randn(n, inp.steps, inp.channels)
     if inp.kind == "static":
@@ -52,7 +49,14 @@ def batch(inp: ModalityInput, n: int = B) -> torch.Tensor:
 
 MANIFEST = {
     "s1": {"kind": "series", "shape": [3, 2], "dtype": "float32", "bands": ["VV", "VH"], "num_classes": None, "missing_value": None},
-    "srtm": {"kind": "static", "shape": [2], "dtype": "float32", "bands": ["elevation", "slope"], "num_classes": None, "missing_value": None},
+    "srtm": {
+        "kind": "static",
+        "shape": [2],
+        "dtype": "float32",
+        "bands": ["elevation", "slope"],
+        "num_classes": None,
+        "missing_value": None,
+    },
     "dw": {"kind": "categorical", "shape": [3], "dtype": "uint8", "bands": ["dynamic_world"], "num_classes": 10, "missing_value": 9},
 }
 
@@ -60,9 +64,9 @@ MANIFEST = {
 def test_modality_inputs_from_manifest():
     got = modality_inputs(MANIFEST, None)
     assert list(got) == ["s1", "srtm", "dw"]
-    assert got["s1"] == ModalityInput("s1", "series", 3, 2)
-    assert got["srtm"] == ModalityInput("srtm", "static", None, 2)
-    assert got["dw"] == ModalityInput("dw", "categorical", 3, 1, num_classes=10, missing_value=9)
+    assert got["s1"] == Modality("s1", "series", 3, 2)
+    assert got["srtm"] == Modality("srtm", "static", None, 2)
+    assert got["dw"] == Modality("dw", "categorical", 3, 1, num_classes=10, missing_value=9)
     assert list(modality_inputs(MANIFEST, ["dw", "s1"])) == ["dw", "s1"]
     assert list(modality_inputs(MANIFEST, [])) == ["s1", "srtm", "dw"]  # empty = all, as data.modalities
 
@@ -74,9 +78,9 @@ def test_modality_inputs_errors_name_the_modality():
     with pytest.raises(ValueError, match="s1"):
         modality_inputs(bad)
     with pytest.raises(ValueError, match="num_classes"):
-        ModalityInput("dw", "categorical", 3, 1)
+        Modality("dw", "categorical", 3, 1)
     with pytest.raises(ValueError, match="kind"):
-        ModalityInput("x", "video", 3, 1)
+        Modality("x", "video", 3, 1)
 
 
 @pytest.mark.parametrize("kind", list(INPUTS))

@@ -4,68 +4,21 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import random
 import signal
-import subprocess
-import sys
 import time
 from collections import defaultdict
 from pathlib import Path
 
 import pytest
 import torch
-import yaml
 
-SMALL_MODEL = {
-    "method": "mdico",
-    "embedding_dim": 16,
-    "encoders": {"default": {"type": "tempcnn", "hidden": 8, "depth": 2, "dropout": 0.1}, "srtm": {"type": "mlp", "hidden": 8, "depth": 1}},
-}
-
-
-def write_config(path: Path, shards: Path, run_dir: Path, **sections) -> Path:
-    cfg = {
-        "name": "test",
-        "run_dir": str(run_dir),
-        "data": {"shards": str(shards), "batch_size": 16, "workers": 0, "shuffle_buffer": 64},
-        "model": SMALL_MODEL,
-        "train": {"epochs": 3, "patience": 0, "log_every_steps": 5, "threads": 1, "seed": 0},
-    }
-    for key, value in sections.items():
-        cfg[key] = {**cfg.get(key, {}), **value}
-    path.write_text(yaml.safe_dump(cfg))
-    return path
+from helpers import assert_same_weights, final_state, run_cli, write_config
 
 
 @pytest.fixture(scope="module")
 def shards(run_shards):
     return run_shards
-
-
-# What an in-process run leaves in os.environ must not leak into a child: it would join that rendezvous.
-RENDEZVOUS = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")
-
-
-def run_cli(args: list[str], env_extra: dict[str, str] | None = None, **kw) -> subprocess.Popen:
-    env = {k: v for k, v in os.environ.items() if k not in RENDEZVOUS}
-    env.update({"OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **(env_extra or {})})
-    return subprocess.Popen([sys.executable, "-m", "colearn_dist.cli", *args], env=env, **kw)
-
-
-def final_state(run_dir: Path) -> dict[str, torch.Tensor]:
-    latest = (run_dir / "checkpoints" / "latest").read_text().strip()
-    state = torch.load(run_dir / "checkpoints" / latest / "mp_rank_00_model_states.pt", weights_only=False)
-    return state["module"]
-
-
-def assert_same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], atol: float = 0.0) -> None:
-    assert a.keys() == b.keys()
-    for k in a:
-        if atol == 0.0:
-            assert torch.equal(a[k], b[k]), k
-        else:
-            torch.testing.assert_close(a[k], b[k], atol=atol, rtol=0, msg=k)
 
 
 def samples_per_epoch(trace_prefix: Path) -> dict[int, list[int]]:

@@ -12,18 +12,18 @@ import torch
 
 @pytest.fixture(scope="module")
 def mdico_run(tmp_path_factory):
-    from conftest import make_synthetic_archive
-    from test_export import _train_run
+    from helpers import make_synthetic_archive, train_run
 
     root = tmp_path_factory.mktemp("evaluate")
     archive = make_synthetic_archive(root / "a.zarr", n=200, t=4, groups=10)
-    return _train_run(root, archive, train={"epochs": 1})
+    return train_run(root, archive, train={"epochs": 1})
 
 
 def test_a_sensor_subset_is_scored_with_the_weights_of_all(mdico_run):
-    from colearn_dist.evaluate import evaluate_run, load_trained
     from colearn_dist.loader import ShardLoader
     from colearn_dist.metrics import compute_metrics
+    from colearn_dist.runs import load_trained
+    from colearn_dist.scoring import evaluate_run
 
     records = evaluate_run(mdico_run, extra_sets=["s2+s1"], embeddings=False)
     by_set = {r["sensors"]: r for r in records}
@@ -45,16 +45,17 @@ def test_a_sensor_subset_is_scored_with_the_weights_of_all(mdico_run):
 
 
 def test_an_unknown_sensor_in_a_subset_is_an_error(mdico_run):
-    from colearn_dist.evaluate import evaluate_run
+    from colearn_dist.scoring import evaluate_run
 
     with pytest.raises(ValueError, match=r"'s1\+radar'.*\['radar'\].*\['s1', 's2', 'srtm', 'dw'\]"):
         evaluate_run(mdico_run, extra_sets=["s1+radar"], embeddings=False)
 
 
 def test_single_sensor_runs_skip_the_subsets(mdico_run):
-    from colearn_dist.evaluate import _run_config, run_sensor_sets
+    from colearn_dist.runs import RunDir
+    from colearn_dist.scoring import run_sensor_sets
 
-    cfg = _run_config(mdico_run)
+    cfg = RunDir(mdico_run).config()
     assert list(run_sensor_sets(cfg, ["s1+s2", "all", "dw+s2+s1"])) == ["s1", "s2", "srtm", "dw", "all", "s1+s2", "s1+s2+dw"]
     cfg.model.method, cfg.model.modality = "single", "s1"
     assert run_sensor_sets(cfg, ["s1+s2", "s2", "s1"]) == {"s1": ["s1"]}
@@ -83,7 +84,7 @@ def test_records_are_reevaluated_only_for_missing_sets(mdico_run, monkeypatch, t
 
 
 def test_projector_target_labels():
-    from colearn_dist.evaluate import _target_labels
+    from colearn_dist.scoring import _target_labels
 
     classes = SimpleNamespace(task="multiclass", class_names=("crop", "forest", "water"))
     assert _target_labels(torch.tensor([2, 0]), classes) == ["water", "crop"]

@@ -6,54 +6,38 @@ import numpy as np
 import pytest
 import torch
 
-from colearn_dist.config import load_config
-
-
-def _train_run(root, archive, **sections):
-    from test_engine import write_config
-
-    from colearn_dist.engine import train
-    from colearn_dist.shards import write_shards
-
-    if not (root / "shards" / "manifest.json").exists():
-        write_shards(archive, root / "shards", samples_per_shard=40, workers=1, progress=False)
-    run = root / sections.pop("name", "run")
-    train(load_config(write_config(root / f"{run.name}.yaml", root / "shards", run, **sections)))
-    return run
+from helpers import make_synthetic_archive, train_run
 
 
 @pytest.fixture(scope="module")
 def trained_run(tmp_path_factory):
-    from conftest import make_synthetic_archive
-
     root = tmp_path_factory.mktemp("export")
     archive = make_synthetic_archive(root / "a.zarr", n=240, t=4, groups=12)
-    return _train_run(root, archive, train={"epochs": 2}), archive
+    return train_run(root, archive, train={"epochs": 2}), archive
 
 
 @pytest.fixture(scope="module")
 def single_run(trained_run):
     """The single-sensor baseline on the same shards."""
     run, archive = trained_run
-    return _train_run(run.parent, archive, name="single", model={"method": "single", "modality": "s1"}, train={"epochs": 1}), archive
+    return train_run(run.parent, archive, name="single", model={"method": "single", "modality": "s1"}, train={"epochs": 1}), archive
 
 
 @pytest.fixture(scope="module")
 def multiclass_run(tmp_path_factory):
-    from conftest import make_synthetic_archive
-
     root = tmp_path_factory.mktemp("export-multiclass")
     archive = make_synthetic_archive(root / "a.zarr", n=200, t=4, groups=10, task="multiclass", num_classes=3)
-    return _train_run(root, archive, train={"epochs": 1}), archive
+    return train_run(root, archive, train={"epochs": 1}), archive
 
 
 def _check_exported(run, archive, modality, out):
     """The exported file on the raw archive gives the framework's predictions (target units:
     probabilities [B, K] for classification) on the shards."""
     from colearn_dist.archive import open_archive
-    from colearn_dist.evaluate import load_trained, predict_loader
     from colearn_dist.export import export_sensor, load_exported, predict_archive
     from colearn_dist.loader import ShardLoader
+    from colearn_dist.runs import load_trained
+    from colearn_dist.scoring import predict_loader
 
     path = export_sensor(run, modality, out)
     module, meta = load_exported(path)

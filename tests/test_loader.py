@@ -24,8 +24,10 @@ from colearn_dist.loader import (
     shard_order,
     split_evenly,
 )
-from colearn_dist.shards import load_manifest, write_shards
-from conftest import make_synthetic_archive
+from colearn_dist.manifest import load_manifest
+from colearn_dist.shards import write_shards
+
+from helpers import make_synthetic_archive
 
 SPLITS = ("train", "val", "test")
 

@@ -6,7 +6,6 @@ import warnings
 
 import numpy as np
 import pytest
-
 import sklearn.metrics as sk
 
 from colearn_dist.metrics import (

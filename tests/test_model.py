@@ -11,17 +11,21 @@ import torch
 import torch.nn.functional as F
 
 from colearn_dist.config import EncoderConfig, ModelConfig
-from colearn_dist.encoders import CategoricalEncoder, MLPEncoder, ModalityInput, TempCNN, TemporalAttention
-from colearn_dist.model import OUTPUT_KEYS, FusionModel, MDiCo, OneSensor, build_model
+from colearn_dist.encoders import CategoricalEncoder, MLPEncoder, TempCNN, TemporalAttention
+from colearn_dist.manifest import Modality
+from colearn_dist.methods import build_model
+from colearn_dist.model import OUTPUT_KEYS, FusionModel, MDiCo
+
+from helpers import OneSensor
 
 torch.set_num_threads(1)
 
 B, T, OUT = 6, 3, 2
 INPUTS = {
-    "s1": ModalityInput("s1", "series", T, 2),
-    "s2": ModalityInput("s2", "series", T, 5),
-    "srtm": ModalityInput("srtm", "static", None, 2),
-    "dw": ModalityInput("dw", "categorical", T, 1, num_classes=10, missing_value=9),
+    "s1": Modality("s1", "series", T, 2),
+    "s2": Modality("s2", "series", T, 5),
+    "srtm": Modality("srtm", "static", None, 2),
+    "dw": Modality("dw", "categorical", T, 1, num_classes=10, missing_value=9),
 }
 
 
@@ -198,7 +202,7 @@ def test_fusion_is_early_and_single_is_one_sensor():
 
 
 def test_fusion_falls_back_to_late_fusion_without_a_common_time_axis():
-    inputs = dict(INPUTS, s2=ModalityInput("s2", "series", 5, 5))
+    inputs = dict(INPUTS, s2=Modality("s2", "series", 5, 5))
     model = fusion(inputs=inputs)
     assert not model.early
     x = dict(batch(), s2=torch.randn(B, 5, 5))

@@ -15,15 +15,16 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from colearn_dist.config import ObjectiveConfig
+from colearn_dist.methods import build_objective
 from colearn_dist.objective import (
     DistillObjective,
     MDiCoObjective,
     SupervisedObjective,
     TaskSpec,
-    build_objective,
     inverse_frequency_weights,
-    nt_xent,
 )
+
+from helpers import nt_xent
 
 torch.set_num_threads(1)
 
@@ -74,14 +75,24 @@ def test_inverse_frequency_weights_mean_one():
 
 
 def test_from_manifest_every_task():
-    reg = TaskSpec.from_manifest(SimpleNamespace(task="regression", class_names=[], target_shape=[], target_stats={"mean": 120.0, "std": 30.0}))
+    reg = TaskSpec.from_manifest(
+        SimpleNamespace(task="regression", class_names=[], target_shape=[], target_stats={"mean": 120.0, "std": 30.0})
+    )
     assert (reg.task, reg.num_outputs, reg.target_mean, reg.target_std, reg.class_weights) == ("regression", 1, 120.0, 30.0, None)
-    mc = TaskSpec.from_manifest({"task": "multiclass", "class_names": ["a", "b", "c"], "target_shape": [], "target_stats": {"class_counts": [10, 30, 60]}})
+    mc = TaskSpec.from_manifest(
+        {"task": "multiclass", "class_names": ["a", "b", "c"], "target_shape": [], "target_stats": {"class_counts": [10, 30, 60]}}
+    )
     assert mc.num_outputs == 3
     torch.testing.assert_close(mc.class_weights, torch.tensor([2.0, 2 / 3, 1 / 3]))
-    bi = TaskSpec.from_manifest(SimpleNamespace(task="binary", class_names=["no", "yes"], target_shape=[], target_stats={"class_counts": [3, 1]}))
+    bi = TaskSpec.from_manifest(
+        SimpleNamespace(task="binary", class_names=["no", "yes"], target_shape=[], target_stats={"class_counts": [3, 1]})
+    )
     assert bi.num_outputs == 2 and bi.class_weights.shape == (2,) and bi.class_weights[1] > bi.class_weights[0]
-    ml = TaskSpec.from_manifest(SimpleNamespace(task="multilabel", class_names=[], target_shape=[4], target_stats={"positive_counts": [1, 2, 3, 4], "num_samples": 9}))
+    ml = TaskSpec.from_manifest(
+        SimpleNamespace(
+            task="multilabel", class_names=[], target_shape=[4], target_stats={"positive_counts": [1, 2, 3, 4], "num_samples": 9}
+        )
+    )
     assert ml.num_outputs == 4 and ml.class_weights is None
     with pytest.raises(ValueError):
         TaskSpec.from_manifest(SimpleNamespace(task="ranking", class_names=[], target_shape=[], target_stats={}))
@@ -128,11 +139,14 @@ def test_multilabel_bce_and_binary():
     logits = torch.tensor([[0.3, -2.0], [1.5, 0.0]])
     target = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
     loss, _ = SupervisedObjective(TaskSpec("multilabel", 2))({"pred": logits}, {"target": target})
-    by_hand = -sum(
-        y * math.log(1 / (1 + math.exp(-x))) + (1 - y) * math.log(1 - 1 / (1 + math.exp(-x)))
-        for row, trow in zip(logits.tolist(), target.tolist())
-        for x, y in zip(row, trow)
-    ) / 4
+    by_hand = (
+        -sum(
+            y * math.log(1 / (1 + math.exp(-x))) + (1 - y) * math.log(1 - 1 / (1 + math.exp(-x)))
+            for row, trow in zip(logits.tolist(), target.tolist())
+            for x, y in zip(row, trow)
+        )
+        / 4
+    )
     assert math.isclose(float(loss), by_hand, rel_tol=1e-6)
     bl = torch.tensor([[0.0, 1.0], [2.0, -1.0]])
     loss, _ = SupervisedObjective(TaskSpec("binary", 2))({"pred": bl}, {"target": torch.tensor([1, 1])})
@@ -178,8 +192,7 @@ def test_mdico_assembly_by_definition():
     sup = SupervisedObjective(spec)
     task = {key: {m: float(sup({"pred": out[key][m]}, batch)[0]) for m in mods} for key in ("pred", "aux_spe", "aux_sha")}
     modce = {
-        key: {m: float(F.cross_entropy(out[key][m], torch.full((7,), i))) for i, m in enumerate(mods)}
-        for key in ("mod_spe", "mod_second")
+        key: {m: float(F.cross_entropy(out[key][m], torch.full((7,), i))) for i, m in enumerate(mods)} for key in ("mod_spe", "mod_second")
     }
     pairs = [("s1", "s2"), ("s1", "s3"), ("s2", "s3")]
     con = {p: float(nt_xent(out["z_sha"][p[0]], out["z_sha"][p[1]], 0.2)) for p in pairs}

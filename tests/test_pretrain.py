@@ -8,22 +8,30 @@ import pytest
 import torch
 
 from colearn_dist.config import ConfigError, ModelConfig, ObjectiveConfig, load_config
-from colearn_dist.encoders import ModalityInput
+from colearn_dist.manifest import Modality
 from colearn_dist.model import ROLES, MDiCo, load_pretrained
 from colearn_dist.objective import MDiCoObjective, PretrainObjective, TaskSpec
 
-from test_engine import write_config
+from helpers import write_config
 
 INPUTS = {
-    "s1": ModalityInput("s1", "series", 4, 2),
-    "s2": ModalityInput("s2", "series", 4, 3),
-    "srtm": ModalityInput("srtm", "static", None, 2),
-    "dw": ModalityInput("dw", "categorical", 4, 1, num_classes=5, missing_value=4),
+    "s1": Modality("s1", "series", 4, 2),
+    "s2": Modality("s2", "series", 4, 3),
+    "srtm": Modality("srtm", "static", None, 2),
+    "dw": Modality("dw", "categorical", 4, 1, num_classes=5, missing_value=4),
 }
+
+
 def _model_cfg(**kw) -> ModelConfig:
     from colearn_dist.config import RunConfig, from_dict
 
-    base = {"embedding_dim": 8, "encoders": {"default": {"type": "tempcnn", "hidden": 4, "depth": 1, "dropout": 0.0}, "srtm": {"type": "mlp", "hidden": 4, "depth": 1}}}
+    base = {
+        "embedding_dim": 8,
+        "encoders": {
+            "default": {"type": "tempcnn", "hidden": 4, "depth": 1, "dropout": 0.0},
+            "srtm": {"type": "mlp", "hidden": 4, "depth": 1},
+        },
+    }
     return from_dict(RunConfig, {"model": {**base, **kw}}).model
 
 
@@ -140,7 +148,11 @@ def test_pretrain_resumes_exactly_then_fine_tunes(run_shards, tmp_path, monkeypa
     assert not all(torch.equal(after[k], source[k]) for k in after if k.startswith("heads."))
 
     single = write_config(
-        tmp_path / "single.yaml", run_shards, tmp_path / "single", model={"method": "single", "modality": "s1", "init_from": str(pre)}, train={"epochs": 1}
+        tmp_path / "single.yaml",
+        run_shards,
+        tmp_path / "single",
+        model={"method": "single", "modality": "s1", "init_from": str(pre)},
+        train={"epochs": 1},
     )
     train(load_config(single))
     assert "loaded common/s1" in (tmp_path / "single" / "train.log").read_text()

@@ -12,10 +12,11 @@ from colearn_dist.report import (
     aggregate,
     markdown_table,
     plot_scores,
-    read_csv,
     write_csv,
     write_embeddings,
 )
+
+from helpers import read_csv
 
 SENSORS = ("s1", "s2", "all")
 METHODS = ("mdico", "single", "early_fusion")
@@ -65,7 +66,11 @@ def test_aggregate_mean_std_over_seeds():
     assert r["r2_mean"] == pytest.approx(0.6)
     assert "note_mean" not in r and "seed_mean" not in r
     assert {k: r[k] for k in ("dataset", "setting", "method", "sensors", "split")} == {
-        "dataset": "fuel_moisture", "setting": "presto", "method": "mdico", "sensors": "s2", "split": "test",
+        "dataset": "fuel_moisture",
+        "setting": "presto",
+        "method": "mdico",
+        "sensors": "s2",
+        "split": "test",
     }
     # first-appearance order of groups
     assert [(r["method"], r["sensors"]) for r in rows[:3]] == [("mdico", s) for s in SENSORS]

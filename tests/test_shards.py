@@ -12,16 +12,14 @@ import numpy as np
 import pytest
 
 from colearn_dist.archive import SPLIT_CODES, open_archive
+from colearn_dist.manifest import FORMAT, MANIFEST_NAME, Manifest, ShardError, load_manifest
 from colearn_dist.shards import (
-    FORMAT,
-    MANIFEST_NAME,
-    Manifest,
-    ShardError,
-    load_manifest,
     sample_key,
     verify_shards,
     write_shards,
 )
+
+from helpers import shard_paths
 
 QUIET = {"progress": False}
 
@@ -32,7 +30,7 @@ def _read_samples(out: Path) -> dict[str, dict[str, dict[str, bytes]]]:
     result: dict[str, dict[str, dict[str, bytes]]] = {}
     for split in ("train", "val", "test"):
         samples: dict[str, dict[str, bytes]] = {}
-        for path in m.shard_paths(split):
+        for path in shard_paths(m, split):
             with tarfile.open(path) as tar:
                 for info in tar:
                     key, _, ext = info.name.partition(".")
@@ -61,7 +59,7 @@ def test_same_seed_byte_identical_and_worker_count_irrelevant(archive, tmp_path)
     write_shards(archive, tmp_path / "b", seed=3, workers=2, **opts)
     write_shards(archive, tmp_path / "c", seed=4, workers=1, **opts)
     files_a, files_b, files_c = _files(tmp_path / "a"), _files(tmp_path / "b"), _files(tmp_path / "c")
-    assert len(a.shard_paths("train")) > 3  # several windows, so the parallel path really splits work
+    assert len(shard_paths(a, "train")) > 3  # several windows, so the parallel path really splits work
     assert files_a == files_b
     assert files_a[MANIFEST_NAME] != files_c[MANIFEST_NAME]
     common = set(files_a) & set(files_c) - {MANIFEST_NAME}
@@ -144,7 +142,7 @@ def test_parent_reads_no_per_sample_strings(archive, tmp_path, monkeypatch):
     assert _files(tmp_path / "s") == _files(tmp_path / "ref") and expected.splits == m.splits
     monkeypatch.undo()
     a = open_archive(archive)
-    for split, by_key in _read_samples(tmp_path / "s").items():
+    for by_key in _read_samples(tmp_path / "s").values():
         for key, members in by_key.items():
             meta = json.loads(members["meta.json"])
             assert meta["id"] == a.ids[int(key)] and meta["group"] == a.group[int(key)]
@@ -165,7 +163,7 @@ def test_existing_val_kept_and_zero_fraction(synthetic_archive, tmp_path):
     assert m.val_split["source"] == "archive"
     assert m.split_size("val") == a.split_counts()["val"]
     m0 = write_shards(synthetic_archive(n=100), tmp_path / "z", val_fraction=0.0, **QUIET)
-    assert m0.split_size("val") == 0 and m0.splits["val"]["shards"] == [] and m0.shard_paths("val") == []
+    assert m0.split_size("val") == 0 and m0.splits["val"]["shards"] == [] and shard_paths(m0, "val") == []
 
 
 def test_stats_equal_numpy_on_train_rows(archive, tmp_path):
@@ -233,7 +231,7 @@ def test_manifest_fields(archive, tmp_path):
     assert isinstance(loaded, Manifest) and loaded.to_json() == m.to_json() == data
     assert loaded.path == tmp_path / "s"
     assert load_manifest(tmp_path / "s" / MANIFEST_NAME).seed == 7
-    assert loaded.shard_paths("train")[0] == tmp_path / "s" / "train-000000.tar"
+    assert shard_paths(loaded, "train")[0] == tmp_path / "s" / "train-000000.tar"
     with pytest.raises(ShardError, match="no split 'dev'"):
         loaded.split_size("dev")
     assert "train" in loaded.summary()
@@ -275,7 +273,7 @@ def test_verify_catches_corruption(archive, tmp_path):
     out = tmp_path / "s"
     m = write_shards(archive, out, samples_per_shard=32, **QUIET)
     assert verify_shards(out) == []
-    first, second = m.shard_paths("train")[:2]
+    first, second = shard_paths(m, "train")[:2]
     data = bytearray(first.read_bytes())
     data[700] ^= 0xFF  # inside the first member's payload
     first.write_bytes(bytes(data))
@@ -287,7 +285,7 @@ def test_verify_catches_corruption(archive, tmp_path):
     assert any(second.name in p and "sha256" in p for p in problems)
     assert any(second.name in p and ("samples" in p or "tar" in p) for p in problems)
 
-    test_shard = m.shard_paths("test")[0]
+    test_shard = shard_paths(m, "test")[0]
     test_shard.unlink()
     assert any(test_shard.name in p and "missing" in p for p in verify_shards(out))
 
@@ -299,8 +297,8 @@ def test_verify_catches_corruption(archive, tmp_path):
 def test_verify_catches_repeated_key(archive, tmp_path):
     out = tmp_path / "s"
     m = write_shards(archive, out, samples_per_shard=32, **QUIET)
-    src = m.shard_paths("train")[0]
-    dst = m.shard_paths("train")[1]
+    src = shard_paths(m, "train")[0]
+    dst = shard_paths(m, "train")[1]
     dst.write_bytes(src.read_bytes())
     problems = verify_shards(out)
     assert any("also appears in" in p for p in problems)
@@ -310,7 +308,7 @@ def test_webdataset_and_tar_read_our_shards(archive, tmp_path):
     import webdataset as wds
 
     m = write_shards(archive, tmp_path / "s", samples_per_shard=32, **QUIET)
-    urls = [str(p) for p in m.shard_paths("train")]
+    urls = [str(p) for p in shard_paths(m, "train")]
     a = open_archive(archive)
     s1 = a.array("s1")[:]
     decoded = list(wds.WebDataset(urls, shardshuffle=False).decode())

@@ -14,11 +14,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_synthetic_archive
-from test_engine import SMALL_MODEL, assert_same_weights, final_state, run_cli, write_config
 
-from colearn_dist import cli, slurm as slurm_module
+from colearn_dist import cli
+from colearn_dist import slurm as slurm_module
 from colearn_dist.slurm import requeue_refusal
+
+from helpers import SMALL_MODEL, assert_same_weights, final_state, make_synthetic_archive, run_cli, write_config
 
 CLUSTER = Path(__file__).resolve().parent / "slurm" / "cluster.sh"
 
@@ -123,7 +124,7 @@ def test_requeue_stops_at_max_requeues_with_how_to_continue():
 
 
 def test_command_jobs_shard_then_verify_on_the_local_executor(tmp_path):
-    archive = make_synthetic_archive(tmp_path / "a.zarr", n=120, t=4, groups=12)
+    make_synthetic_archive(tmp_path / "a.zarr", n=120, t=4, groups=12)
     out = tmp_path / "shards"
     logs = ["--local", "--wait", "--root", str(tmp_path / "jobs"), "--set", "slurm.cpus_per_task=1"]
 
@@ -181,8 +182,11 @@ def test_time_limit_warning_checkpoints_requeues_and_finishes(slurm, shards, tmp
     # the start; a 1-minute limit warned 30 s before could signal a task still importing torch.)
     model = {**SMALL_MODEL, "embedding_dim": 64, "encoders": {"default": {"type": "tempcnn", "hidden": 32, "depth": 3}}}
     cfg = write_config(
-        tmp_path / "c.yaml", shards, tmp_path / "run",
-        model=model, train={"epochs": 450, "log_every_steps": 200},
+        tmp_path / "c.yaml",
+        shards,
+        tmp_path / "run",
+        model=model,
+        train={"epochs": 450, "log_every_steps": 200},
         slurm=slurm_sets(1, time_min=2, signal_delay_s=60),
     )
     (job,) = submit(cfg)
@@ -206,7 +210,7 @@ def test_array_job_over_two_seeds(slurm, shards, tmp_path):
     jobs = submit(cfg, "--seeds", "0", "1", "--methods", "mdico", "--root", str(tmp_path / "runs"))
     assert len(jobs) == 2 and len({j.split("_")[0] for j in jobs}) == 1  # one array, two elements
     for job in jobs:
-        wait_for(lambda: job_state(job) in ("COMPLETED", "FAILED", "GONE"), 300, f"array element {job}", poll=1)
+        wait_for(lambda job=job: job_state(job) in ("COMPLETED", "FAILED", "GONE"), 300, f"array element {job}", poll=1)
     for seed in (0, 1):
         run = tmp_path / "runs" / "mdico" / f"seed{seed}"
         assert json.loads((run / "metrics_test.json").read_text())[0]["seed"] == seed

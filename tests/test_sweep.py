@@ -10,9 +10,9 @@ import pytest
 
 @pytest.fixture(scope="module")
 def tiny_shards(tmp_path_factory):
-    from conftest import make_synthetic_archive
-
     from colearn_dist.shards import write_shards
+
+    from helpers import make_synthetic_archive
 
     root = tmp_path_factory.mktemp("sweep-shards")
     archive = make_synthetic_archive(root / "a.zarr", n=160, t=4, groups=8)
@@ -21,9 +21,9 @@ def tiny_shards(tmp_path_factory):
 
 
 def test_sweep_trains_and_scores_the_baselines(tiny_shards, tmp_path, capsys):
-    from test_engine import write_config
-
     from colearn_dist.sweep import plan_sweep, run_sweep
+
+    from helpers import write_config
 
     cfg = write_config(tmp_path / "c.yaml", tiny_shards, tmp_path / "unused", data={"modalities": ["s1", "s2"]}, train={"epochs": 1})
     runs = plan_sweep(cfg, ["distill", "dropout", "fusion"], [0], root=tmp_path / "runs")

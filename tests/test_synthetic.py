@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from colearn_dist.archive import open_archive
-from colearn_dist.shards import ShardError, load_manifest, merge_shards, verify_shards, write_shards
+from colearn_dist.manifest import ShardError, load_manifest
+from colearn_dist.shards import merge_shards, verify_shards, write_shards
 from colearn_dist.synthetic import SENSORS, write_synthetic_archive
 
 QUIET = {"workers": 1, "progress": False}

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 from .cropharvest import import_cropharvest
 from .generic import import_generic

@@ -24,7 +24,8 @@ partition of the remaining samples.
 from __future__ import annotations
 
 import json
-from datetime import date as Date, timedelta
+from datetime import date as Date
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -96,10 +97,14 @@ def read_array(file: Path) -> np.ndarray:
     expected = f"key {ARRAY_KEY!r} of shape {shape_text([STEPS, len(BANDS)])} ({STEPS} monthly steps × bands {', '.join(BANDS)})"
     with open_h5(file, expected) as h5:
         if ARRAY_KEY not in h5:
-            raise ArchiveError(f"{file}: key {ARRAY_KEY!r} is missing (found {sorted(h5.keys())}); expected shape {shape_text([STEPS, len(BANDS)])}")
+            raise ArchiveError(
+                f"{file}: key {ARRAY_KEY!r} is missing (found {sorted(h5.keys())}); expected shape {shape_text([STEPS, len(BANDS)])}"
+            )
         arr = np.asarray(h5[ARRAY_KEY][()])
     if arr.shape != (STEPS, len(BANDS)):
-        raise ArchiveError(f"{file}: key {ARRAY_KEY!r} has shape {shape_text(arr.shape)}, expected {shape_text([STEPS, len(BANDS)])} ({STEPS} steps × {len(BANDS)} bands)")
+        raise ArchiveError(
+            f"{file}: key {ARRAY_KEY!r} has shape {shape_text(arr.shape)}, expected {shape_text([STEPS, len(BANDS)])} ({STEPS} steps × {len(BANDS)} bands)"
+        )
     if arr.dtype.kind not in "fiu":
         raise ArchiveError(f"{file}: key {ARRAY_KEY!r} has dtype {arr.dtype}, expected numbers")
     return arr.astype(np.float64)

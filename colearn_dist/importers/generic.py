@@ -7,8 +7,8 @@ num_classes = max + 1. `latlon` and `month`, when present, go to the archive's o
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 

@@ -19,9 +19,10 @@ from __future__ import annotations
 
 import csv
 import re
+from collections.abc import Mapping
 from datetime import date as Date
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import numpy as np
 import yaml

@@ -29,8 +29,9 @@ TreeSatAI-TS at full aerial resolution prefer the `treesatai` importer on the or
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import yaml
@@ -65,7 +66,9 @@ class _File:
     def __init__(self, file: Path, split: str):
         self.file = file
         self.split = split
-        what = f"the MDiCo netCDF layout: dimension {IDENTIFIER!r}, one variable per view, {TARGET!r}, {TRAIN_MASK!r}, attribute 'view_names'"
+        what = (
+            f"the MDiCo netCDF layout: dimension {IDENTIFIER!r}, one variable per view, {TARGET!r}, {TRAIN_MASK!r}, attribute 'view_names'"
+        )
         with open_h5(file, what) as h5:
             attrs = dict(h5.attrs)
             views_attr = next((a for a in VIEW_ATTRS if a in attrs), None)
@@ -84,7 +87,9 @@ class _File:
             self.arrays: dict[str, np.ndarray] = {}
             for view in self.views:
                 if view not in h5:
-                    raise ArchiveError(f"{file}: variable {view!r} is missing (listed in attribute {views_attr!r}); expected shape [N, ...]")
+                    raise ArchiveError(
+                        f"{file}: variable {view!r} is missing (listed in attribute {views_attr!r}); expected shape [N, ...]"
+                    )
                 arr = np.asarray(h5[view][()])
                 if arr.ndim < 1 or arr.shape[0] != self.n:
                     raise ArchiveError(
@@ -111,7 +116,9 @@ class _File:
             return np.ones(self.n, dtype=bool)
         mask = np.asarray(h5[TRAIN_MASK][()])
         if mask.shape != (self.n,) or not set(np.unique(mask).tolist()) <= {0, 1}:
-            raise ArchiveError(f"{self.file}: variable {TRAIN_MASK!r} must be [{self.n}] of 0/1 (bool), got {mask.dtype} {shape_text(mask.shape)}")
+            raise ArchiveError(
+                f"{self.file}: variable {TRAIN_MASK!r} must be [{self.n}] of 0/1 (bool), got {mask.dtype} {shape_text(mask.shape)}"
+            )
         return mask.astype(bool)
 
 
@@ -132,7 +139,9 @@ def _modality(name: str, arr: np.ndarray, kind: str | None, where: str) -> tuple
     if kind is None:
         kind = {2: "static", 3: "series", 4: "image", 5: "series"}.get(arr.ndim)
         if kind is None:
-            raise ArchiveError(f"{where}: view {name!r} has shape {shape_text(arr.shape)}; expected [N, C], [N, T, C], [N, H, W, C] or [N, T, H, W, C]")
+            raise ArchiveError(
+                f"{where}: view {name!r} has shape {shape_text(arr.shape)}; expected [N, C], [N, T, C], [N, H, W, C] or [N, T, H, W, C]"
+            )
     if kind == "series":
         if arr.ndim == 2:
             return arr[:, :, None], kind

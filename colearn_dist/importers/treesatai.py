@@ -214,7 +214,9 @@ def import_treesatai(
     label_of = _labels(labels_path, threshold)
     unknown = [n for n in names if n not in label_of]
     if unknown:
-        raise ArchiveError(f"{where[unknown[0]]}: {unknown[0]!r} has no entry in {labels_path} ({len(unknown)} listed sample(s) without labels)")
+        raise ArchiveError(
+            f"{where[unknown[0]]}: {unknown[0]!r} has no entry in {labels_path} ({len(unknown)} listed sample(s) without labels)"
+        )
     keep = [i for i, n in enumerate(names) if label_of[n].any()]
     note("treesatai", f"{len(keep)} samples; dropped {len(names) - len(keep)} without a genus above {threshold} of the patch")
     if not keep:
