@@ -44,7 +44,7 @@ class _GatherWithGrad(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x: Tensor, sizes: list[int]) -> Tensor:  # type: ignore[override]
+    def forward(ctx, x: Tensor, sizes: list[int]) -> Tensor:
         largest = max(sizes)
         padded = x.new_zeros((largest, *x.shape[1:]))
         padded[: x.shape[0]] = x
@@ -55,7 +55,7 @@ class _GatherWithGrad(torch.autograd.Function):
         return torch.cat([p[:s] for p, s in zip(parts, sizes)], dim=0)
 
     @staticmethod
-    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:
         grad = grad.contiguous().clone()
         dist.all_reduce(grad, op=dist.ReduceOp.SUM)
         offset = sum(ctx.sizes[: ctx.rank])

@@ -275,7 +275,7 @@ class Trainer:
         out = self.engine(batch["inputs"], batch.get("month"))
         if self.built.teacher is not None:
             with torch.no_grad():
-                batch["teacher_pred"] = self.built.teacher.predict(batch["inputs"], batch.get("month"))
+                batch["teacher_pred"] = self.built.teacher.predict(batch["inputs"], batch.get("month"))  # type: ignore[operator]
         loss, terms = self.objective(out, batch)
         self.engine.backward(loss)
         if self._grad_norm_due:

@@ -52,14 +52,15 @@ def evaluate_runs(
     write_csv(rows, out_dir / f"results_{split}.csv")
     task = records[0]["task"]
     task_metric = PRIMARY[task][0]
-    sections, others = [], []
+    sections: list[str] = []
+    others: list[str] = []
     for dataset in sorted({r["dataset"] for r in rows}):
         for setting in sorted({r["setting"] for r in rows if r["dataset"] == dataset}):
             sub = [r for r in rows if r["dataset"] == dataset and r["setting"] == setting]
             ref = (reference or {}).get(dataset)
             if ref is not None and setting in ref:  # the row "all" of this setting is the setting's sensor set
                 ref = {**ref, "all": ref[setting]}
-            order = {
+            order: dict[str, Any] = {
                 "methods": [m for m in TABLE_ORDER if any(r["method"] == m for r in sub)],
                 "sensors": _sensor_order(sub),
             }

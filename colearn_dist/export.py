@@ -39,8 +39,8 @@ class SensorModel(nn.Module):
 
     def forward(self, x: torch.Tensor, month: Optional[torch.Tensor] = None) -> torch.Tensor:
         if not self.categorical:
-            x, _ = normalise(x, self.mean, self.std)
-        pred = self.model.predict({self.modality: x}, month, modalities=[self.modality])
+            x, _ = normalise(x, self.mean, self.std)  # type: ignore[arg-type]
+        pred = self.model.predict({self.modality: x}, month, modalities=[self.modality])  # type: ignore[operator]
         return self.spec.to_target_units(pred)
 
 

@@ -303,7 +303,7 @@ def _collate(raws: Sequence[dict[str, Any]], spec: _DecodeSpec) -> dict[str, Any
         target = target.astype(np.int64, copy=False)
     batch: dict[str, Any] = {"inputs": inputs, "valid": valid, "present": present, "target": torch.from_numpy(target)}
     if spec.has_month:
-        month = np.stack([d[2] for d in decoded]) if b else np.zeros((0,) + spec.month_shape)
+        month = np.stack([d[2] for d in decoded]) if b else np.zeros((0,) + spec.month_shape)  # type: ignore[misc]
         batch["month"] = torch.from_numpy(month.astype(np.int64, copy=False))
     batch["index"] = torch.from_numpy(np.array([int(d[3]["index"]) for d in decoded], dtype=np.int64))
     batch["id"] = [str(d[3]["id"]) for d in decoded]

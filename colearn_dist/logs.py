@@ -37,6 +37,7 @@ class RunLogger:
             elapsed = time.time() - self.start
             stamped = f"[{elapsed:7.1f}s] {text}"
             print(stamped, file=sys.stderr, flush=True)
+            assert self.file is not None  # rank 0 has one
             self.file.write(time.strftime("%Y-%m-%d %H:%M:%S ") + stamped + "\n")
             self.file.flush()
 
@@ -44,4 +45,5 @@ class RunLogger:
         if self.writer is not None:
             self.writer.flush()
             self.writer.close()
+            assert self.file is not None  # rank 0 has both
             self.file.close()

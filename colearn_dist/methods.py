@@ -17,9 +17,9 @@ from .model import FusionModel, MDiCo
 from .objective import DistillObjective, MDiCoObjective, Objective, PretrainObjective, SupervisedObjective, TaskSpec
 
 # (model config, inputs, outputs, second modality classifier on, masked-sensor predictor) → model
-ModelBuilder = Callable[[ModelConfig, "dict[str, Modality]", int, str, bool], nn.Module]
+ModelBuilder = Callable[[ModelConfig, dict[str, Modality], int, str, bool], nn.Module]
 # (objective config, task, model modalities, distill weight, distill temperature) → objective
-ObjectiveBuilder = Callable[[ObjectiveConfig, TaskSpec, "list[str]", float, float], Objective]
+ObjectiveBuilder = Callable[[ObjectiveConfig, TaskSpec, list[str], float, float], Objective]
 
 
 @dataclass(frozen=True)

@@ -26,7 +26,7 @@ from __future__ import annotations
 import itertools
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -217,7 +217,8 @@ def _modality_terms(out: Mapping[str, Any], mods: list[str], n: int, count: Tens
 
 
 def _mean_modality_term(terms: Mapping[str, Tensor], mods: list[str]) -> Tensor:
-    return sum(terms[f"mod_spe/{m}"] + terms[f"mod_second/{m}"] for m in mods) / (2 * len(mods))
+    total = sum(terms[f"mod_spe/{m}"] + terms[f"mod_second/{m}"] for m in mods)
+    return cast(Tensor, total) / (2 * len(mods))
 
 
 def _contrastive_terms(out: Mapping[str, Any], mods: list[str], pairs: list[tuple[str, str]], temperature: float) -> dict[str, Tensor]:
@@ -231,7 +232,7 @@ def _contrastive_terms(out: Mapping[str, Any], mods: list[str], pairs: list[tupl
 
 
 def _combined_contrastive(terms: Mapping[str, Tensor], pairs: list[tuple[str, str]], mode: str) -> Tensor:
-    con_sum = sum(terms[f"con/{a}-{b}"] for a, b in pairs)
+    con_sum = cast(Tensor, sum(terms[f"con/{a}-{b}"] for a, b in pairs))
     return 2 * con_sum if mode == "reference" else con_sum / len(pairs)
 
 
@@ -282,8 +283,8 @@ class MDiCoObjective:
         terms.update(_contrastive_terms(out, mods, self.pairs, cfg.temperature))
 
         num_m = len(mods)
-        main = sum(terms[f"main/{m}"] for m in mods) / num_m
-        aux = sum(terms[f"aux_spe/{m}"] + terms[f"aux_sha/{m}"] for m in mods) / (2 * num_m)
+        main = cast(Tensor, sum(terms[f"main/{m}"] for m in mods)) / num_m
+        aux = cast(Tensor, sum(terms[f"aux_spe/{m}"] + terms[f"aux_sha/{m}"] for m in mods)) / (2 * num_m)
         mod = _mean_modality_term(terms, mods)
         con = _combined_contrastive(terms, self.pairs, cfg.contrastive_pairs)
         total = cfg.main * main + cfg.aux * aux + cfg.con * con + cfg.mod * mod
@@ -331,7 +332,7 @@ class PretrainObjective:
                 target = _upcast(_require(out, "z_sha", m)).detach()
                 s = (1.0 - F.cosine_similarity(pred, target, dim=1)).sum()
                 terms[f"masked/{m}"] = s / count.to(s.dtype)
-            masked = sum(terms[f"masked/{m}"] for m in mods) / len(mods)
+            masked = cast(Tensor, sum(terms[f"masked/{m}"] for m in mods)) / len(mods)
             total = total + cfg.masked * masked
             logs["masked"] = masked.detach()
         logs.update({k: v.detach() for k, v in terms.items()})

@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -141,7 +141,7 @@ def build(cfg: RunConfig, manifest: Manifest, *, init: bool = True) -> Built:
         teacher = load_trained(str(cfg.model.teacher), "all").model.eval()
         for p in teacher.parameters():
             p.requires_grad_(False)
-        modalities = list(dict.fromkeys(names + list(teacher.modalities)))
+        modalities = list(dict.fromkeys(names + list(cast(list[str], teacher.modalities))))
     return Built(modalities=modalities, model_modalities=model_modalities, model=model, spec=spec, teacher=teacher, init_report=init_report)
 
 
@@ -203,7 +203,7 @@ def _build_without_teacher(cfg: RunConfig, manifest: Manifest) -> Built:
     if student_of is None:
         return build(cfg, manifest, init=False)
     student = from_dict(RunConfig, cfg.to_dict())
-    student.model.method = student_of  # type: ignore[assignment]
+    student.model.method = student_of
     return build(student, manifest, init=False)
 
 

@@ -52,7 +52,7 @@ def predict_loader(
     for batch in loader:
         batch = to_device(batch, torch.device(device), dtype)
         for sensors in sets:
-            pred = model.predict(batch["inputs"], batch.get("month"), modalities=sensors)
+            pred = model.predict(batch["inputs"], batch.get("month"), modalities=sensors)  # type: ignore[operator]
             part = parts[set_name(sensors, names)]
             part["pred"].append(spec.to_target_units(pred.float()).cpu().numpy())
             part["target"].append(batch["target"].cpu().numpy())
@@ -122,7 +122,7 @@ def evaluate_run(
                 }
             )
     order = list(sets_by_name)
-    records.sort(key=lambda r: order.index(r["sensors"]))
+    records.sort(key=lambda r: order.index(str(r["sensors"])))
     run.metrics(split).write_text(json.dumps(records, indent=1))
     if embeddings and method(cfg.model.method).embeddings:
         trained = load_trained(run_dir, "all", shards)

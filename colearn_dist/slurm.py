@@ -91,7 +91,7 @@ def command_slurm(overrides: list[str], command: str) -> SlurmConfig:
     return dataclasses.replace(slurm, nodes=1, tasks_per_node=1, job_name=name)
 
 
-def make_executor(folder: Path, slurm: SlurmConfig, local: bool = False) -> submitit.Executor:
+def make_executor(folder: Path, slurm: SlurmConfig, local: bool = False) -> submitit.AutoExecutor:
     executor = submitit.AutoExecutor(folder=str(folder), cluster="local" if local else None, slurm_max_num_timeout=slurm.max_requeues)
     tasks = slurm.tasks_per_node or max(1, slurm.gpus_per_node)
     params: dict[str, Any] = {
@@ -114,7 +114,7 @@ def make_executor(folder: Path, slurm: SlurmConfig, local: bool = False) -> subm
     return executor
 
 
-def _with_dependency(executor: submitit.Executor, job_ids: list[str]) -> None:
+def _with_dependency(executor: submitit.AutoExecutor, job_ids: list[str]) -> None:
     if job_ids and executor.cluster == "slurm":
         extra = dict(executor.parameters.get("additional_parameters", {}) or {})
         extra["dependency"] = "afterok:" + ":".join(job_ids)
