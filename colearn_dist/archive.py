@@ -15,11 +15,18 @@ import numpy as np
 import zarr
 
 FORMAT = "colearn-archive"
-VERSION = 1
+# 2: each modality is a group (`modalities/<name>/<name>` plus coordinates) with named dimensions, so
+# `xarray.open_zarr(archive, group="modalities/<name>")` opens it labelled; 1: a bare array
+# `modalities/<name>` (still read).
+VERSION = 2
+# zarr v3 dimension_names of each kind's array (and of the coordinates beside it)
+DIMS = {"series": ("sample", "time", "band"), "static": ("sample", "band"), "categorical": ("sample", "time"), "image": ("sample", "band", "y", "x")}
 TASKS = ("binary", "multiclass", "multilabel", "regression")
 KINDS = ("series", "static", "categorical", "image")
 SPLITS = ("train", "val", "test")
 SPLIT_CODES = {name: code for code, name in enumerate(SPLITS)}
+# dimension names of the root arrays (`xarray.open_zarr(archive)` opens them as one Dataset)
+ROOT_DIMS = {"target": ("sample", "class"), "latlon": ("sample", "latlon"), "month": ("sample", "time")}
 
 
 class ArchiveError(ValueError):
@@ -37,9 +44,13 @@ class ModalitySpec:
     time_step: str | None = None
     num_classes: int | None = None
     missing_value: int | None = None
+    # what a deployment must feed the sensor's model (the exported model's STAC item says it):
+    # instrument or product ("Sentinel-2 MSI") and processing level ("L2A"); "" = not recorded
+    sensor: str = ""
+    processing_level: str = ""
 
     def attrs(self) -> dict[str, Any]:
-        return {
+        out = {
             "kind": self.kind,
             "bands": list(self.bands),
             "units": list(self.units) if self.units else [""] * len(self.bands),
@@ -47,6 +58,11 @@ class ModalitySpec:
             "num_classes": self.num_classes,
             "missing_value": self.missing_value,
         }
+        if self.sensor:
+            out["sensor"] = self.sensor
+        if self.processing_level:
+            out["processing_level"] = self.processing_level
+        return out
 
     @classmethod
     def from_attrs(cls, name: str, attrs: Mapping[str, Any]) -> ModalitySpec:
@@ -58,6 +74,8 @@ class ModalitySpec:
             time_step=attrs.get("time_step"),
             num_classes=attrs.get("num_classes"),
             missing_value=attrs.get("missing_value"),
+            sensor=str(attrs.get("sensor") or ""),
+            processing_level=str(attrs.get("processing_level") or ""),
         )
 
 
@@ -119,7 +137,7 @@ class Archive:
         return codes, list(lookup)
 
     def array(self, modality: str) -> zarr.Array:
-        return self.root[f"modalities/{modality}"]
+        return modality_array(self.root, modality)
 
     @property
     def target(self) -> zarr.Array:
@@ -140,6 +158,67 @@ class Archive:
         return {name: int((self.split == code).sum()) for name, code in SPLIT_CODES.items()}
 
 
+def modality_key(root: zarr.Group, name: str) -> str:
+    """Where a modality's array lives: `modalities/<name>/<name>` (version 2), `modalities/<name>` (version 1)."""
+    key = f"modalities/{name}"
+    return f"{key}/{name}" if isinstance(root.get(key), zarr.Group) else key
+
+
+def modality_array(root: zarr.Group, name: str) -> zarr.Array:
+    return root[modality_key(root, name)]
+
+
+def create_modality(root: zarr.Group, name: str, spec: "ModalitySpec", *, shape: tuple[int, ...], dtype: Any, chunks: tuple[int, ...]) -> zarr.Array:
+    """The modality's (empty) array in its own group, dims named; `add_coordinates` adds the rest."""
+    fill = np.nan if np.dtype(dtype).kind == "f" else None  # NaN = missing, the archive's own convention
+    dims = DIMS.get(spec.kind)  # a wrong kind or rank is left for open_archive to name
+    dims = dims if dims is not None and len(dims) == len(shape) else None
+    arr = root.create_array(f"modalities/{name}/{name}", shape=shape, dtype=dtype, chunks=chunks, dimension_names=dims, fill_value=fill)
+    arr.attrs.update(spec.attrs())
+    return arr
+
+
+def add_coordinates(root: zarr.Group, chunk_size: int = 1 << 16) -> None:
+    """Give every modality group the coordinates xarray labels it with: `sample` (the ids), `band`
+    (names), `time` (step index), `month` [sample, time] and `lat` / `lon` where the archive has them.
+    Copied from the root arrays chunk by chunk (memory flat in N); costs ~10 B per sample and sensor
+    (ids) plus the months and coordinates, small beside the data."""
+    n = int(root["split"].shape[0])
+    for name in root.attrs["modalities"]:
+        group = root[f"modalities/{name}"]
+        if not isinstance(group, zarr.Group):
+            continue  # a version-1 archive: nothing to label
+        arr = group[name]
+        kind = arr.attrs["kind"]
+        if kind not in DIMS or arr.ndim != len(DIMS[kind]):
+            continue  # open_archive names the problem
+        coords = []
+        ids = group.create_array("sample", shape=(n,), dtype=str, chunks=(min(n, chunk_size),), dimension_names=("sample",))
+        for start in range(0, n, chunk_size):
+            ids[start : start + chunk_size] = root["ids"][start : start + chunk_size]
+        if kind != "categorical":
+            bands = list(arr.attrs["bands"])
+            group.create_array("band", shape=(len(bands),), dtype=str, dimension_names=("band",))[:] = np.array(bands)
+        if kind in ("series", "categorical"):
+            steps = int(arr.shape[1])
+            group.create_array("time", data=np.arange(steps, dtype=np.int64), dimension_names=("time",)).attrs["long_name"] = "time step"
+            if "month" in root and int(root["month"].shape[1]) == steps:
+                month = group.create_array("month", shape=(n, steps), dtype="uint8", chunks=(min(n, chunk_size), steps), dimension_names=("sample", "time"))
+                month.attrs["long_name"] = "calendar month of the step"
+                for start in range(0, n, chunk_size):
+                    month[start : start + chunk_size] = np.asarray(root["month"][start : start + chunk_size]).astype(np.uint8)
+                coords.append("month")
+        if "latlon" in root:
+            for axis, key in enumerate(("lat", "lon")):
+                c = group.create_array(key, shape=(n,), dtype="float64", chunks=(min(n, chunk_size),), dimension_names=("sample",), fill_value=np.nan)
+                c.attrs["units"] = "degrees_north" if key == "lat" else "degrees_east"
+                for start in range(0, n, chunk_size):
+                    c[start : start + chunk_size] = np.asarray(root["latlon"][start : start + chunk_size, axis])
+                coords.append(key)
+        if coords:
+            arr.attrs["coordinates"] = " ".join(coords)  # CF: the non-index coordinates xarray attaches
+
+
 def channel_axis(kind: str) -> int:
     """Axis of the bands in a modality's [N, ...] array: last, except [N, C, H, W] images (channels first, as torch)."""
     return 1 if kind == "image" else -1
@@ -152,7 +231,7 @@ def _chunks(shape: tuple[int, ...], chunk_size: int) -> tuple[int, ...]:
 def _write_strings(root: zarr.Group, key: str, values: Any) -> None:
     """Variable-length UTF-8: the one string type with a zarr v3 specification."""
     values = np.asarray(values).astype(str)
-    arr = root.create_array(key, shape=values.shape, dtype=str, chunks=_chunks(values.shape, 1 << 20))
+    arr = root.create_array(key, shape=values.shape, dtype=str, chunks=_chunks(values.shape, 1 << 20), dimension_names=("sample",))
     arr[:] = values
 
 
@@ -255,8 +334,8 @@ def write_archive(
         data = np.asarray(data)
         if spec.kind != "categorical":
             data = data.astype(np.float32, copy=False)
-        arr = root.create_array(f"modalities/{name}", data=data, chunks=_chunks(data.shape, chunk_size))
-        arr.attrs.update(spec.attrs())
+        arr = create_modality(root, name, spec, shape=data.shape, dtype=data.dtype, chunks=_chunks(data.shape, chunk_size))
+        arr[...] = data
     target = np.asarray(target)
     if task == "regression":
         target = target.astype(np.float32)
@@ -264,15 +343,18 @@ def write_archive(
         target = target.astype(np.uint8)
     else:
         target = target.astype(np.int64)
-    root.create_array("target", data=target, chunks=_chunks(target.shape, chunk_size))
-    root.create_array("split", data=split.astype(np.uint8), chunks=_chunks(split.shape, 1 << 20)).attrs["codes"] = SPLIT_CODES
+    root.create_array("target", data=target, chunks=_chunks(target.shape, chunk_size), dimension_names=ROOT_DIMS["target"][: target.ndim])
+    root.create_array("split", data=split.astype(np.uint8), chunks=_chunks(split.shape, 1 << 20), dimension_names=("sample",)).attrs[
+        "codes"
+    ] = SPLIT_CODES
     _write_strings(root, "ids", ids)
     if group is not None:
         _write_strings(root, "group", group)
     if latlon is not None:
-        root.create_array("latlon", data=np.asarray(latlon, dtype=np.float64), chunks=_chunks(np.shape(latlon), chunk_size))
+        root.create_array("latlon", data=np.asarray(latlon, dtype=np.float64), chunks=_chunks(np.shape(latlon), chunk_size), dimension_names=ROOT_DIMS["latlon"])
     if month is not None:
-        root.create_array("month", data=np.asarray(month, dtype=np.int64), chunks=_chunks(np.shape(month), chunk_size))
+        root.create_array("month", data=np.asarray(month, dtype=np.int64), chunks=_chunks(np.shape(month), chunk_size), dimension_names=ROOT_DIMS["month"])
+    add_coordinates(root)
     open_archive(path)
     return path
 
@@ -291,6 +373,9 @@ def open_archive(path: str | Path, *, check_values: bool = True) -> Archive:
     where = str(path)
     if attrs.get("format") != FORMAT:
         raise ArchiveError(f"{where}: attribute 'format' is {attrs.get('format')!r}, expected {FORMAT!r}")
+    version = attrs.get("version", 1)
+    if not isinstance(version, int) or version > VERSION:
+        raise ArchiveError(f"{where}: attribute 'version' is {version!r}; this colearn_dist reads archive versions 1..{VERSION} (upgrade it)")
     task = attrs.get("task")
     if task not in TASKS:
         raise ArchiveError(f"{where}: attribute 'task' is {task!r}, expected one of {list(TASKS)}")
@@ -313,6 +398,9 @@ def open_archive(path: str | Path, *, check_values: bool = True) -> Archive:
         key = f"modalities/{name}"
         if key not in root:
             raise ArchiveError(f"{where}: array {key!r} is missing (listed in attribute 'modalities')")
+        key = modality_key(root, name)
+        if key not in root:
+            raise ArchiveError(f"{where}: array {key!r} is missing (group 'modalities/{name}' holds no array {name!r})")
         arr = root[key]
         spec = ModalitySpec.from_attrs(name, arr.attrs)
         expect_n(key, arr)
@@ -380,9 +468,9 @@ def open_archive(path: str | Path, *, check_values: bool = True) -> Archive:
     if check_values:
         for name, spec in specs.items():
             if spec.kind == "categorical":
-                _check_codes(where, name, spec, root[f"modalities/{name}"])
+                _check_codes(where, name, spec, modality_array(root, name))
             else:
-                _check_bands(where, name, spec, root[f"modalities/{name}"])
+                _check_bands(where, name, spec, modality_array(root, name))
 
     return Archive(
         path=path,
@@ -421,7 +509,7 @@ def _check_codes(where: str, name: str, spec: ModalitySpec, arr: zarr.Array) -> 
         bad = ((block < 0) | (block >= k)) & (block != (-1 if spec.missing_value is None else spec.missing_value))
         if bad.any():
             raise ArchiveError(
-                f"{where}: array 'modalities/{name}' (categorical) has code {int(block[bad][0])} outside [0, {k - 1}] "
+                f"{where}: array {arr.path!r} (categorical) has code {int(block[bad][0])} outside [0, {k - 1}] "
                 f"that is not its missing_value ({spec.missing_value})"
             )
 
@@ -432,12 +520,12 @@ def _check_bands(where: str, name: str, spec: ModalitySpec, arr: zarr.Array) -> 
     finite_count = np.zeros(arr.shape[axis], dtype=np.int64)
     for block in _blocks(arr):
         if np.isinf(block).any():
-            raise ArchiveError(f"{where}: array 'modalities/{name}' has infinite values (use NaN for missing)")
+            raise ArchiveError(f"{where}: array {arr.path!r} has infinite values (use NaN for missing)")
         block = np.moveaxis(block, axis, -1)
         finite_count += np.isfinite(block).reshape(-1, block.shape[-1]).sum(axis=0)
     empty = [spec.bands[i] for i in np.flatnonzero(finite_count == 0)]
     if empty:
-        raise ArchiveError(f"{where}: array 'modalities/{name}' has all-NaN band(s) {empty}")
+        raise ArchiveError(f"{where}: array {arr.path!r} has all-NaN band(s) {empty}")
 
 
 def describe(archive: Archive) -> str:
@@ -470,7 +558,10 @@ __all__ = [
     "SPLITS",
     "SPLIT_CODES",
     "TASKS",
+    "add_coordinates",
     "channel_axis",
+    "create_modality",
+    "modality_array",
     "describe",
     "open_archive",
     "write_archive",

@@ -62,6 +62,21 @@ def _import(args: argparse.Namespace) -> int:
             overwrite=args.overwrite,
             **folds,
         )
+    elif args.format == "xarray":
+        from .importers.xarray_cube import import_xarray
+
+        path = import_xarray(
+            args.src,
+            args.out,
+            task=args.task or "regression",
+            modalities=args.modalities.split(",") if args.modalities else None,
+            sample_dim=args.sample_dim,
+            time_dim=args.time_dim,
+            band_dim=args.band_dim,
+            target=args.target,
+            class_names=tuple(args.class_names.split(",")) if args.class_names else (),
+            overwrite=args.overwrite,
+        )
     else:
         from .importers.generic import import_generic
 
@@ -269,23 +284,25 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     s = sub.add_parser("import", help="import a dataset into a zarr archive (benchmarks: docs/BENCHMARKS.md)")
-    s.add_argument("format", choices=["presto", "generic", "lfmc", "cropharvest", "treesatai", "mdico_netcdf"])
+    s.add_argument("format", choices=["presto", "generic", "lfmc", "cropharvest", "treesatai", "mdico_netcdf", "xarray"])
     s.add_argument(
         "src",
         help="presto: fuel_moisture | algae_blooms (bundled) or a folder; generic: a folder of .npy or an .npz; "
-        "lfmc: the CSV / Parquet table; cropharvest / treesatai: the dataset folder; mdico_netcdf: a .nc file",
+        "lfmc: the CSV / Parquet table; cropharvest / treesatai: the dataset folder; mdico_netcdf: a .nc file; "
+        "xarray: a zarr store or netCDF file of per-pixel time series (one variable or group per sensor)",
     )
     s.add_argument("out", help="archive path (.zarr)")
     s.add_argument(
         "--task",
         choices=["binary", "multiclass", "multilabel", "regression"],
-        help="generic: the task (default regression); cropharvest: binary (crop / non-crop, default) or multiclass "
+        help="generic / xarray: the task (default regression); cropharvest: binary (crop / non-crop, default) or multiclass "
         "(crop type); mdico_netcdf: inferred from the target unless given",
     )
-    s.add_argument(
-        "--modalities",
-        help="generic / mdico_netcdf: comma-separated arrays / views to use as modalities (mdico_netcdf: A_B concatenates views A and B)",
-    )
+    s.add_argument("--modalities", help="generic / mdico_netcdf / xarray: comma-separated arrays / views / variables to use as modalities (mdico_netcdf: A_B concatenates views A and B)")
+    s.add_argument("--sample-dim", default="sample", help="xarray: the dimension of pixels / samples (default sample)")
+    s.add_argument("--time-dim", default="time", help="xarray: the time dimension (default time)")
+    s.add_argument("--band-dim", default="band", help="xarray: the band dimension (default band)")
+    s.add_argument("--target", default="target", help="xarray: the target variable (default target); split / group variables, when present, are 'split' and 'group'")
     s.add_argument("--class-names", help="generic: comma-separated class names")
     s.add_argument(
         "--modalities-yaml",

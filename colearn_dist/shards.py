@@ -33,7 +33,7 @@ import numpy as np
 import zarr
 from tqdm import tqdm
 
-from .archive import SPLIT_CODES, SPLITS, Archive, channel_axis, nan_safe_mean_std, open_archive
+from .archive import SPLIT_CODES, SPLITS, Archive, channel_axis, modality_array, nan_safe_mean_std, open_archive
 from .manifest import MANIFEST_NAME, Manifest, ShardError, load_manifest
 
 KEY_DIGITS = 10
@@ -194,7 +194,7 @@ def _write_window(w: _Window) -> _WindowResult:
     """Read one window, shuffle it with its own seed stream, write its shards; return summaries."""
     root = _group(w.archive)
     rows = w.rows
-    data = {m.name: _take(root[f"modalities/{m.name}"], rows) for m in w.modalities}
+    data = {m.name: _take(modality_array(root, m.name), rows) for m in w.modalities}
     target = _take(root["target"], rows)
     month = _take(root["month"], rows).astype(np.int64) if w.has_month else None
     # Ids and groups are read here, per window, like the data: the parent never holds per-sample strings.
@@ -614,14 +614,9 @@ def _write_shards(
         target_shape=list(archive.target.shape[1:]),
         modalities={
             name: {
-                "kind": spec.kind,
                 "shape": list(archive.array(name).shape[1:]),
                 "dtype": str(np.dtype(archive.array(name).dtype)),
-                "bands": list(spec.bands),
-                "units": list(spec.units) if spec.units else [""] * len(spec.bands),
-                "time_step": spec.time_step,
-                "num_classes": spec.num_classes,
-                "missing_value": spec.missing_value,
+                **spec.attrs(),
             }
             for name, spec in archive.modalities.items()
         },

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import zarr
 
-from .archive import FORMAT, SPLIT_CODES, VERSION, ModalitySpec, open_archive
+from .archive import FORMAT, SPLIT_CODES, VERSION, ModalitySpec, add_coordinates, create_modality, open_archive
 
 # name -> (kind, bands); series get `t` monthly steps.
 SENSORS: dict[str, tuple[str, tuple[str, ...]]] = {
@@ -135,16 +135,15 @@ def write_synthetic_archive(
     arrays: dict[str, Any] = {}
     for name, (kind, bands) in SENSORS.items():
         shape = (n, t, len(bands)) if kind == "series" else (n, len(bands))
-        arr = root.create_array(f"modalities/{name}", shape=shape, dtype="float32", chunks=(chunk_size,) + shape[1:])
-        arr.attrs.update(ModalitySpec(name, kind, bands, time_step="month" if kind == "series" else None).attrs())
-        arrays[name] = arr
-    target = root.create_array("target", shape=(n,), dtype="float32", chunks=(chunk_size,))
-    split = root.create_array("split", shape=(n,), dtype="uint8", chunks=(1 << 20,))
+        spec = ModalitySpec(name, kind, bands, time_step="month" if kind == "series" else None)
+        arrays[name] = create_modality(root, name, spec, shape=shape, dtype="float32", chunks=(chunk_size,) + shape[1:])
+    target = root.create_array("target", shape=(n,), dtype="float32", chunks=(chunk_size,), dimension_names=("sample",))
+    split = root.create_array("split", shape=(n,), dtype="uint8", chunks=(1 << 20,), dimension_names=("sample",))
     split.attrs["codes"] = SPLIT_CODES
     # Strings are written a whole chunk at a time (a partial write would re-read and re-encode it).
     block = max(chunk_size, block // chunk_size * chunk_size)
-    ids = root.create_array("ids", shape=(n,), dtype=str, chunks=(block,))
-    group = root.create_array("group", shape=(n,), dtype=str, chunks=(block,))
+    ids = root.create_array("ids", shape=(n,), dtype=str, chunks=(block,), dimension_names=("sample",))
+    group = root.create_array("group", shape=(n,), dtype=str, chunks=(block,), dimension_names=("sample",))
     factors = _Factors(seed, t, shared_dim, specific_dim, SENSORS)
     n_sites = max(2, sites if sites is not None else n // 100)
     for b, start in enumerate(range(0, n, block)):
@@ -163,6 +162,7 @@ def write_synthetic_archive(
         first = split[0:1]
         if first[0] != SPLIT_CODES["train"]:
             split[0:1] = np.array([SPLIT_CODES["train"]], dtype=np.uint8)
+    add_coordinates(root, chunk_size=block)
     open_archive(path, check_values=False)
     return path
 

@@ -13,6 +13,7 @@ from colearn_dist.archive import (
     ArchiveError,
     ModalitySpec,
     describe,
+    modality_key,
     nan_safe_mean_std,
     open_archive,
     write_archive,
@@ -20,8 +21,11 @@ from colearn_dist.archive import (
 
 
 def _replace(path: Path, key: str, data: np.ndarray, attrs: dict | None = None) -> None:
-    """Swap one array of a written archive, keeping its attributes (simulates a hand-edited archive)."""
+    """Swap one array of a written archive, keeping its attributes (simulates a hand-edited archive);
+    "modalities/<name>" means the modality's array (inside its group)."""
     root = zarr.open_group(str(path), mode="r+")
+    if key.startswith("modalities/"):
+        key = modality_key(root, key.split("/")[1])
     old_attrs = dict(root[key].attrs) if key in root else {}
     del root[key]
     arr = root.create_array(key, data=data)
@@ -55,7 +59,7 @@ def test_write_refuses_existing_without_overwrite(synthetic_archive, tmp_path):
 def test_sample_count_mismatch_names_array(synthetic_archive):
     path = synthetic_archive(n=40)
     _replace(path, "modalities/s2", np.zeros((39, 6, 4), dtype=np.float32))
-    with pytest.raises(ArchiveError, match=r"'modalities/s2' has 39 samples, 'split' has 40"):
+    with pytest.raises(ArchiveError, match=r"'modalities/s2/s2' has 39 samples, 'split' has 40"):
         open_archive(path)
 
 
@@ -84,14 +88,14 @@ def test_unknown_split_names_rejected_on_write(tmp_path):
 def test_wrong_dtype_names_array(synthetic_archive):
     path = synthetic_archive(n=40)
     _replace(path, "modalities/s1", np.zeros((40, 6, 2), dtype=np.float64))
-    with pytest.raises(ArchiveError, match=r"'modalities/s1' has dtype float64, expected float32"):
+    with pytest.raises(ArchiveError, match=r"'modalities/s1/s1' has dtype float64, expected float32"):
         open_archive(path)
 
 
 def test_float_categorical_names_array(synthetic_archive):
     path = synthetic_archive(n=40)
     _replace(path, "modalities/dw", np.zeros((40, 6), dtype=np.float32))
-    with pytest.raises(ArchiveError, match=r"'modalities/dw' \(categorical\) has dtype float32"):
+    with pytest.raises(ArchiveError, match=r"'modalities/dw/dw' \(categorical\) has dtype float32"):
         open_archive(path)
 
 
@@ -100,7 +104,7 @@ def test_all_nan_band_names_array_and_band(synthetic_archive):
     x = open_archive(path).array("s2")[:]
     x[..., 2] = np.nan
     _replace(path, "modalities/s2", x)
-    with pytest.raises(ArchiveError, match=r"'modalities/s2' has all-NaN band\(s\) \['B8'\]"):
+    with pytest.raises(ArchiveError, match=r"'modalities/s2/s2' has all-NaN band\(s\) \['B8'\]"):
         open_archive(path)
     assert open_archive(path, check_values=False).num_samples == 40  # the scan is what finds it
 
@@ -112,7 +116,7 @@ def test_categorical_code_out_of_range_names_array(synthetic_archive):
     codes[7, 2] = 6
     _replace(path, "modalities/dw", codes)
     with pytest.raises(
-        ArchiveError, match=r"'modalities/dw' \(categorical\) has code 6 outside \[0, 4\] that is not its missing_value \(4\)"
+        ArchiveError, match=r"'modalities/dw/dw' \(categorical\) has code 6 outside \[0, 4\] that is not its missing_value \(4\)"
     ):
         open_archive(path)
 
@@ -133,7 +137,7 @@ def test_infinite_value_names_array(synthetic_archive):
     x = open_archive(path).array("srtm")[:]
     x[5, 1] = np.inf
     _replace(path, "modalities/srtm", x)
-    with pytest.raises(ArchiveError, match=r"'modalities/srtm' has infinite values"):
+    with pytest.raises(ArchiveError, match=r"'modalities/srtm/srtm' has infinite values"):
         open_archive(path)
 
 
@@ -233,7 +237,7 @@ def test_missing_modality_array_named(synthetic_archive):
 def test_band_count_mismatch_named(synthetic_archive):
     path = synthetic_archive(n=30)
     _replace(path, "modalities/s1", np.zeros((30, 6, 3), dtype=np.float32))
-    with pytest.raises(ArchiveError, match=r"'modalities/s1' has 3 bands but attribute 'bands' names 2"):
+    with pytest.raises(ArchiveError, match=r"'modalities/s1/s1' has 3 bands but attribute 'bands' names 2"):
         open_archive(path)
 
 
@@ -271,3 +275,55 @@ def test_nan_safe_mean_std_matches_numpy_and_floors_constant_bands():
     np.testing.assert_allclose(mean, x.mean(0))
     np.testing.assert_allclose(std[:2], x.std(0)[:2], rtol=1e-9)
     assert std[2] == 1.0
+
+
+@pytest.mark.parametrize("name", ["fuel_moisture", "algae_blooms"])
+def test_every_bundled_archive_opens_with_xarray(presto_archive, name):
+    """Each modality group is a labelled DataArray: dims sample / time / band, band names, ids,
+    months and lat/lon as coordinates; values are the archive's (NaN stays NaN)."""
+    import xarray as xr
+
+    from colearn_dist.importers import BUNDLED
+
+    assert set(BUNDLED) == {"fuel_moisture", "algae_blooms"}
+    path = presto_archive(name)
+    a = open_archive(path)
+    assert a.attrs["version"] == 2
+    for m, spec in a.modalities.items():
+        da = xr.open_zarr(path, group=f"modalities/{m}", consolidated=False)[m]
+        raw = a.array(m)[:]
+        assert da.dims == {"series": ("sample", "time", "band"), "static": ("sample", "band"), "categorical": ("sample", "time")}[spec.kind]
+        assert list(da["sample"].values) == list(a.ids)
+        if spec.kind != "categorical":
+            assert list(da["band"].values) == list(spec.bands)
+            np.testing.assert_array_equal(da.values, raw)  # NaN where the archive has NaN
+        else:  # xarray masks the declared missing code (CF missing_value) as NaN
+            np.testing.assert_array_equal(np.isnan(da.values), raw == spec.missing_value)
+        if spec.kind != "static":
+            np.testing.assert_array_equal(da["month"].values, a.month[:])
+        if a.latlon is not None:
+            np.testing.assert_array_equal(np.stack([da["lat"].values, da["lon"].values], axis=1), a.latlon[:])
+    assert a.modalities["s1"].sensor == "Sentinel-1 C-SAR" and a.modalities["s1"].processing_level == "GRD"
+    root = xr.open_zarr(path, consolidated=False)
+    assert root["target"].dims == ("sample",) and root["month"].dims == ("sample", "time")
+
+
+def test_version_1_archives_still_open(synthetic_archive, tmp_path):
+    """An archive of the first layout (bare modality arrays, no dimension names) reads as before."""
+    from colearn_dist.shards import write_shards
+
+    path = synthetic_archive(n=40)
+    new = open_archive(path)
+    root = zarr.open_group(str(path), mode="r+")
+    for m, spec in new.modalities.items():
+        data = new.array(m)[:]
+        del root[f"modalities/{m}"]
+        root.create_array(f"modalities/{m}", data=data).attrs.update(spec.attrs())
+    root.attrs["version"] = 1
+    old = open_archive(path)
+    assert old.modalities == new.modalities
+    np.testing.assert_array_equal(old.array("s2")[:], new.array("s2")[:])
+    assert write_shards(path, tmp_path / "shards", samples_per_shard=16, workers=1, progress=False).modalities["s2"]["shape"] == [6, 4]
+    root.attrs["version"] = 3
+    with pytest.raises(ArchiveError, match=r"attribute 'version' is 3; this colearn_dist reads archive versions 1..2"):
+        open_archive(path)

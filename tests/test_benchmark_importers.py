@@ -514,7 +514,7 @@ def test_image_archive_validation(tmp_path):
     path = image_archive(tmp_path / "img.zarr")
     a = open_archive(path)
     assert a.modalities["aerial"].kind == "image" and a.array("aerial").shape == (48, 3, 8, 8)
-    with pytest.raises(ArchiveError, match=r"'modalities/aerial' \(image\) has shape .*expected \[N, C, H, W\]"):
+    with pytest.raises(ArchiveError, match=r"'modalities/aerial/aerial' \(image\) has shape .*expected \[N, C, H, W\]"):
         write_archive(
             tmp_path / "b.zarr",
             {"aerial": (np.zeros((4, 8, 8), np.float32), ModalitySpec("aerial", "image", ("R",) * 8))},
@@ -523,7 +523,7 @@ def test_image_archive_validation(tmp_path):
             split=np.zeros(4),
             ids=np.arange(4),
         )
-    with pytest.raises(ArchiveError, match=r"'modalities/aerial' has 3 bands but attribute 'bands' names 8"):
+    with pytest.raises(ArchiveError, match=r"'modalities/aerial/aerial' has 3 bands but attribute 'bands' names 8"):
         write_archive(
             tmp_path / "c.zarr",
             {"aerial": (np.zeros((4, 3, 8, 8), np.float32), ModalitySpec("aerial", "image", ("R",) * 8))},

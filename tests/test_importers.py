@@ -268,3 +268,104 @@ def test_generic_missing_key_and_bad_values(tmp_path):
         import_generic(tmp_path / "d.npz", tmp_path / "a.zarr", modalities=None, task="ranking")
     with pytest.raises(ArchiveError, match="expected a folder of .npy files or one .npz"):
         import_generic(tmp_path / "nothing.txt", tmp_path / "a.zarr", modalities=None, task="regression")
+
+
+def _cube(n: int = 30, t: int = 5):
+    """A datacube as an EO scientist holds one: pixel / time / band dims, datetime time axis, a radar
+    variable stored as scaled int16 with a _FillValue, a static DEM, a land-cover layer with gaps."""
+    import xarray as xr
+
+    rng = np.random.default_rng(0)
+    radar = rng.normal(-12, 3, size=(n, t, 2)).astype(np.float32)
+    radar[0, 1, :] = np.nan  # a missing observation
+    radar[2, :, 1] = np.nan  # a band missing for one pixel
+    dem = rng.normal(300, 50, size=(n, 2)).astype(np.float32)
+    lc = rng.integers(0, 4, size=(n, t)).astype(np.float64)
+    lc[3, 2] = np.nan
+    ds = xr.Dataset(
+        {
+            "radar": (("pixel", "time", "band"), radar, {"units": "dB", "sensor": "Sentinel-1 C-SAR", "processing_level": "GRD"}),
+            "dem": (("pixel", "band2"), dem),
+            "lc": (("pixel", "time"), lc),
+            "target": (("pixel",), rng.normal(50, 10, n).astype(np.float32), {"units": "%"}),
+            "split": (("pixel",), np.where(np.arange(n) < 24, "train", "test")),
+        },
+        coords={
+            "pixel": [f"px{i}" for i in range(n)],
+            "time": np.array([f"2021-{m:02d}-01" for m in range(3, 3 + t)], dtype="datetime64[ns]"),
+            "band": ["VV", "VH"],
+            "band2": ["elevation", "slope"],
+            "lat": (("pixel",), rng.uniform(-10, 10, n)),
+            "lon": (("pixel",), rng.uniform(20, 40, n)),
+        },
+    )
+    encoding = {
+        "radar": {"dtype": "int16", "scale_factor": 0.01, "add_offset": -10.0, "_FillValue": -32768},
+        "lc": {"dtype": "int8", "_FillValue": -1},
+    }
+    return ds, encoding
+
+
+@pytest.mark.parametrize("store", ["zarr", "netcdf"])
+def test_xarray_cube_imports_with_decoding(tmp_path, store):
+    """_FillValue → NaN (missing), scale/offset applied, bands from the coordinate, months from the
+    datetime axis, lat/lon from the coordinates; the archive validates as any import."""
+    from colearn_dist.importers import import_xarray
+
+    ds, encoding = _cube()
+    if store == "zarr":
+        path = tmp_path / "cube.zarr"
+        ds.to_zarr(path, encoding=encoding, consolidated=True)
+    else:
+        path = tmp_path / "cube.nc"
+        ds.to_netcdf(path, encoding=encoding)
+    out = import_xarray(path, tmp_path / "a.zarr", task="regression", sample_dim="pixel", modalities=["radar", "lc"])
+    a = open_archive(out)
+    radar = a.array("radar")[:]
+    np.testing.assert_allclose(radar, np.round((ds["radar"].values + 10.0) / 0.01) * 0.01 - 10.0, atol=1e-4)  # int16 quantised
+    assert np.isnan(radar[0, 1]).all() and np.isnan(radar[2, :, 1]).all() and np.isnan(radar).sum() == 2 + 5
+    spec = a.modalities["radar"]
+    assert spec.kind == "series" and spec.bands == ("VV", "VH") and spec.units == ("dB", "dB")
+    assert (spec.sensor, spec.processing_level) == ("Sentinel-1 C-SAR", "GRD")
+    lc = a.modalities["lc"]
+    assert lc.kind == "categorical" and lc.missing_value == lc.num_classes - 1
+    assert a.array("lc")[3, 2] == lc.missing_value and (a.array("lc")[:] == lc.missing_value).sum() == 1
+    np.testing.assert_array_equal(a.month[:], np.tile(np.arange(3, 8), (30, 1)))
+    np.testing.assert_allclose(a.latlon[:], np.stack([ds["lat"].values, ds["lon"].values], axis=1))
+    assert list(a.ids[:3]) == ["px0", "px1", "px2"] and a.split_counts() == {"train": 24, "val": 0, "test": 6}
+    assert a.target_unit == "%"
+
+
+def test_xarray_cube_sensor_per_group_and_bad_flags(tmp_path):
+    """One group per sensor (the group's variable named like it); dims that do not match the flags
+    and an unknown variable are one-line errors naming the dimension / variable."""
+    import xarray as xr
+
+    from colearn_dist.importers import import_xarray
+
+    ds, _ = _cube()
+    path = tmp_path / "cube.zarr"
+    ds[["target", "split"]].to_zarr(path, consolidated=False)
+    ds[["radar"]].rename(radar="s1").to_zarr(path, group="s1", consolidated=False)
+    ds[["dem"]].to_zarr(path, group="dem", consolidated=False)
+    out = import_xarray(path, tmp_path / "a.zarr", task="regression", sample_dim="pixel", band_dim="band", modalities=["s1"])
+    assert open_archive(out).modalities["s1"].bands == ("VV", "VH")
+    with pytest.raises(ArchiveError, match=r"variable 'dem' has dims \['pixel', 'band2'\]; dimension 'band2' is none of"):
+        import_xarray(path, tmp_path / "b.zarr", task="regression", sample_dim="pixel", modalities=["dem"])
+    with pytest.raises(ArchiveError, match=r"variable 's1' has no dimension 'sample' \(--sample-dim\)"):
+        import_xarray(path, tmp_path / "b.zarr", task="regression", modalities=["s1"])
+    with pytest.raises(ArchiveError, match=r"no variable or group 'optical'"):
+        import_xarray(path, tmp_path / "b.zarr", task="regression", sample_dim="pixel", modalities=["optical"])
+    assert not (tmp_path / "b.zarr").exists()  # nothing written on bad input
+    assert isinstance(xr.open_datatree(path, engine="zarr"), xr.DataTree)
+
+
+def test_cli_imports_a_cube(tmp_path, capsys):
+    from colearn_dist.cli import main
+
+    ds, encoding = _cube()
+    ds.to_netcdf(tmp_path / "cube.nc", encoding=encoding)
+    args = ["import", "xarray", str(tmp_path / "cube.nc"), str(tmp_path / "a.zarr"), "--sample-dim", "pixel", "--modalities", "radar,lc"]
+    assert main(args) == 0
+    assert "30 samples" in capsys.readouterr().out
+    assert list(open_archive(tmp_path / "a.zarr").modalities) == ["radar", "lc"]

@@ -10,6 +10,7 @@ from .lfmc import import_lfmc
 from .mdico_netcdf import import_mdico_netcdf
 from .presto import BUNDLED, bundled_path, import_presto
 from .treesatai import import_treesatai
+from .xarray_cube import import_xarray
 
 IMPORTERS: dict[str, Callable[..., object]] = {
     "presto": import_presto,
@@ -18,6 +19,7 @@ IMPORTERS: dict[str, Callable[..., object]] = {
     "cropharvest": import_cropharvest,
     "treesatai": import_treesatai,
     "mdico_netcdf": import_mdico_netcdf,
+    "xarray": import_xarray,
 }
 
 __all__ = [
@@ -30,4 +32,5 @@ __all__ = [
     "import_mdico_netcdf",
     "import_presto",
     "import_treesatai",
+    "import_xarray",
 ]

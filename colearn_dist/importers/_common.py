@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from ..archive import SPLIT_CODES, ArchiveError
+from ..archive import SPLIT_CODES, SPLITS, ArchiveError
 
 
 def h5py_module(where: str | Path) -> Any:
@@ -64,6 +64,24 @@ def kfold_split(n: int, folds: int, fold: int, seed: int, groups: np.ndarray | N
     return split
 
 
+def split_codes(where: str, split: np.ndarray) -> np.ndarray:
+    """A user's [N] split (names train/val/test or codes 0/1/2) as archive codes; `where` names the source."""
+    if split.ndim != 1:
+        raise ArchiveError(f"{where} has shape {list(split.shape)}, expected [N]")
+    if split.dtype.kind in "US" or split.dtype.kind == "O":
+        split = split.astype(str)
+        unknown = sorted(set(split.tolist()) - set(SPLITS))
+        if unknown:
+            raise ArchiveError(f"{where} has unknown values {unknown}; expected {list(SPLITS)}")
+        return np.array([SPLIT_CODES[s] for s in split.tolist()], dtype=np.uint8)
+    if split.dtype.kind not in "iub":
+        raise ArchiveError(f"{where} has dtype {split.dtype}; expected names {list(SPLITS)} or codes {SPLIT_CODES}")
+    unknown = sorted(set(np.unique(split).tolist()) - set(SPLIT_CODES.values()))
+    if unknown:
+        raise ArchiveError(f"{where} has unknown codes {unknown}; expected {SPLIT_CODES}")
+    return split.astype(np.uint8)
+
+
 def nanmean(x: np.ndarray, axis: int | tuple[int, ...]) -> np.ndarray:
     """np.nanmean without the warning for all-NaN slices: NaN is the right answer there (no observation)."""
     with warnings.catch_warnings():
@@ -76,4 +94,4 @@ def note(name: str, message: str) -> None:
     print(f"{name}: {message}", file=sys.stderr, flush=True)
 
 
-__all__ = ["h5py_module", "kfold_split", "nanmean", "note", "open_h5", "shape_text"]
+__all__ = ["h5py_module", "kfold_split", "nanmean", "note", "open_h5", "shape_text", "split_codes"]

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..archive import SPLIT_CODES, SPLITS, TASKS, ArchiveError, ModalitySpec, write_archive
+from ..archive import TASKS, ArchiveError, ModalitySpec, write_archive
+from ._common import split_codes
 
 OPTIONAL_KEYS = ("latlon", "month")
 
@@ -83,23 +84,6 @@ def _modality(src: _Source, key: str, arr: np.ndarray) -> tuple[np.ndarray, Moda
     )
 
 
-def _split(src: _Source, key: str, split: np.ndarray) -> np.ndarray:
-    where = f"{src.label(key)}: key {key!r}"
-    if split.ndim != 1:
-        raise ArchiveError(f"{where} has shape {list(split.shape)}, expected [N]")
-    if split.dtype.kind in "US":
-        unknown = sorted(set(split.astype(str).tolist()) - set(SPLITS))
-        if unknown:
-            raise ArchiveError(f"{where} has unknown values {unknown}; expected {list(SPLITS)}")
-        return np.array([SPLIT_CODES[s] for s in split.astype(str).tolist()], dtype=np.uint8)
-    if split.dtype.kind not in "iub":
-        raise ArchiveError(f"{where} has dtype {split.dtype}; expected names {list(SPLITS)} or codes {SPLIT_CODES}")
-    unknown = sorted(set(np.unique(split).tolist()) - set(SPLIT_CODES.values()))
-    if unknown:
-        raise ArchiveError(f"{where} has unknown codes {unknown}; expected {SPLIT_CODES}")
-    return split.astype(np.uint8)
-
-
 def import_generic(
     src: str | Path,
     out_path: str | Path,
@@ -152,7 +136,7 @@ def import_generic(
         split = np.zeros(n, dtype=np.uint8)
     else:
         expect_n(split_key, split_arr)
-        split = _split(source, split_key, split_arr)
+        split = split_codes(f"{source.label(split_key)}: key {split_key!r}", split_arr)
     ids = source.get(ids_key)
     if ids is None:
         ids = np.array([str(i) for i in range(n)])
