@@ -20,6 +20,7 @@ from .evaluate import evaluate_runs
 from .export import export_sensor, load_exported, predict
 from .launch import launch_local
 from .shards import merge_shards, verify_shards, write_shards
+from .stac import stac_path
 from .slurm import command_slurm, plan_submission, resume_config, status, submit_jobs, submit_planned
 from .sweep import demo, load_reference, plan_sweep, run_sweep
 from .synthetic import write_synthetic_archive
@@ -178,14 +179,16 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
-    path = export_sensor(args.run, args.modality, args.out)
+    path = export_sensor(args.run, args.modality, args.out, fmt=args.format)
     print(path)
+    print(stac_path(path))
     return 0
 
 
 def _predict(args: argparse.Namespace) -> int:
-    ids, preds = predict(args.model, args.data, split=args.split)
-    classes = list(load_exported(args.model)[1].get("class_names") or [])
+    cube = {"variable": args.variable, "sample_dim": args.sample_dim, "time_dim": args.time_dim, "band_dim": args.band_dim}
+    ids, preds = predict(args.model, args.data, split=args.split, batch_size=args.batch_size, **cube)
+    classes = list(load_exported(args.model).meta.get("class_names") or [])
     out = open(args.out, "w", newline="") if args.out else sys.stdout
     writer = csv.writer(out)
     width = 0 if preds.ndim == 1 else preds.shape[1]
@@ -413,16 +416,22 @@ def build_parser() -> argparse.ArgumentParser:
     )
     s.set_defaults(fn=_evaluate)
 
-    s = sub.add_parser("export", help="write a self-contained TorchScript model for one sensor")
+    s = sub.add_parser("export", help="write one sensor's self-contained model (torch.export .pt2 or ONNX) and its STAC MLM item")
     s.add_argument("run")
-    s.add_argument("--modality", required=True)
-    s.add_argument("--out")
+    s.add_argument("--modality", required=True, help="the sensor whose model to export")
+    s.add_argument("--format", choices=["pt2", "onnx"], default="pt2", help="pt2: torch.export (default); onnx: ONNX opset 18 (onnxruntime)")
+    s.add_argument("--out", help="model file (default RUN/model_<modality>.<format>); the item is written beside it as <file>.stac.json")
     s.set_defaults(fn=_export)
 
-    s = sub.add_parser("predict", help="apply an exported sensor model to an archive's raw arrays or to shards")
+    s = sub.add_parser("predict", help="apply an exported sensor model (.pt2 / .onnx) to an archive, shards or an xarray datacube")
     s.add_argument("model")
-    s.add_argument("data", metavar="PATH", help="a zarr archive, or a shards folder (with manifest.json)")
+    s.add_argument("data", metavar="PATH", help="a zarr archive, a shards folder (with manifest.json), or a zarr / netCDF datacube")
     s.add_argument("--split", help="train / val / test (archive: default every sample; shards: required)")
+    s.add_argument("--batch-size", type=int, default=4096)
+    s.add_argument("--variable", help="datacube: the sensor's variable (default: the model's sensor name)")
+    s.add_argument("--sample-dim", default="sample", help="datacube: the dimension of pixels / samples (default sample)")
+    s.add_argument("--time-dim", default="time", help="datacube: the time dimension (default time)")
+    s.add_argument("--band-dim", default="band", help="datacube: the band dimension (default band)")
     s.add_argument("--out", help="CSV file (default: stdout)")
     s.set_defaults(fn=_predict)
 

@@ -1,26 +1,41 @@
-"""Per-sensor deployment: one self-contained TorchScript file per sensor.
+"""Per-sensor deployment: one self-contained model file per sensor, torch.export (.pt2) or ONNX.
 
-The exported module takes the sensor's raw, un-normalised input (NaN where missing; the integer
-class with its missing value for a categorical layer) and returns predictions in target units, so
-the deployment side needs neither this package nor the shard manifest.
+The exported graph takes the sensor's raw, un-normalised input (NaN where a step or band is
+missing; the integer class with its missing value for a categorical layer) plus the context the
+run's model reads (the calendar month of each step), and returns predictions in target units
+(probabilities for classification). Normalisation and the missing-value rule of training (zero
+after normalisation) are inside, so the deployment side needs neither this package nor the
+shard manifest: `torch.export.load(...).module()` or an onnxruntime session is enough. Every
+model file gets a STAC Machine Learning Model item beside it (`stac.py`).
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
+import warnings
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Iterable, Iterator, Optional
 
 import numpy as np
 import torch
+import zarr
 from torch import nn
 
+from .archive import FORMAT as ARCHIVE_FORMAT
 from .archive import open_archive
 from .batch import norm_stats, normalise
+from .importers.xarray_cube import open_cube, sensor_array
 from .loader import ShardLoader
 from .manifest import load_manifest
 from .runs import RunDir, Trained, load_trained
+from .stac import write_stac_item
+
+FORMATS = ("pt2", "onnx")
+ONNX_OPSET = 18  # the opset the dynamo exporter writes; onnxruntime ≥ 1.14 runs it
+META_KEY = "colearn.json"  # the metadata inside the model file (extra file / ONNX metadata_props)
+INPUT_NAMES = ("x", "month")
+OUTPUT_NAME = "prediction"
 
 
 class SensorModel(nn.Module):
@@ -28,6 +43,7 @@ class SensorModel(nn.Module):
 
     def __init__(self, trained: Trained, modality: str) -> None:
         super().__init__()
+        mod = trained.manifest.modality(modality)
         self.model = trained.model
         self.modality = modality
         norm = norm_stats(trained.manifest, modality)
@@ -36,67 +52,182 @@ class SensorModel(nn.Module):
         self.register_buffer("mean", torch.from_numpy(mean))
         self.register_buffer("std", torch.from_numpy(std))
         self.spec = trained.spec
+        self.takes_month = bool(trained.manifest.has_month) and mod.steps is not None
 
     def forward(self, x: torch.Tensor, month: Optional[torch.Tensor] = None) -> torch.Tensor:
         if not self.categorical:
-            x, _ = normalise(x, self.mean, self.std)  # type: ignore[arg-type]
-        pred = self.model.predict({self.modality: x}, month, modalities=[self.modality])  # type: ignore[operator]
+            x, _ = normalise(x, self.mean, self.std)  # the loader's formula: missing (NaN) → 0 after normalising
+        pred = self.model.predict({self.modality: x}, month if self.takes_month else None, modalities=[self.modality])
         return self.spec.to_target_units(pred)
 
 
 def example_input(trained: Trained, modality: str, batch: int = 4) -> tuple[torch.Tensor, ...]:
+    """Inputs of the right shapes and dtypes (random values) for export."""
     mod = trained.manifest.modality(modality)
     shape = (batch, *mod.shape)
-    x = torch.randint(0, int(mod.num_classes or 1), shape) if mod.kind == "categorical" else torch.randn(shape)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randint(0, int(mod.num_classes or 1), shape, generator=gen) if mod.kind == "categorical" else torch.randn(shape, generator=gen)
     if trained.manifest.has_month and mod.steps is not None:
-        return x, torch.randint(1, 13, (batch, mod.steps))
+        return x, torch.randint(1, 13, (batch, mod.steps), generator=gen)
     return (x,)
 
 
-def export_sensor(run_dir: str | Path, modality: str, out: str | Path | None = None) -> Path:
-    """Trace the weights validation chose for `modality` and save a TorchScript file with its metadata."""
-    trained = load_trained(run_dir, modality)
-    module = SensorModel(trained, modality).eval()
-    example = example_input(trained, modality)
-    with torch.no_grad():
-        traced = torch.jit.trace(module, example, check_trace=False)
-    out = Path(out) if out else RunDir(run_dir).exported(modality)
-    meta = {
+def model_meta(trained: Trained, modality: str, fmt: str, takes_month: bool) -> dict[str, Any]:
+    """What `predict` needs to feed the file (stored inside it) — the STAC item says the same for people."""
+    return {
         "modality": modality,
+        "format": fmt,
+        "onnx_opset": ONNX_OPSET if fmt == "onnx" else None,
         "input": trained.manifest.modalities[modality],
-        "takes_month": len(example) == 2,
+        "inputs": list(INPUT_NAMES[: 2 if takes_month else 1]),
+        "takes_month": takes_month,
         "task": trained.manifest.task,
         "class_names": list(trained.manifest.class_names),
         "target_name": trained.manifest.target_name,
         "target_unit": trained.manifest.target_unit,
         "method": trained.cfg.model.method,
-        "run": str(run_dir),
+        "run": str(trained.run_dir),
     }
-    traced.save(str(out), _extra_files={"colearn.json": json.dumps(meta)})
+
+
+def export_sensor(run_dir: str | Path, modality: str, out: str | Path | None = None, fmt: str = "pt2") -> Path:
+    """Export the weights validation chose for `modality` as `fmt` (pt2 | onnx), batch dimension
+    dynamic, and write its STAC MLM item beside it (`<file>.stac.json`). Returns the model path."""
+    if fmt not in FORMATS:
+        raise ValueError(f"export format {fmt!r} is not one of {list(FORMATS)}")
+    trained = load_trained(run_dir, modality)
+    if modality not in trained.manifest.modalities or modality == "all":
+        raise ValueError(f"{run_dir}: {modality!r} is not a sensor of the run (sensors {list(trained.manifest.modalities)})")
+    module = SensorModel(trained, modality).eval()
+    module.requires_grad_(False)  # the loaded program then returns plain tensors (no autograd graph)
+    example = example_input(trained, modality)
+    names = INPUT_NAMES[: len(example)]
+    batch = torch.export.Dim("batch", min=1)
+    dynamic = {name: {0: batch} for name in names}
+    out = Path(out) if out else RunDir(run_dir).exported(modality, fmt)
+    if out.suffix != f".{fmt}":
+        raise ValueError(f"{out}: a {fmt} model file must end in .{fmt}")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    meta = model_meta(trained, modality, fmt, len(example) == 2)
+    with torch.no_grad():
+        if fmt == "pt2":
+            program = torch.export.export(module, example, dynamic_shapes=dynamic)
+            torch.export.save(program, str(out), extra_files={META_KEY: json.dumps(meta)})
+        else:
+            _export_onnx(module, example, names, dynamic, out, meta)
+    write_stac_item(out, trained, modality, meta)
     return out
 
 
-def load_exported(path: str | Path) -> tuple[torch.jit.ScriptModule, dict[str, Any]]:
-    files = {"colearn.json": ""}
-    module = torch.jit.load(str(path), map_location="cpu", _extra_files=files)
-    return module, json.loads(files["colearn.json"])
+def _export_onnx(module: nn.Module, example: tuple[torch.Tensor, ...], names: tuple[str, ...], dynamic: dict, out: Path, meta: dict) -> None:
+    try:
+        import onnxscript  # noqa: F401  (the dynamo exporter's dependency)
+    except ImportError as exc:
+        raise RuntimeError("ONNX export needs onnx and onnxscript: pip install 'colearn_dist[onnx]'") from exc
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the exporter's progress notes and torchvision-op notices
+        program = torch.onnx.export(
+            module,
+            example,
+            dynamo=True,
+            opset_version=ONNX_OPSET,
+            input_names=list(names),
+            output_names=[OUTPUT_NAME],
+            dynamic_shapes=dynamic,
+            verbose=False,
+        )
+    assert program is not None
+    program.model.metadata_props[META_KEY] = json.dumps(meta)
+    program.save(str(out))
+
+
+@dataclass
+class Exported:
+    """A loaded model file: `run(x, month)` → predictions (numpy), and its metadata."""
+
+    path: Path
+    meta: dict[str, Any]
+    run: Callable[[np.ndarray, Optional[np.ndarray]], np.ndarray]
+
+
+def load_exported(path: str | Path) -> Exported:
+    """Open a .pt2 (torch) or .onnx (onnxruntime) model file written by `export_sensor`."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such model file")
+    if path.suffix == ".pt2":
+        return _load_pt2(path)
+    if path.suffix == ".onnx":
+        return _load_onnx(path)
+    if path.suffix == ".pt":
+        raise ValueError(f"{path}: TorchScript models are no longer supported; export again (colearn-dist export RUN --format pt2|onnx)")
+    raise ValueError(f"{path}: unknown model format {path.suffix!r}; expected one of {['.' + f for f in FORMATS]}")
+
+
+def _load_pt2(path: Path) -> Exported:
+    files = {META_KEY: ""}
+    program = torch.export.load(str(path), extra_files=files)
+    if not files[META_KEY]:
+        raise ValueError(f"{path}: no {META_KEY} inside; not a model written by colearn-dist export")
+    module = program.module()
+
+    @torch.no_grad()
+    def run(x: np.ndarray, month: Optional[np.ndarray]) -> np.ndarray:
+        args = [torch.from_numpy(x)] + ([torch.from_numpy(month)] if month is not None else [])
+        return module(*args).numpy()
+
+    return Exported(path, json.loads(files[META_KEY]), run)
+
+
+def _load_onnx(path: Path) -> Exported:
+    try:
+        import onnxruntime as ort
+    except ImportError as exc:
+        raise RuntimeError(f"{path}: running ONNX models needs onnxruntime: pip install 'colearn_dist[onnx]'") from exc
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = torch.get_num_threads()  # the project's thread budget, not every core
+    options.inter_op_num_threads = 1
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    meta_text = session.get_modelmeta().custom_metadata_map.get(META_KEY)
+    if not meta_text:
+        raise ValueError(f"{path}: no {META_KEY} metadata; not a model written by colearn-dist export")
+    meta = json.loads(meta_text)
+
+    def run(x: np.ndarray, month: Optional[np.ndarray]) -> np.ndarray:
+        feeds = {"x": x} | ({"month": month} if month is not None else {})
+        return session.run([OUTPUT_NAME], feeds)[0]
+
+    return Exported(path, meta, run)
+
+
+Batches = Iterable[tuple[np.ndarray, np.ndarray, Optional[np.ndarray]]]
 
 
 def predict(
-    model_path: str | Path, data_path: str | Path, split: str | None = None, batch_size: int = 1024
+    model_path: str | Path,
+    data: Any,
+    split: str | None = None,
+    batch_size: int = 4096,
+    **cube: Any,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Apply an exported sensor model to an archive or to a shards folder (it has `manifest.json`);
-    returns (ids, predictions in target units)."""
-    if (Path(data_path) / "manifest.json").exists():
-        return predict_shards(model_path, data_path, split, batch_size)
-    return predict_archive(model_path, data_path, split, batch_size)
+    """Apply an exported sensor model to an archive, a shards folder (it has `manifest.json`) or an
+    xarray datacube (a Dataset, or a zarr / netCDF path that is not an archive; `cube` holds
+    `predict_cube`'s dimension names); returns (ids, predictions in target units)."""
+    if not isinstance(data, (str, Path)):
+        return predict_cube(model_path, data, batch_size=batch_size, **cube)
+    path = Path(data)
+    if (path / "manifest.json").exists():
+        return predict_shards(model_path, path, split, batch_size)
+    if path.is_dir() and (path / "zarr.json").exists():
+        if zarr.open_group(str(path), mode="r").attrs.get("format") == ARCHIVE_FORMAT:
+            return predict_archive(model_path, path, split, batch_size)
+    return predict_cube(model_path, path, batch_size=batch_size, **cube)
 
 
-def predict_archive(
-    model_path: str | Path, archive_path: str | Path, split: str | None = None, batch_size: int = 1024
-) -> tuple[np.ndarray, np.ndarray]:
+def predict_archive(model_path: str | Path, archive_path: str | Path, split: str | None = None, batch_size: int = 4096) -> tuple[np.ndarray, np.ndarray]:
     """The model on the raw arrays of an archive (`split`, or every sample), in archive order."""
-    module, meta = load_exported(model_path)
+    model = load_exported(model_path)
+    meta = model.meta
     archive = open_archive(archive_path, check_values=False)
     modality = meta["modality"]
     if modality not in archive.modalities:
@@ -109,21 +240,20 @@ def predict_archive(
     def take(a: Any, idx: np.ndarray) -> np.ndarray:
         return np.asarray(a.oindex[idx]) if hasattr(a, "oindex") else np.asarray(a[idx])
 
-    def batches():
+    def batches() -> Iterator[tuple[np.ndarray, np.ndarray, Optional[np.ndarray]]]:
         for start in range(0, len(rows), batch_size):
             idx = rows[start : start + batch_size]
             yield archive.ids[idx], take(arr, idx), take(month, idx) if meta["takes_month"] else None
 
-    return _apply(module, meta, batches())
+    return apply(model, batches())
 
 
-def predict_shards(
-    model_path: str | Path, shards_dir: str | Path, split: str | None, batch_size: int = 1024
-) -> tuple[np.ndarray, np.ndarray]:
+def predict_shards(model_path: str | Path, shards_dir: str | Path, split: str | None, batch_size: int = 4096) -> tuple[np.ndarray, np.ndarray]:
     """The model on one split of shards, in the shards' order: the loader's normalised inputs are
-    turned back into raw values (NaN where missing) and go through the exported module as raw
+    turned back into raw values (NaN where missing) and go through the exported model as raw
     archive values would."""
-    module, meta = load_exported(model_path)
+    model = load_exported(model_path)
+    meta = model.meta
     manifest = load_manifest(shards_dir)
     modality = meta["modality"]
     if modality not in manifest.modalities:
@@ -132,29 +262,62 @@ def predict_shards(
         raise ValueError(f"{shards_dir}: shards need a split (--split): one of {sorted(manifest.splits)}")
     loader = ShardLoader(shards_dir, split, batch_size=batch_size, modalities=[modality], shuffle=False)
 
-    def batches():
+    def batches() -> Iterator[tuple[np.ndarray, np.ndarray, Optional[np.ndarray]]]:
         for batch in loader:
             if meta["takes_month"] and "month" not in batch:
                 raise ValueError(f"{shards_dir}: model {model_path} takes months, the shards have none")
             x = loader.denormalise(modality, batch["inputs"][modality], batch["valid"][modality])
             yield np.asarray(batch["id"]), x, batch["month"].numpy() if meta["takes_month"] else None
 
-    return _apply(module, meta, batches())
+    return apply(model, batches())
 
 
-@torch.no_grad()
-def _apply(
-    module: torch.jit.ScriptModule, meta: dict[str, Any], batches: Iterable[tuple[np.ndarray, np.ndarray, Optional[np.ndarray]]]
+def predict_cube(
+    model_path: str | Path,
+    cube: Any,
+    *,
+    variable: str | None = None,
+    sample_dim: str = "sample",
+    time_dim: str = "time",
+    band_dim: str = "band",
+    batch_size: int = 4096,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """(ids, raw input, month or None) batches through an exported module → (ids, predictions)."""
-    categorical = meta["input"]["kind"] == "categorical"
+    """The model on an xarray datacube of per-pixel time series (a Dataset or a zarr / netCDF path):
+    `variable` (default: the model's sensor name) with dims named by the flags, bands picked by name
+    in the model's order, months from a datetime `time_dim` coordinate. Ids are the sample coordinate."""
+    model = load_exported(model_path)
+    meta = model.meta
+    ds = open_cube(cube)
+    name = variable or meta["modality"]
+    where = str(cube) if isinstance(cube, (str, Path)) else "dataset"
+    x, month, ids = sensor_array(
+        ds, name, kind=meta["input"]["kind"], bands=meta["input"]["bands"], sample_dim=sample_dim, time_dim=time_dim,
+        band_dim=band_dim, need_month=meta["takes_month"], where=where,
+        missing_value=meta["input"].get("missing_value"),
+    )  # fmt: skip
+    shape = tuple(meta["input"]["shape"])
+    if tuple(x.shape[1:]) != shape:
+        raise ValueError(f"{where}: variable {name!r} has per-sample shape {list(x.shape[1:])}, model {model_path} takes {list(shape)}")
+
+    def batches() -> Iterator[tuple[np.ndarray, np.ndarray, Optional[np.ndarray]]]:
+        for start in range(0, len(ids), batch_size):
+            sl = slice(start, start + batch_size)
+            yield ids[sl], x[sl], month[sl] if month is not None else None
+
+    return apply(model, batches())
+
+
+def apply(model: Exported, batches: Batches) -> tuple[np.ndarray, np.ndarray]:
+    """(ids, raw input, month or None) batches through an exported model → (ids, predictions)."""
+    categorical = model.meta["input"]["kind"] == "categorical"
     ids, preds = [], []
     for batch_ids, x, month in batches:
-        args = [torch.from_numpy(x.astype(np.int64) if categorical else x.astype(np.float32))]
-        if month is not None:
-            args.append(torch.from_numpy(np.asarray(month).astype(np.int64)))
+        x = np.ascontiguousarray(x, dtype=np.int64 if categorical else np.float32)
+        m = np.ascontiguousarray(month, dtype=np.int64) if month is not None else None
         ids.append(np.asarray(batch_ids))
-        preds.append(module(*args).numpy())
+        preds.append(model.run(x, m))
     if not preds:
         return np.zeros(0, dtype=str), np.zeros(0)
     return np.concatenate(ids), np.concatenate(preds)
+
+

@@ -75,8 +75,9 @@ class RunDir:
     def slurm(self) -> Path:
         return self.path / "slurm"
 
-    def exported(self, modality: str) -> Path:
-        return self.path / f"model_{modality}.pt"
+    def exported(self, modality: str, fmt: str = "pt2") -> Path:
+        """Where `colearn-dist export` writes a sensor's model (`fmt`: pt2 | onnx)."""
+        return self.path / f"model_{modality}.{fmt}"
 
     def config(self) -> RunConfig:
         """The config the run was started with."""

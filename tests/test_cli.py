@@ -57,7 +57,9 @@ def test_bundled_fuel_moisture_import_shard_sweep_evaluate_export_predict(tmp_pa
 
     out = cli("export", "runs/mdico/seed0", "--modality", "s2", cwd=tmp_path)
     assert out.returncode == 0, out.stderr
-    out = cli("predict", out.stdout.strip(), "fm.zarr", "--split", "test", "--out", "pred.csv", cwd=tmp_path)
+    model, item = out.stdout.split()  # the .pt2 file and its STAC item
+    assert model.endswith("model_s2.pt2") and item == model + ".stac.json"
+    out = cli("predict", model, "fm.zarr", "--split", "test", "--out", "pred.csv", cwd=tmp_path)
     assert out.returncode == 0, out.stderr
     preds = list(csv.DictReader(open(tmp_path / "pred.csv")))
     assert len(preds) == 735 and all(float(p["prediction"]) > 0 for p in preds)  # moisture in %, not z-scores

@@ -27,7 +27,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("encoders", "tempcnn_bank", "model", "objective"),
     ("methods",),
     ("runs",),
-    ("scoring",),
+    ("scoring", "stac"),
     ("engine", "evaluate", "export"),
     ("sweep",),
     ("slurm",),
@@ -38,6 +38,7 @@ RANK = {module: rank for rank, layer in enumerate(LAYERS) for module in layer}
 LAZY_OK = (
     "deepspeed", "submitit", "matplotlib", "h5py", "tifffile", "pyarrow",
     "google.protobuf", "tensorboard", "torch.utils.tensorboard",
+    "onnx", "onnxscript", "onnxruntime", "xarray",  # optional extras [onnx], [xarray]
 )  # fmt: skip
 
 
