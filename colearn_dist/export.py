@@ -12,6 +12,7 @@ model file gets a STAC Machine Learning Model item beside it (`stac.py`).
 from __future__ import annotations
 
 import json
+import logging
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -124,18 +125,24 @@ def _export_onnx(module: nn.Module, example: tuple[torch.Tensor, ...], names: tu
         import onnxscript  # noqa: F401  (the dynamo exporter's dependency)
     except ImportError as exc:
         raise RuntimeError("ONNX export needs onnx and onnxscript: pip install 'colearn_dist[onnx]'") from exc
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the exporter's progress notes and torchvision-op notices
-        program = torch.onnx.export(
-            module,
-            example,
-            dynamo=True,
-            opset_version=ONNX_OPSET,
-            input_names=list(names),
-            output_names=[OUTPUT_NAME],
-            dynamic_shapes=dynamic,
-            verbose=False,
-        )
+    registration = logging.getLogger("torch.onnx._internal.exporter._registration")
+    level = registration.level
+    registration.setLevel(logging.ERROR)  # "torchvision is not installed. Skipping torchvision::nms" ×4
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the exporter's deprecation and progress notes
+            program = torch.onnx.export(
+                module,
+                example,
+                dynamo=True,
+                opset_version=ONNX_OPSET,
+                input_names=list(names),
+                output_names=[OUTPUT_NAME],
+                dynamic_shapes=dynamic,
+                verbose=False,
+            )
+    finally:
+        registration.setLevel(level)
     assert program is not None
     program.model.metadata_props[META_KEY] = json.dumps(meta)
     program.save(str(out))

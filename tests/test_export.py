@@ -145,6 +145,19 @@ def test_static_and_categorical_sensors_export(runs, exported, modality, fmt):
     np.testing.assert_allclose(model.run(x[:1], None if month is None else month[:1]), eager[:1], **TOL)
 
 
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_exported_single_sensor_baseline(runs, fmt, tmp_path_factory):
+    """The single-sensor baseline (a FusionModel over one sensor) exports alike."""
+    from colearn_dist.export import export_sensor
+
+    run, archive = runs("regression")
+    single = run.parent / "single"
+    if not (single / "best").exists():
+        train_run(run.parent, archive, name="single", model={"method": "single", "modality": "s1"}, train={"epochs": 1})
+    path = export_sensor(single, "s1", tmp_path_factory.mktemp("single") / f"s1.{fmt}", fmt=fmt)
+    _check_against_loader(single, archive, "s1", path)
+
+
 def test_missing_observations_are_handled_inside_the_model(runs, exported):
     """NaN in → the training rule (0 after normalisation): the same output as feeding the band mean."""
     from colearn_dist.runs import load_trained
