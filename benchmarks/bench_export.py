@@ -30,7 +30,9 @@ def train_run(root: Path, epochs: int) -> Path:
     from colearn_dist.engine import train
 
     shards = prepare_shards(root)
-    cfg = load_config(CONFIG, [f"data.shards={shards}", f"run_dir={root / 'run'}", f"train.epochs={epochs}", "train.threads=1", "data.workers=0"])
+    cfg = load_config(
+        CONFIG, [f"data.shards={shards}", f"run_dir={root / 'run'}", f"train.epochs={epochs}", "train.threads=1", "data.workers=0"]
+    )
     train(cfg)
     return root / "run"
 
@@ -56,8 +58,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     from colearn_dist.archive import open_archive
-    from colearn_dist.runs import load_trained
     from colearn_dist.export import SensorModel, export_sensor, load_exported
+    from colearn_dist.runs import load_trained
 
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
@@ -72,11 +74,12 @@ def main() -> None:
             eager = SensorModel(load_trained(run, sensor), sensor).eval()
             m = month if eager.takes_month else None
             with torch.no_grad():
-                seconds = timed(lambda: eager(torch.from_numpy(x), None if m is None else torch.from_numpy(m)), args.repeats)
+                args_ = (torch.from_numpy(x), None if m is None else torch.from_numpy(m))
+                seconds = timed(lambda f=eager, a=args_: f(*a), args.repeats)
             results.append({"sensor": sensor, "format": "eager", "samples_per_s": round(args.batch / seconds)})
             for fmt in ("pt2", "onnx"):
                 model = load_exported(export_sensor(run, sensor, root / f"{sensor}.{fmt}", fmt=fmt))
-                seconds = timed(lambda: model.run(x, m), args.repeats)
+                seconds = timed(lambda f=model.run, a=(x, m): f(*a), args.repeats)
                 results.append({"sensor": sensor, "format": fmt, "samples_per_s": round(args.batch / seconds)})
         for r in results:
             print(json.dumps({**r, "batch": args.batch, "threads": args.threads}))

@@ -20,7 +20,12 @@ FORMAT = "colearn-archive"
 # `modalities/<name>` (still read).
 VERSION = 2
 # zarr v3 dimension_names of each kind's array (and of the coordinates beside it)
-DIMS = {"series": ("sample", "time", "band"), "static": ("sample", "band"), "categorical": ("sample", "time"), "image": ("sample", "band", "y", "x")}
+DIMS = {
+    "series": ("sample", "time", "band"),
+    "static": ("sample", "band"),
+    "categorical": ("sample", "time"),
+    "image": ("sample", "band", "y", "x"),
+}
 TASKS = ("binary", "multiclass", "multilabel", "regression")
 KINDS = ("series", "static", "categorical", "image")
 SPLITS = ("train", "val", "test")
@@ -168,7 +173,9 @@ def modality_array(root: zarr.Group, name: str) -> zarr.Array:
     return root[modality_key(root, name)]
 
 
-def create_modality(root: zarr.Group, name: str, spec: "ModalitySpec", *, shape: tuple[int, ...], dtype: Any, chunks: tuple[int, ...]) -> zarr.Array:
+def create_modality(
+    root: zarr.Group, name: str, spec: ModalitySpec, *, shape: tuple[int, ...], dtype: Any, chunks: tuple[int, ...]
+) -> zarr.Array:
     """The modality's (empty) array in its own group, dims named; `add_coordinates` adds the rest."""
     fill = np.nan if np.dtype(dtype).kind == "f" else None  # NaN = missing, the archive's own convention
     dims = DIMS.get(spec.kind)  # a wrong kind or rank is left for open_archive to name
@@ -203,14 +210,18 @@ def add_coordinates(root: zarr.Group, chunk_size: int = 1 << 16) -> None:
             steps = int(arr.shape[1])
             group.create_array("time", data=np.arange(steps, dtype=np.int64), dimension_names=("time",)).attrs["long_name"] = "time step"
             if "month" in root and int(root["month"].shape[1]) == steps:
-                month = group.create_array("month", shape=(n, steps), dtype="uint8", chunks=(min(n, chunk_size), steps), dimension_names=("sample", "time"))
+                month = group.create_array(
+                    "month", shape=(n, steps), dtype="uint8", chunks=(min(n, chunk_size), steps), dimension_names=("sample", "time")
+                )
                 month.attrs["long_name"] = "calendar month of the step"
                 for start in range(0, n, chunk_size):
                     month[start : start + chunk_size] = np.asarray(root["month"][start : start + chunk_size]).astype(np.uint8)
                 coords.append("month")
         if "latlon" in root:
             for axis, key in enumerate(("lat", "lon")):
-                c = group.create_array(key, shape=(n,), dtype="float64", chunks=(min(n, chunk_size),), dimension_names=("sample",), fill_value=np.nan)
+                c = group.create_array(
+                    key, shape=(n,), dtype="float64", chunks=(min(n, chunk_size),), dimension_names=("sample",), fill_value=np.nan
+                )
                 c.attrs["units"] = "degrees_north" if key == "lat" else "degrees_east"
                 for start in range(0, n, chunk_size):
                     c[start : start + chunk_size] = np.asarray(root["latlon"][start : start + chunk_size, axis])
@@ -351,9 +362,16 @@ def write_archive(
     if group is not None:
         _write_strings(root, "group", group)
     if latlon is not None:
-        root.create_array("latlon", data=np.asarray(latlon, dtype=np.float64), chunks=_chunks(np.shape(latlon), chunk_size), dimension_names=ROOT_DIMS["latlon"])
+        root.create_array(
+            "latlon",
+            data=np.asarray(latlon, dtype=np.float64),
+            chunks=_chunks(np.shape(latlon), chunk_size),
+            dimension_names=ROOT_DIMS["latlon"],
+        )
     if month is not None:
-        root.create_array("month", data=np.asarray(month, dtype=np.int64), chunks=_chunks(np.shape(month), chunk_size), dimension_names=ROOT_DIMS["month"])
+        root.create_array(
+            "month", data=np.asarray(month, dtype=np.int64), chunks=_chunks(np.shape(month), chunk_size), dimension_names=ROOT_DIMS["month"]
+        )
     add_coordinates(root)
     open_archive(path)
     return path
@@ -375,7 +393,9 @@ def open_archive(path: str | Path, *, check_values: bool = True) -> Archive:
         raise ArchiveError(f"{where}: attribute 'format' is {attrs.get('format')!r}, expected {FORMAT!r}")
     version = attrs.get("version", 1)
     if not isinstance(version, int) or version > VERSION:
-        raise ArchiveError(f"{where}: attribute 'version' is {version!r}; this colearn_dist reads archive versions 1..{VERSION} (upgrade it)")
+        raise ArchiveError(
+            f"{where}: attribute 'version' is {version!r}; this colearn_dist reads archive versions 1..{VERSION} (upgrade it)"
+        )
     task = attrs.get("task")
     if task not in TASKS:
         raise ArchiveError(f"{where}: attribute 'task' is {task!r}, expected one of {list(TASKS)}")

@@ -20,8 +20,8 @@ from .evaluate import evaluate_runs
 from .export import export_sensor, load_exported, predict
 from .launch import launch_local
 from .shards import merge_shards, verify_shards, write_shards
-from .stac import stac_path
 from .slurm import command_slurm, plan_submission, resume_config, status, submit_jobs, submit_planned
+from .stac import stac_path
 from .sweep import demo, load_reference, plan_sweep, run_sweep
 from .synthetic import write_synthetic_archive
 
@@ -301,11 +301,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="generic / xarray: the task (default regression); cropharvest: binary (crop / non-crop, default) or multiclass "
         "(crop type); mdico_netcdf: inferred from the target unless given",
     )
-    s.add_argument("--modalities", help="generic / mdico_netcdf / xarray: comma-separated arrays / views / variables to use as modalities (mdico_netcdf: A_B concatenates views A and B)")
+    s.add_argument(
+        "--modalities",
+        help="generic / mdico_netcdf / xarray: comma-separated arrays / views / variables to use as modalities (mdico_netcdf: A_B concatenates views A and B)",
+    )
     s.add_argument("--sample-dim", default="sample", help="xarray: the dimension of pixels / samples (default sample)")
     s.add_argument("--time-dim", default="time", help="xarray: the time dimension (default time)")
     s.add_argument("--band-dim", default="band", help="xarray: the band dimension (default band)")
-    s.add_argument("--target", default="target", help="xarray: the target variable (default target); split / group variables, when present, are 'split' and 'group'")
+    s.add_argument(
+        "--target",
+        default="target",
+        help="xarray: the target variable (default target); split / group variables, when present, are 'split' and 'group'",
+    )
     s.add_argument("--class-names", help="generic: comma-separated class names")
     s.add_argument(
         "--modalities-yaml",
@@ -419,7 +426,9 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("export", help="write one sensor's self-contained model (torch.export .pt2 or ONNX) and its STAC MLM item")
     s.add_argument("run")
     s.add_argument("--modality", required=True, help="the sensor whose model to export")
-    s.add_argument("--format", choices=["pt2", "onnx"], default="pt2", help="pt2: torch.export (default); onnx: ONNX opset 18 (onnxruntime)")
+    s.add_argument(
+        "--format", choices=["pt2", "onnx"], default="pt2", help="pt2: torch.export (default); onnx: ONNX opset 18 (onnxruntime)"
+    )
     s.add_argument("--out", help="model file (default RUN/model_<modality>.<format>); the item is written beside it as <file>.stac.json")
     s.set_defaults(fn=_export)
 

@@ -14,9 +14,10 @@ from __future__ import annotations
 import json
 import logging
 import warnings
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Optional
+from typing import Any, Optional
 
 import numpy as np
 import torch
@@ -57,8 +58,8 @@ class SensorModel(nn.Module):
 
     def forward(self, x: torch.Tensor, month: Optional[torch.Tensor] = None) -> torch.Tensor:
         if not self.categorical:
-            x, _ = normalise(x, self.mean, self.std)  # the loader's formula: missing (NaN) → 0 after normalising
-        pred = self.model.predict({self.modality: x}, month if self.takes_month else None, modalities=[self.modality])
+            x, _ = normalise(x, self.mean, self.std)  # type: ignore[arg-type]  # the loader's formula: missing → 0
+        pred = self.model.predict({self.modality: x}, month if self.takes_month else None, modalities=[self.modality])  # type: ignore[operator]
         return self.spec.to_target_units(pred)
 
 
@@ -67,7 +68,11 @@ def example_input(trained: Trained, modality: str, batch: int = 4) -> tuple[torc
     mod = trained.manifest.modality(modality)
     shape = (batch, *mod.shape)
     gen = torch.Generator().manual_seed(0)
-    x = torch.randint(0, int(mod.num_classes or 1), shape, generator=gen) if mod.kind == "categorical" else torch.randn(shape, generator=gen)
+    x = (
+        torch.randint(0, int(mod.num_classes or 1), shape, generator=gen)
+        if mod.kind == "categorical"
+        else torch.randn(shape, generator=gen)
+    )
     if trained.manifest.has_month and mod.steps is not None:
         return x, torch.randint(1, 13, (batch, mod.steps), generator=gen)
     return (x,)
@@ -120,7 +125,9 @@ def export_sensor(run_dir: str | Path, modality: str, out: str | Path | None = N
     return out
 
 
-def _export_onnx(module: nn.Module, example: tuple[torch.Tensor, ...], names: tuple[str, ...], dynamic: dict, out: Path, meta: dict) -> None:
+def _export_onnx(
+    module: nn.Module, example: tuple[torch.Tensor, ...], names: tuple[str, ...], dynamic: dict, out: Path, meta: dict
+) -> None:
     try:
         import onnxscript  # noqa: F401  (the dynamo exporter's dependency)
     except ImportError as exc:
@@ -231,7 +238,9 @@ def predict(
     return predict_cube(model_path, path, batch_size=batch_size, **cube)
 
 
-def predict_archive(model_path: str | Path, archive_path: str | Path, split: str | None = None, batch_size: int = 4096) -> tuple[np.ndarray, np.ndarray]:
+def predict_archive(
+    model_path: str | Path, archive_path: str | Path, split: str | None = None, batch_size: int = 4096
+) -> tuple[np.ndarray, np.ndarray]:
     """The model on the raw arrays of an archive (`split`, or every sample), in archive order."""
     model = load_exported(model_path)
     meta = model.meta
@@ -255,7 +264,9 @@ def predict_archive(model_path: str | Path, archive_path: str | Path, split: str
     return apply(model, batches())
 
 
-def predict_shards(model_path: str | Path, shards_dir: str | Path, split: str | None, batch_size: int = 4096) -> tuple[np.ndarray, np.ndarray]:
+def predict_shards(
+    model_path: str | Path, shards_dir: str | Path, split: str | None, batch_size: int = 4096
+) -> tuple[np.ndarray, np.ndarray]:
     """The model on one split of shards, in the shards' order: the loader's normalised inputs are
     turned back into raw values (NaN where missing) and go through the exported model as raw
     archive values would."""
@@ -326,5 +337,3 @@ def apply(model: Exported, batches: Batches) -> tuple[np.ndarray, np.ndarray]:
     if not preds:
         return np.zeros(0, dtype=str), np.zeros(0)
     return np.concatenate(ids), np.concatenate(preds)
-
-

@@ -61,7 +61,7 @@ def _name(text: str) -> str:
     return ("m" + text if not text[:1].isalpha() else text) or "model"
 
 
-def stac_item(model_path: Path, trained: "Trained", modality: str, meta: dict[str, Any]) -> dict[str, Any]:
+def stac_item(model_path: Path, trained: Trained, modality: str, meta: dict[str, Any]) -> dict[str, Any]:
     """The item as a dict (see the module docstring)."""
     manifest = trained.manifest
     info = manifest.modalities[modality]
@@ -77,13 +77,16 @@ def stac_item(model_path: Path, trained: "Trained", modality: str, meta: dict[st
     main_input: dict[str, Any] = {
         "name": modality,
         "bands": bands,
-        "input": {"shape": [-1, *[int(s) for s in info["shape"]]], "dim_order": DIM_ORDER[kind], "data_type": "int64" if kind == "categorical" else "float32"},
+        "input": {
+            "shape": [-1, *[int(s) for s in info["shape"]]],
+            "dim_order": DIM_ORDER[kind],
+            "data_type": "int64" if kind == "categorical" else "float32",
+        },
     }
     if kind == "categorical":
         missing = info.get("missing_value")
-        main_input["description"] = (
-            f"raw class codes 0..{int(info['num_classes']) - 1} of {bands[0]}"
-            + (f"; {missing} marks a missing step (embedded as zero, as in training)" if missing is not None else "")
+        main_input["description"] = f"raw class codes 0..{int(info['num_classes']) - 1} of {bands[0]}" + (
+            f"; {missing} marks a missing step (embedded as zero, as in training)" if missing is not None else ""
         )
         main_input["value_scaling"] = None
     else:
@@ -92,7 +95,9 @@ def stac_item(model_path: Path, trained: "Trained", modality: str, meta: dict[st
             "raw values in the archive's units; NaN marks a missing step or band (set to 0 after normalisation "
             "inside the model, as in training). The model applies the z-score below itself: feed raw values."
         )
-        main_input["value_scaling"] = [{"type": "z-score", "mean": float(m), "stddev": float(s)} for m, s in zip(stats["mean"], stats["std"])]
+        main_input["value_scaling"] = [
+            {"type": "z-score", "mean": float(m), "stddev": float(s)} for m, s in zip(stats["mean"], stats["std"])
+        ]
     inputs = [main_input]
     if meta["takes_month"]:
         inputs.append(
@@ -173,7 +178,7 @@ def stac_item(model_path: Path, trained: "Trained", modality: str, meta: dict[st
     }
 
 
-def write_stac_item(model_path: str | Path, trained: "Trained", modality: str, meta: dict[str, Any]) -> Path:
+def write_stac_item(model_path: str | Path, trained: Trained, modality: str, meta: dict[str, Any]) -> Path:
     model_path = Path(model_path)
     out = stac_path(model_path)
     out.write_text(json.dumps(stac_item(model_path, trained, modality, meta), indent=1) + "\n")

@@ -68,8 +68,8 @@ def _raw_batch(archive, modality: str, size: int, seed: int = 0):
 
 def _eager(run, modality: str, x: np.ndarray, month):
     """The framework's eager predictions for raw inputs: SensorModel (normalisation + model.predict)."""
-    from colearn_dist.runs import load_trained
     from colearn_dist.export import SensorModel
+    from colearn_dist.runs import load_trained
 
     module = SensorModel(load_trained(run, modality), modality).eval()
     with torch.no_grad():
@@ -80,8 +80,6 @@ def _check_against_loader(run, archive, modality, path):
     """The exported file on the raw archive gives the framework's predictions on the shards (the
     loader's normalisation, model.predict, target units), sample for sample."""
     from colearn_dist.archive import open_archive
-    from colearn_dist.runs import load_trained
-    from colearn_dist.scoring import predict_loader
     from colearn_dist.export import predict_archive
     from colearn_dist.loader import ShardLoader
     from colearn_dist.runs import load_trained
@@ -103,8 +101,9 @@ def _check_against_loader(run, archive, modality, path):
 def test_exported_model_matches_eager_predictions(runs, exported, task, fmt):
     """Every task kind, both formats: loader path on the test split, then raw batches of 1 and 4096
     (NaN steps and bands included) through the file and through the eager model."""
-    from colearn_dist.export import apply, load_exported
     from test_stac import validate
+
+    from colearn_dist.export import apply, load_exported
 
     run, archive = runs(task)
     path = exported(task, "s1", fmt)
@@ -160,8 +159,8 @@ def test_exported_single_sensor_baseline(runs, fmt, tmp_path_factory):
 
 def test_missing_observations_are_handled_inside_the_model(runs, exported):
     """NaN in → the training rule (0 after normalisation): the same output as feeding the band mean."""
-    from colearn_dist.runs import load_trained
     from colearn_dist.export import load_exported
+    from colearn_dist.runs import load_trained
 
     run, archive = runs("regression")
     model = load_exported(exported("regression", "s1", "onnx"))

@@ -56,9 +56,9 @@ def validate(model_path: Path) -> dict:
 @pytest.fixture(scope="module")
 def item_pair(tmp_path_factory):
     """One binary run's s1 model in both formats, with their items."""
-    from helpers import DEFAULT_MODALITIES, make_synthetic_archive, train_run
-
     from colearn_dist.export import export_sensor
+
+    from helpers import DEFAULT_MODALITIES, make_synthetic_archive, train_run
 
     root = tmp_path_factory.mktemp("stac")
     modalities = dict(DEFAULT_MODALITIES)

@@ -171,7 +171,10 @@ def import_presto(src_dir: str | Path, out_path: str | Path, *, overwrite: bool 
 
     month_spec = dict(time_step="month")
     modalities = {
-        "s1": (pick(S1_BANDS), ModalitySpec("s1", "series", S1_BANDS, ("dB", "dB"), sensor="Sentinel-1 C-SAR", processing_level="GRD", **month_spec)),
+        "s1": (
+            pick(S1_BANDS),
+            ModalitySpec("s1", "series", S1_BANDS, ("dB", "dB"), sensor="Sentinel-1 C-SAR", processing_level="GRD", **month_spec),
+        ),
         "s2": (
             np.concatenate([s2, s2_ndvi], axis=-1),
             ModalitySpec("s2", "series", S2_BANDS + ("NDVI",), (S2_UNIT,) * len(S2_BANDS) + ("",), sensor="Sentinel-2 MSI", **month_spec),
@@ -181,7 +184,14 @@ def import_presto(src_dir: str | Path, out_path: str | Path, *, overwrite: bool 
         "dw": (
             dw.astype(np.uint8),
             ModalitySpec(
-                "dw", "categorical", ("dynamic_world",), ("class",), num_classes=DW_CLASSES, missing_value=DW_MISSING, sensor="Dynamic World land cover", **month_spec
+                "dw",
+                "categorical",
+                ("dynamic_world",),
+                ("class",),
+                num_classes=DW_CLASSES,
+                missing_value=DW_MISSING,
+                sensor="Dynamic World land cover",
+                **month_spec,
             ),
         ),
     }

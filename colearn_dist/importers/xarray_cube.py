@@ -12,8 +12,9 @@ The same reading serves `predict` on a cube (`sensor_array`), so a model sees wh
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -70,7 +71,9 @@ def _kind_of(da: Any, name: str, sample_dim: str, time_dim: str, band_dim: str, 
     dims = set(da.dims)
     flags = {sample_dim: "--sample-dim", time_dim: "--time-dim", band_dim: "--band-dim"}
     if sample_dim not in dims:
-        raise ArchiveError(f"{where}: variable {name!r} has no dimension {sample_dim!r} ({flags[sample_dim]}); its dims are {list(da.dims)}")
+        raise ArchiveError(
+            f"{where}: variable {name!r} has no dimension {sample_dim!r} ({flags[sample_dim]}); its dims are {list(da.dims)}"
+        )
     for kind in ("series", "static", "categorical"):
         if dims == set(_expected_dims(kind, sample_dim, time_dim, band_dim)):
             return kind
@@ -121,7 +124,9 @@ def sensor_array(
         have = [str(b) for b in da.coords[band_dim].values] if band_dim in da.coords else []
         for band in bands:
             if band not in have:
-                raise ArchiveError(f"{where}: band {band!r} is missing from variable {name!r} (dimension {band_dim!r} has {have or 'no band names'})")
+                raise ArchiveError(
+                    f"{where}: band {band!r} is missing from variable {name!r} (dimension {band_dim!r} has {have or 'no band names'})"
+                )
         da = da.sel({band_dim: list(bands)})
     da = da.transpose(*_expected_dims(found, sample_dim, time_dim, band_dim))
     values = np.asarray(da.values)
@@ -137,7 +142,9 @@ def sensor_array(
         values = values.astype(np.float32)
     month = _months(da, name, sample_dim, time_dim, where) if found != "static" else None
     if need_month and month is None:
-        raise ArchiveError(f"{where}: the model takes months, but variable {name!r} has no month coordinate and dimension {time_dim!r} is not datetime")
+        raise ArchiveError(
+            f"{where}: the model takes months, but variable {name!r} has no month coordinate and dimension {time_dim!r} is not datetime"
+        )
     labels = da.coords[sample_dim].values.tolist() if sample_dim in da.coords else range(da.sizes[sample_dim])
     ids = np.array([str(v) for v in labels])  # via Python str: numpy's StringDType does not cast to fixed width
     return values, month, ids
@@ -197,7 +204,9 @@ def import_xarray(
         if ids is None:
             ids = sample_ids
         elif len(sample_ids) != len(ids) or not np.array_equal(sample_ids, ids):
-            raise ArchiveError(f"{where}: variable {name!r} has other {sample_dim!r} values than {names[0]!r} (sensors must share the samples, in order)")
+            raise ArchiveError(
+                f"{where}: variable {name!r} has other {sample_dim!r} values than {names[0]!r} (sensors must share the samples, in order)"
+            )
         if m is not None:
             if month is not None and m.shape == month.shape and not np.array_equal(m, month):
                 raise ArchiveError(f"{where}: variable {name!r} has other months along {time_dim!r} than the sensors before it")
@@ -215,7 +224,11 @@ def import_xarray(
             )  # fmt: skip
             mods[name] = (codes.astype(np.uint8 if num_classes <= 256 else np.int64), spec)
             continue
-        bands = tuple(str(b) for b in da.coords[band_dim].values) if band_dim in da.coords else tuple(f"{name}_{i}" for i in range(da.sizes[band_dim]))
+        bands = (
+            tuple(str(b) for b in da.coords[band_dim].values)
+            if band_dim in da.coords
+            else tuple(f"{name}_{i}" for i in range(da.sizes[band_dim]))
+        )
         band_units = tuple(str(u) for u in units) if isinstance(units, (list, tuple)) else (str(units),) * len(bands) if units else ()
         mods[name] = (
             values,
