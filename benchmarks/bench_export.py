@@ -72,7 +72,7 @@ def main() -> None:
             x = x.astype(np.int64 if archive.modalities[sensor].kind == "categorical" else np.float32)
             month = np.asarray(archive.month.oindex[rows]).astype(np.int64)
             eager = SensorModel(load_trained(run, sensor), sensor).eval()
-            m = month if eager.takes_month else None
+            m = month if "month" in eager.context else None
             with torch.no_grad():
                 args_ = (torch.from_numpy(x), None if m is None else torch.from_numpy(m))
                 seconds = timed(lambda f=eager, a=args_: f(*a), args.repeats)

@@ -27,7 +27,7 @@ from torch import nn
 from .archive import FORMAT as ARCHIVE_FORMAT
 from .archive import open_archive
 from .batch import norm_stats, normalise
-from .importers.xarray_cube import open_cube, sensor_array
+from .importers.xarray_cube import cube_latlon, open_cube, sensor_array
 from .loader import ShardLoader
 from .manifest import load_manifest
 from .runs import RunDir, Trained, load_trained
@@ -36,8 +36,17 @@ from .stac import write_stac_item
 FORMATS = ("pt2", "onnx")
 ONNX_OPSET = 18  # the opset the dynamo exporter writes; onnxruntime ≥ 1.14 runs it
 META_KEY = "colearn.json"  # the metadata inside the model file (extra file / ONNX metadata_props)
-INPUT_NAMES = ("x", "month")
+# Context inputs an exported model may take after the sensor's `x`, in this order: the calendar
+# month of each step [B, T] int64 and the location [B, 2] float32 (latitude, longitude in degrees).
+CONTEXT_DTYPES = {"month": np.int64, "latlon": np.float32}
 OUTPUT_NAME = "prediction"
+
+
+def context_inputs(trained: Trained, modality: str) -> tuple[str, ...]:
+    """The context the run's model reads besides the sensor's input, in `CONTEXT_DTYPES` order: the
+    month of each step when the archive has months and the sensor is time-indexed."""
+    mod = trained.manifest.modality(modality)
+    return ("month",) if trained.manifest.has_month and mod.steps is not None else ()
 
 
 class SensorModel(nn.Module):
@@ -45,7 +54,6 @@ class SensorModel(nn.Module):
 
     def __init__(self, trained: Trained, modality: str) -> None:
         super().__init__()
-        mod = trained.manifest.modality(modality)
         self.model = trained.model
         self.modality = modality
         norm = norm_stats(trained.manifest, modality)
@@ -54,17 +62,20 @@ class SensorModel(nn.Module):
         self.register_buffer("mean", torch.from_numpy(mean))
         self.register_buffer("std", torch.from_numpy(std))
         self.spec = trained.spec
-        self.takes_month = bool(trained.manifest.has_month) and mod.steps is not None
+        self.context = context_inputs(trained, modality)
 
-    def forward(self, x: torch.Tensor, month: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, c0: Optional[torch.Tensor] = None, c1: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """`x` raw, then the context tensors named by `self.context`, in that order."""
+        context = dict(zip(self.context, (c0, c1)))
         if not self.categorical:
             x, _ = normalise(x, self.mean, self.std)  # type: ignore[arg-type]  # the loader's formula: missing → 0
-        pred = self.model.predict({self.modality: x}, month if self.takes_month else None, modalities=[self.modality])  # type: ignore[operator]
+        extra = {"latlon": context["latlon"]} if "latlon" in context else {}
+        pred = self.model.predict({self.modality: x}, context.get("month"), modalities=[self.modality], **extra)  # type: ignore[operator]
         return self.spec.to_target_units(pred)
 
 
 def example_input(trained: Trained, modality: str, batch: int = 4) -> tuple[torch.Tensor, ...]:
-    """Inputs of the right shapes and dtypes (random values) for export."""
+    """Inputs of the right shapes and dtypes (random values) for export: x, then the context."""
     mod = trained.manifest.modality(modality)
     shape = (batch, *mod.shape)
     gen = torch.Generator().manual_seed(0)
@@ -73,20 +84,23 @@ def example_input(trained: Trained, modality: str, batch: int = 4) -> tuple[torc
         if mod.kind == "categorical"
         else torch.randn(shape, generator=gen)
     )
-    if trained.manifest.has_month and mod.steps is not None:
-        return x, torch.randint(1, 13, (batch, mod.steps), generator=gen)
-    return (x,)
+    steps = [m.steps for m in (trained.manifest.modality(n) for n in trained.manifest.modalities) if m.steps is not None]
+    context = {
+        "month": lambda: torch.randint(1, 13, (batch, mod.steps or steps[0]), generator=gen),
+        "latlon": lambda: torch.rand(batch, 2, generator=gen) * torch.tensor([180.0, 360.0]) - torch.tensor([90.0, 180.0]),
+    }
+    return (x, *(context[name]() for name in context_inputs(trained, modality)))
 
 
-def model_meta(trained: Trained, modality: str, fmt: str, takes_month: bool) -> dict[str, Any]:
+def model_meta(trained: Trained, modality: str, fmt: str, example: tuple[torch.Tensor, ...]) -> dict[str, Any]:
     """What `predict` needs to feed the file (stored inside it) — the STAC item says the same for people."""
     return {
         "modality": modality,
         "format": fmt,
         "onnx_opset": ONNX_OPSET if fmt == "onnx" else None,
         "input": trained.manifest.modalities[modality],
-        "inputs": list(INPUT_NAMES[: 2 if takes_month else 1]),
-        "takes_month": takes_month,
+        "inputs": ["x", *context_inputs(trained, modality)],  # the file's inputs, in order
+        "context_shapes": {name: list(t.shape[1:]) for name, t in zip(context_inputs(trained, modality), example[1:])},
         "task": trained.manifest.task,
         "class_names": list(trained.manifest.class_names),
         "target_name": trained.manifest.target_name,
@@ -107,14 +121,14 @@ def export_sensor(run_dir: str | Path, modality: str, out: str | Path | None = N
     module = SensorModel(trained, modality).eval()
     module.requires_grad_(False)  # the loaded program then returns plain tensors (no autograd graph)
     example = example_input(trained, modality)
-    names = INPUT_NAMES[: len(example)]
+    names = ("x", *module.context)
     batch = torch.export.Dim("batch", min=1)
-    dynamic = {name: {0: batch} for name in names}
+    dynamic = {arg: {0: batch} for arg in ("x", "c0", "c1")[: len(example)]}
     out = Path(out) if out else RunDir(run_dir).exported(modality, fmt)
     if out.suffix != f".{fmt}":
         raise ValueError(f"{out}: a {fmt} model file must end in .{fmt}")
     out.parent.mkdir(parents=True, exist_ok=True)
-    meta = model_meta(trained, modality, fmt, len(example) == 2)
+    meta = model_meta(trained, modality, fmt, example)
     with torch.no_grad():
         if fmt == "pt2":
             program = torch.export.export(module, example, dynamic_shapes=dynamic)
@@ -157,11 +171,12 @@ def _export_onnx(
 
 @dataclass
 class Exported:
-    """A loaded model file: `run(x, month)` → predictions (numpy), and its metadata."""
+    """A loaded model file: `run(x, *context)` → predictions (numpy), and its metadata
+    (`meta["inputs"]` names the inputs in order)."""
 
     path: Path
     meta: dict[str, Any]
-    run: Callable[[np.ndarray, Optional[np.ndarray]], np.ndarray]
+    run: Callable[..., np.ndarray]
 
 
 def load_exported(path: str | Path) -> Exported:
@@ -186,9 +201,8 @@ def _load_pt2(path: Path) -> Exported:
     module = program.module()
 
     @torch.no_grad()
-    def run(x: np.ndarray, month: Optional[np.ndarray]) -> np.ndarray:
-        args = [torch.from_numpy(x)] + ([torch.from_numpy(month)] if month is not None else [])
-        return module(*args).numpy()
+    def run(*inputs: np.ndarray) -> np.ndarray:
+        return module(*(torch.from_numpy(a) for a in inputs)).numpy()
 
     return Exported(path, json.loads(files[META_KEY]), run)
 
@@ -207,14 +221,20 @@ def _load_onnx(path: Path) -> Exported:
         raise ValueError(f"{path}: no {META_KEY} metadata; not a model written by colearn-dist export")
     meta = json.loads(meta_text)
 
-    def run(x: np.ndarray, month: Optional[np.ndarray]) -> np.ndarray:
-        feeds = {"x": x} | ({"month": month} if month is not None else {})
-        return session.run([OUTPUT_NAME], feeds)[0]
+    def run(*inputs: np.ndarray) -> np.ndarray:
+        return session.run([OUTPUT_NAME], dict(zip(meta["inputs"], inputs)))[0]
 
     return Exported(path, meta, run)
 
 
-Batches = Iterable[tuple[np.ndarray, np.ndarray, Optional[np.ndarray]]]
+# (ids, raw sensor input, context arrays by name)
+Batches = Iterable[tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]]
+
+
+def _missing_context(meta: dict[str, Any], have: dict[str, Any], where: str, model_path: Any) -> None:
+    absent = [name for name in meta["inputs"][1:] if have.get(name) is None]
+    if absent:
+        raise ValueError(f"{where}: model {model_path} takes {absent} (the run's context), the data has none")
 
 
 def predict(
@@ -249,17 +269,17 @@ def predict_archive(
     if modality not in archive.modalities:
         raise ValueError(f"{archive_path}: no modality {modality!r} for model {model_path} (has {list(archive.modalities)})")
     rows = archive.split_indices(split) if split else np.arange(archive.num_samples)
-    arr, month = archive.array(modality), archive.month
-    if meta["takes_month"] and month is None:
-        raise ValueError(f"{archive_path}: model {model_path} takes months, the archive has none")
+    arr = archive.array(modality)
+    sources = {"month": archive.month, "latlon": archive.latlon}
+    _missing_context(meta, sources, str(archive_path), model_path)
 
     def take(a: Any, idx: np.ndarray) -> np.ndarray:
         return np.asarray(a.oindex[idx]) if hasattr(a, "oindex") else np.asarray(a[idx])
 
-    def batches() -> Iterator[tuple[np.ndarray, np.ndarray, Optional[np.ndarray]]]:
+    def batches() -> Iterator[tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]]:
         for start in range(0, len(rows), batch_size):
             idx = rows[start : start + batch_size]
-            yield archive.ids[idx], take(arr, idx), take(month, idx) if meta["takes_month"] else None
+            yield archive.ids[idx], take(arr, idx), {name: take(sources[name], idx) for name in meta["inputs"][1:]}
 
     return apply(model, batches())
 
@@ -280,12 +300,11 @@ def predict_shards(
         raise ValueError(f"{shards_dir}: shards need a split (--split): one of {sorted(manifest.splits)}")
     loader = ShardLoader(shards_dir, split, batch_size=batch_size, modalities=[modality], shuffle=False)
 
-    def batches() -> Iterator[tuple[np.ndarray, np.ndarray, Optional[np.ndarray]]]:
+    def batches() -> Iterator[tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]]:
         for batch in loader:
-            if meta["takes_month"] and "month" not in batch:
-                raise ValueError(f"{shards_dir}: model {model_path} takes months, the shards have none")
+            _missing_context(meta, batch, str(shards_dir), model_path)
             x = loader.denormalise(modality, batch["inputs"][modality], batch["valid"][modality])
-            yield np.asarray(batch["id"]), x, batch["month"].numpy() if meta["takes_month"] else None
+            yield np.asarray(batch["id"]), x, {name: batch[name].numpy() for name in meta["inputs"][1:]}
 
     return apply(model, batches())
 
@@ -310,30 +329,32 @@ def predict_cube(
     where = str(cube) if isinstance(cube, (str, Path)) else "dataset"
     x, month, ids = sensor_array(
         ds, name, kind=meta["input"]["kind"], bands=meta["input"]["bands"], sample_dim=sample_dim, time_dim=time_dim,
-        band_dim=band_dim, need_month=meta["takes_month"], where=where,
+        band_dim=band_dim, need_month="month" in meta["inputs"], where=where,
         missing_value=meta["input"].get("missing_value"),
     )  # fmt: skip
+    sources = {"month": month, "latlon": cube_latlon(ds, name, sample_dim) if "latlon" in meta["inputs"] else None}
+    _missing_context(meta, sources, where, model_path)
     shape = tuple(meta["input"]["shape"])
     if tuple(x.shape[1:]) != shape:
         raise ValueError(f"{where}: variable {name!r} has per-sample shape {list(x.shape[1:])}, model {model_path} takes {list(shape)}")
 
-    def batches() -> Iterator[tuple[np.ndarray, np.ndarray, Optional[np.ndarray]]]:
+    def batches() -> Iterator[tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]]:
         for start in range(0, len(ids), batch_size):
             sl = slice(start, start + batch_size)
-            yield ids[sl], x[sl], month[sl] if month is not None else None
+            yield ids[sl], x[sl], {name: sources[name][sl] for name in meta["inputs"][1:]}  # type: ignore[index]
 
     return apply(model, batches())
 
 
 def apply(model: Exported, batches: Batches) -> tuple[np.ndarray, np.ndarray]:
-    """(ids, raw input, month or None) batches through an exported model → (ids, predictions)."""
+    """(ids, raw input, context by name) batches through an exported model → (ids, predictions)."""
     categorical = model.meta["input"]["kind"] == "categorical"
     ids, preds = [], []
-    for batch_ids, x, month in batches:
+    for batch_ids, x, context in batches:
         x = np.ascontiguousarray(x, dtype=np.int64 if categorical else np.float32)
-        m = np.ascontiguousarray(month, dtype=np.int64) if month is not None else None
+        extra = [np.ascontiguousarray(context[name], dtype=CONTEXT_DTYPES[name]) for name in model.meta["inputs"][1:]]
         ids.append(np.asarray(batch_ids))
-        preds.append(model.run(x, m))
+        preds.append(model.run(x, *extra))
     if not preds:
         return np.zeros(0, dtype=str), np.zeros(0)
     return np.concatenate(ids), np.concatenate(preds)

@@ -34,6 +34,25 @@ DIM_ORDER = {
 }
 
 
+# the context inputs an exported model may take after its sensor's input (export.CONTEXT_DTYPES):
+# name → (dim order, data type, description)
+CONTEXT_INPUTS: dict[str, tuple[list[str], str, str]] = {
+    "month": (["batch", "time"], "int64", "calendar month (1..12) of each time step"),
+    "latlon": (["batch", "coordinate"], "float32", "latitude and longitude of the sample, degrees (WGS84)"),
+}
+
+
+def _context_input(name: str, shape: list[int]) -> dict[str, Any]:
+    dims, dtype, text = CONTEXT_INPUTS[name]
+    return {
+        "name": name,
+        "bands": [],
+        "input": {"shape": [-1, *shape], "dim_order": dims, "data_type": dtype},
+        "description": text,
+        "value_scaling": None,
+    }
+
+
 def stac_path(model_path: str | Path) -> Path:
     """The item beside a model file: `model_s1.onnx` → `model_s1.onnx.stac.json`."""
     model_path = Path(model_path)
@@ -70,7 +89,6 @@ def stac_item(model_path: Path, trained: Trained, modality: str, meta: dict[str,
     framework, version = _framework(fmt)
     cfg = trained.cfg
     encoder = cfg.model.encoder_for(modality)
-    steps = int(info["shape"][0]) if kind in ("series", "categorical") else None
     bands = list(info["bands"])
     units = list(info.get("units") or [""] * len(bands))
 
@@ -98,17 +116,7 @@ def stac_item(model_path: Path, trained: Trained, modality: str, meta: dict[str,
         main_input["value_scaling"] = [
             {"type": "z-score", "mean": float(m), "stddev": float(s)} for m, s in zip(stats["mean"], stats["std"])
         ]
-    inputs = [main_input]
-    if meta["takes_month"]:
-        inputs.append(
-            {
-                "name": "month",
-                "bands": [],
-                "input": {"shape": [-1, steps], "dim_order": ["batch", "time"], "data_type": "int64"},
-                "description": "calendar month (1..12) of each time step",
-                "value_scaling": None,
-            }
-        )
+    inputs = [main_input] + [_context_input(name, meta["context_shapes"][name]) for name in meta["inputs"][1:]]
 
     task = manifest.task
     classes = list(manifest.class_names)

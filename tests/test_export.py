@@ -73,7 +73,7 @@ def _eager(run, modality: str, x: np.ndarray, month):
 
     module = SensorModel(load_trained(run, modality), modality).eval()
     with torch.no_grad():
-        return module(torch.from_numpy(x), torch.from_numpy(month) if month is not None and module.takes_month else None).numpy()
+        return module(torch.from_numpy(x), *([torch.from_numpy(month)] if "month" in module.context else [])).numpy()
 
 
 def _check_against_loader(run, archive, modality, path):
@@ -115,13 +115,13 @@ def test_exported_model_matches_eager_predictions(runs, exported, task, fmt):
         if task != "multilabel":
             np.testing.assert_allclose(got.sum(axis=1), 1.0, rtol=1e-5)
     model = load_exported(path)
-    assert model.meta["format"] == fmt and model.meta["task"] == task and model.meta["takes_month"]
+    assert model.meta["format"] == fmt and model.meta["task"] == task and model.meta["inputs"] == ["x", "month"]
     x, month = _raw_batch(archive, "s1", 4096)
     eager = _eager(run, "s1", x, month)
     assert np.isfinite(eager).all()
     np.testing.assert_allclose(model.run(x, month), eager, **TOL)
     np.testing.assert_allclose(model.run(x[:1], month[:1]), eager[:1], **TOL)
-    _, batched = apply(model, [(np.arange(4096).astype(str), x, month)])
+    _, batched = apply(model, [(np.arange(4096).astype(str), x, {"month": month})])
     np.testing.assert_allclose(batched, eager, **TOL)
     validate(path)
 
@@ -136,12 +136,13 @@ def test_static_and_categorical_sensors_export(runs, exported, modality, fmt):
     path = exported("regression", modality, fmt)
     _check_against_loader(run, archive, modality, path)
     model = load_exported(path)
-    assert model.meta["takes_month"] == (modality == "dw")
+    assert model.meta["inputs"] == (["x", "month"] if modality == "dw" else ["x"])
     x, month = _raw_batch(archive, modality, 4096)
-    month = month if model.meta["takes_month"] else None
+    month = month if "month" in model.meta["inputs"] else None
     eager = _eager(run, modality, x, month)
-    np.testing.assert_allclose(model.run(x, month), eager, **TOL)
-    np.testing.assert_allclose(model.run(x[:1], None if month is None else month[:1]), eager[:1], **TOL)
+    context = [] if month is None else [month]
+    np.testing.assert_allclose(model.run(x, *context), eager, **TOL)
+    np.testing.assert_allclose(model.run(x[:1], *(c[:1] for c in context)), eager[:1], **TOL)
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
@@ -258,6 +259,16 @@ def test_export_refuses_an_unknown_sensor_and_format(runs, tmp_path):
     (tmp_path / "old.pt").write_bytes(b"")
     with pytest.raises(ValueError, match="TorchScript models are no longer supported"):
         load_exported(tmp_path / "old.pt")
+
+
+def test_predict_names_missing_context(exported, tmp_path):
+    """A model that takes months, on data without them: a one-line error naming the input."""
+    from colearn_dist.export import predict_archive
+
+    path = exported("regression", "s1", "pt2")
+    archive = make_synthetic_archive(tmp_path / "no_months.zarr", n=40, t=4, groups=4, month=False)
+    with pytest.raises(ValueError, match=r"no_months\.zarr: model .* takes \['month'\] \(the run's context\), the data has none"):
+        predict_archive(path, archive)
 
 
 def test_exported_models_run_without_the_package(exported):

@@ -98,6 +98,20 @@ def _months(da: Any, name: str, sample_dim: str, time_dim: str, where: str) -> n
     return None
 
 
+def cube_latlon(cube: Any, name: str | None, sample_dim: str) -> np.ndarray | None:
+    """[N, 2] latitude, longitude from `lat`/`lon` (or `latitude`/`longitude`) coordinates on the sample
+    dim: the variable's own (`name`), else the root group's; None when there are none."""
+    tree = cube if hasattr(cube, "children") else open_cube(cube)
+    places = [tree.to_dataset()]
+    if name is not None:
+        places.insert(0, _variable(tree, name, "datacube"))
+    for place in places:
+        for lat_key, lon_key in (("lat", "lon"), ("latitude", "longitude")):
+            if lat_key in place.coords and lon_key in place.coords and place[lat_key].dims == (sample_dim,):
+                return np.stack([np.asarray(place[lat_key].values), np.asarray(place[lon_key].values)], axis=1)
+    return None
+
+
 def sensor_array(
     cube: Any,
     name: str,
@@ -244,11 +258,7 @@ def import_xarray(
     split_arr = _per_sample(tree, split, n, sample_dim, where)
     codes = np.zeros(n, dtype=np.uint8) if split_arr is None else split_codes(f"{where}: variable {split!r}", split_arr)
     group_arr = _per_sample(tree, group, n, sample_dim, where)
-    latlon = None
-    for lat_key, lon_key in (("lat", "lon"), ("latitude", "longitude")):
-        if lat_key in root.coords and lon_key in root.coords and root[lat_key].dims == (sample_dim,):
-            latlon = np.stack([np.asarray(root[lat_key].values), np.asarray(root[lon_key].values)], axis=1)
-            break
+    latlon = cube_latlon(tree, None, sample_dim)
     if y.dtype.kind == "f" and task != "regression":
         if np.isnan(y).any():
             raise ArchiveError(f"{where}: variable {target!r} has missing (NaN) labels; a {task} target needs every sample labelled")
@@ -271,4 +281,4 @@ def import_xarray(
     )
 
 
-__all__ = ["import_xarray", "open_cube", "sensor_array"]
+__all__ = ["cube_latlon", "import_xarray", "open_cube", "sensor_array"]
