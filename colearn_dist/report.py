@@ -72,6 +72,188 @@ def aggregate(records: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
     return rows
 
 
+# ----------------------------------------------------------------------------------- cross-fold
+
+
+def wilcoxon_signed_rank(diffs: Sequence[float]) -> float:
+    """Two-sided p-value of Wilcoxon's signed-rank test that paired differences centre on 0.
+
+    Zero differences are dropped (Wilcoxon's convention), tied magnitudes get mid-ranks. Up to 25
+    non-zero pairs the null distribution is exact (every sign assignment counted by dynamic
+    programming over doubled ranks, so mid-ranks stay integers); beyond, the normal approximation
+    with the tie correction. A k-fold table has k ≤ 25 pairs, where the approximation is poor.
+    """
+    d = np.asarray([float(x) for x in diffs if math.isfinite(float(x))], dtype=np.float64)
+    d = d[d != 0]
+    n = d.size
+    if n == 0:
+        return 1.0
+    mags = np.abs(d)
+    order = np.argsort(mags, kind="stable")
+    ranks = np.empty(n, dtype=np.float64)
+    sorted_mags = mags[order]
+    i = 0
+    while i < n:
+        j = i
+        while j + 1 < n and sorted_mags[j + 1] == sorted_mags[i]:
+            j += 1
+        ranks[order[i : j + 1]] = (i + j) / 2 + 1
+        i = j + 1
+    t_plus = float(ranks[d > 0].sum())
+    if n <= 25:
+        doubled = np.rint(ranks * 2).astype(np.int64)
+        counts = np.zeros(int(doubled.sum()) + 1, dtype=np.float64)
+        counts[0] = 1.0
+        for r in doubled:  # each rank joins T+ or not: the subset-sum distribution
+            counts[r:] = counts[r:] + counts[: counts.size - r].copy()
+        probs = counts / counts.sum()
+        t2 = int(round(t_plus * 2))
+        p = 2 * min(probs[: t2 + 1].sum(), probs[t2:].sum())
+        return float(min(1.0, p))
+    mean = n * (n + 1) / 4
+    _, tie_counts = np.unique(mags, return_counts=True)
+    var = n * (n + 1) * (2 * n + 1) / 24 - float((tie_counts**3 - tie_counts).sum()) / 48
+    z = (t_plus - mean) / math.sqrt(var) if var > 0 else 0.0
+    return float(min(1.0, math.erfc(abs(z) / math.sqrt(2))))
+
+
+def _better(a: float, b: float, direction: str) -> bool:
+    if direction == "zero":
+        return abs(a) < abs(b)
+    return a < b if direction == "lower" else a > b
+
+
+def cross_fold(
+    records: Iterable[Mapping[str, Any]], metric: str, baseline: str = "single"
+) -> list[dict[str, Any]]:
+    """One row per (dataset, setting, method, sensors, split) over the folds of a k-fold experiment.
+
+    Each fold's value is the mean over its seeds; the row has the mean and sample std over folds,
+    the number of folds, the deployed epoch of every run (`epochs`, "fold:seed=epoch", so a run that
+    stopped at epoch 1–3 is visible), and — for every method but `baseline`, on the folds both
+    have — the paired difference method − baseline (`diff_mean`, `diff_std`), the folds where the
+    method is better (`wins` of `n_paired`) and Wilcoxon's signed-rank p-value (`p_wilcoxon`).
+    Records need a `fold` key; a fold × seed seen twice in one group is an error.
+    """
+    direction = metric_direction(metric)
+    keys = GROUP_KEYS
+    per_fold: dict[tuple, dict[Any, dict[Any, float]]] = {}
+    epochs: dict[tuple, list[str]] = {}
+    for i, rec in enumerate(records):
+        missing = [k for k in (*keys, "seed", "fold", metric) if k not in rec]
+        if missing:
+            raise ValueError(f"record {i} lacks {missing}: {dict(rec)}")
+        key = tuple(rec[k] for k in keys)
+        seeds = per_fold.setdefault(key, {}).setdefault(rec["fold"], {})
+        if rec["seed"] in seeds:
+            raise ValueError(f"fold {rec['fold']} seed {rec['seed']} appears more than once for {dict(zip(keys, key))}")
+        seeds[rec["seed"]] = float(rec[metric])
+        if "epoch" in rec:
+            epochs.setdefault(key, []).append(f"{rec['fold']}:{rec['seed']}={rec['epoch']}")
+    fold_means = {k: {f: float(np.mean(list(s.values()))) for f, s in v.items()} for k, v in per_fold.items()}
+    rows = []
+    for key, folds in fold_means.items():
+        vals = np.array(list(folds.values()))
+        row: dict[str, Any] = dict(zip(keys, key))
+        row.update(
+            {
+                "metric": metric,
+                "n_folds": len(folds),
+                "mean": float(vals.mean()),
+                "std": float(vals.std(ddof=1)) if vals.size > 1 else math.nan,
+                "epochs": " ".join(epochs.get(key, [])),
+            }
+        )
+        base_key = (*key[:2], baseline, *key[3:])
+        if row["method"] != baseline and base_key in fold_means:
+            base = fold_means[base_key]
+            common = [f for f in folds if f in base]
+            diffs = np.array([folds[f] - base[f] for f in common])
+            row.update(
+                {
+                    "n_paired": len(common),
+                    "diff_mean": float(diffs.mean()) if diffs.size else math.nan,
+                    "diff_std": float(diffs.std(ddof=1)) if diffs.size > 1 else math.nan,
+                    "wins": sum(_better(folds[f], base[f], direction) for f in common),
+                    "p_wilcoxon": wilcoxon_signed_rank(diffs),
+                }
+            )
+        rows.append(row)
+    return rows
+
+
+def cross_fold_markdown(
+    rows: Sequence[Mapping[str, Any]],
+    *,
+    baseline: str = "single",
+    methods: Sequence[str] | None = None,
+    sensors: Sequence[str] | None = None,
+    digits: int = 3,
+) -> str:
+    """Two tables for one (dataset, setting, split): mean ± std over folds per method × sensors
+    (best per row in bold), then each method's paired difference against `baseline` with its win
+    count and Wilcoxon p-value, and the deployed epochs (min–max over runs)."""
+    if not rows:
+        raise ValueError("no rows to show")
+    combos = {tuple(r.get(k) for k in _TABLE_KEYS) for r in rows}
+    if len(combos) > 1:
+        raise ValueError(f"rows mix several {_TABLE_KEYS}: {sorted(map(str, combos))}; filter them to one first")
+    metric = str(rows[0]["metric"])
+    direction = metric_direction(metric)
+    word = {"lower": "lower", "higher": "higher", "zero": "closer to 0"}[direction]
+    cells = {(r["sensors"], r["method"]): r for r in rows}
+    methods = list(methods or dict.fromkeys(r["method"] for r in rows))
+    sensors = list(sensors or dict.fromkeys(r["sensors"] for r in rows))
+    n_folds = max(int(r["n_folds"]) for r in rows)
+    head = [f"sensors ({metric} over {n_folds} folds, {word} is better)", *map(_md_escape, methods)]
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join([":---"] + ["---:"] * len(methods)) + "|"]
+    for s in sensors:
+        shown = [round(float(cells[(s, m)]["mean"]), digits) if (s, m) in cells else math.nan for m in methods]
+        best = _best(shown, direction)
+        out = [_md_escape(s)]
+        for m, v in zip(methods, shown):
+            r = cells.get((s, m))
+            if r is None:
+                out.append("–")
+                continue
+            text = f"{r['mean']:.{digits}f}" + (f" ± {r['std']:.{digits}f}" if math.isfinite(r["std"]) else "")
+            out.append(f"**{text}**" if v == best else text)
+        lines.append("| " + " | ".join(out) + " |")
+    others = [m for m in methods if m != baseline]
+    paired = [r for r in rows if "diff_mean" in r]
+    if paired:
+        lines += [
+            "",
+            f"| sensors: {metric} difference vs `{baseline}` (mean over folds; folds better; Wilcoxon p) | "
+            + " | ".join(map(_md_escape, others)) + " |",
+            "|" + "|".join([":---"] + ["---:"] * len(others)) + "|",
+        ]
+        for s in sensors:
+            out = [_md_escape(s)]
+            for m in others:
+                r = cells.get((s, m))
+                if r is None or "diff_mean" not in r:
+                    out.append("–")
+                    continue
+                out.append(f"{r['diff_mean']:+.{digits}f} ({r['wins']}/{r['n_paired']}; p={r['p_wilcoxon']:.3f})")
+            lines.append("| " + " | ".join(out) + " |")
+    with_epochs = [r for r in rows if r.get("epochs")]
+    if with_epochs:
+        lines += ["", "| sensors: deployed epoch (min–max over runs; runs at epoch ≤ 3) | " + " | ".join(map(_md_escape, methods)) + " |",
+                  "|" + "|".join([":---"] + ["---:"] * len(methods)) + "|"]
+        for s in sensors:
+            out = [_md_escape(s)]
+            for m in methods:
+                r = cells.get((s, m))
+                if r is None or not r.get("epochs"):
+                    out.append("–")
+                    continue
+                ep = [int(e.rsplit("=", 1)[1]) for e in str(r["epochs"]).split()]
+                out.append(f"{min(ep)}–{max(ep)} ({sum(e <= 3 for e in ep)})")
+            lines.append("| " + " | ".join(out) + " |")
+    return "\n".join(lines) + "\n"
+
+
 # ------------------------------------------------------------------------------------------ CSV
 
 

@@ -212,3 +212,85 @@ def test_write_embeddings_projector(tmp_path):
 
     with pytest.raises(ValueError, match="expected"):
         write_embeddings(tmp_path, {"x": np.zeros((3, 2))}, meta, ["sensor", "target", "odd"], tag="t")
+
+
+# ----------------------------------------------------------------------------------- cross-fold
+
+
+def _fold_records(gain: float = 1.0, folds: int = 10, seeds=(0, 1)):
+    """mdico = single − gain on every fold (plus fold noise shared by both), epochs known."""
+    recs = []
+    for f in range(folds):
+        for seed in seeds:
+            for method, offset in (("single", 0.0), ("mdico", -gain)):
+                recs.append(
+                    {
+                        "dataset": "fm", "setting": "s1+s2", "method": method, "sensors": "s1",
+                        "split": "test", "seed": seed, "fold": f, "epoch": 1 + f,
+                        "rmse": 30.0 + f + 0.1 * seed + offset,
+                    }
+                )  # fmt: skip
+    return recs
+
+
+def test_wilcoxon_matches_scipy_exact_and_approx():
+    from scipy import stats
+
+    from colearn_dist.report import wilcoxon_signed_rank
+
+    rng = np.random.default_rng(0)
+    for n in (4, 7, 10, 16):
+        d = rng.normal(0.4, 1.0, n)
+        assert wilcoxon_signed_rank(d) == pytest.approx(stats.wilcoxon(d, method="exact").pvalue, abs=1e-12)
+    d = rng.normal(0.4, 1.0, 40)
+    assert wilcoxon_signed_rank(d) == pytest.approx(stats.wilcoxon(d, method="approx").pvalue, rel=1e-9)
+    # all ten differences of one sign: the smallest two-sided p of n = 10 is 2 / 2**10
+    assert wilcoxon_signed_rank(np.arange(1, 11)) == pytest.approx(2 / 1024)
+    assert wilcoxon_signed_rank([0.0, 0.0]) == 1.0  # zeros are dropped: no evidence
+
+
+def test_wilcoxon_ties_use_mid_ranks():
+    from colearn_dist.report import wilcoxon_signed_rank
+
+    # |d| = 1, 1, 2: ranks 1.5, 1.5, 3; T+ = 4.5. The 8 sign assignments give T+ in
+    # {0, 1.5, 1.5, 3, 3, 4.5, 4.5, 6}: two-sided exact p = 2 · P(T+ ≥ 4.5) = 2 · 3/8
+    assert wilcoxon_signed_rank([1.0, -1.0, 2.0]) == pytest.approx(0.75)
+
+
+def test_cross_fold_pairs_folds_and_counts_wins():
+    from colearn_dist.report import cross_fold
+
+    rows = {r["method"]: r for r in cross_fold(_fold_records(gain=1.0), "rmse")}
+    single, mdico = rows["single"], rows["mdico"]
+    # fold means over seeds: 30 + f + 0.05 → mean over folds 34.55, std of 0..9
+    assert single["n_folds"] == 10 and single["mean"] == pytest.approx(34.55)
+    assert single["std"] == pytest.approx(np.std(np.arange(10), ddof=1))
+    assert "diff_mean" not in single  # the baseline is not compared with itself
+    assert mdico["diff_mean"] == pytest.approx(-1.0) and mdico["wins"] == 10 and mdico["n_paired"] == 10
+    assert mdico["p_wilcoxon"] == pytest.approx(2 / 1024)
+    assert "0:0=1" in mdico["epochs"] and "9:1=10" in mdico["epochs"]
+
+
+def test_cross_fold_wins_follow_the_metric_direction():
+    from colearn_dist.report import cross_fold
+
+    recs = [dict(r, r2=r["rmse"]) for r in _fold_records(gain=1.0)]  # higher r2 is better: mdico's lower value loses
+    mdico = next(r for r in cross_fold(recs, "r2") if r["method"] == "mdico")
+    assert mdico["wins"] == 0 and mdico["diff_mean"] == pytest.approx(-1.0)
+
+
+def test_cross_fold_refuses_a_fold_seed_twice():
+    from colearn_dist.report import cross_fold
+
+    recs = _fold_records()
+    with pytest.raises(ValueError, match="fold 0 seed 0 appears more than once"):
+        cross_fold(recs + recs[:1], "rmse")
+
+
+def test_cross_fold_markdown_shows_means_differences_and_epochs():
+    from colearn_dist.report import cross_fold, cross_fold_markdown
+
+    text = cross_fold_markdown(cross_fold(_fold_records(gain=1.0), "rmse"), methods=["mdico", "single"])
+    assert "| s1 | **33.550 ± 3.028** | 34.550 ± 3.028 |" in text
+    assert "| s1 | -1.000 (10/10; p=0.002) |" in text
+    assert "| s1 | 1–10 (6) | 1–10 (6) |" in text  # fold f deployed epoch f + 1: folds 0–2 × 2 seeds at ≤ 3
