@@ -94,8 +94,10 @@ class Checkpointer:
     def tag(step: int) -> str:
         return f"step{step:09d}"
 
-    def save(self, engine: Any, step: int, state: dict[str, Any]) -> Path:
-        """Collective: every rank calls it. `state` is the same on every rank (step, epoch, loader, config)."""
+    def save(self, engine: Any, step: int, state: dict[str, Any], tensors: dict[str, Any] | None = None) -> Path:
+        """Collective: every rank calls it. `state` is the same on every rank (step, epoch, loader, config);
+        `tensors` (name → a dict of tensors and numbers, the same on every rank, e.g. the weight
+        average) are written by rank 0 as `extra_<name>.pt` before the checkpoint is marked complete."""
         tag = self.tag(step)
         tag_dir = self.root / tag
         rank = _rank()
@@ -109,6 +111,8 @@ class Checkpointer:
         torch.save(rng_state(), tag_dir / f"rng_rank{rank:05d}.pt")
         _barrier()
         if rank == 0:
+            for name, value in (tensors or {}).items():
+                torch.save(value, tag_dir / f"extra_{name}.pt")
             (tag_dir / "state.json").write_text(json.dumps(_jsonable(state), indent=1))
             (tag_dir / COMPLETE).write_text("")
             _write_atomic(self.root / LATEST, tag)
@@ -132,6 +136,12 @@ class Checkpointer:
             set_rng_state(torch.load(rng_file, weights_only=False))
         return client["colearn"]
 
+    @staticmethod
+    def load_tensors(tag_dir: Path, name: str) -> dict[str, Any] | None:
+        """What `save(tensors={name: …})` wrote (tensors and plain values only), or None."""
+        path = tag_dir / f"extra_{name}.pt"
+        return torch.load(path, map_location="cpu", weights_only=True) if path.exists() else None
+
     def to_universal(self, tag_dir: Path) -> Path:
         """A ZeRO (stage ≥ 1) checkpoint converted with DeepSpeed's `ds_to_universal`, whose optimizer
         state any world size can load (collective; rank 0 converts once, beside the original)."""
@@ -143,8 +153,8 @@ class Checkpointer:
             done = subprocess.run(cmd, capture_output=True, text=True)
             if done.returncode != 0:
                 raise CheckpointError(f"{tag_dir}: conversion to a universal checkpoint failed:\n{done.stderr[-2000:]}")
-            for rng in tag_dir.glob("rng_rank*.pt"):
-                shutil.copy(rng, out / rng.name)
+            for extra in [*tag_dir.glob("rng_rank*.pt"), *tag_dir.glob("extra_*.pt")]:
+                shutil.copy(extra, out / extra.name)
             (out / COMPLETE).write_text("")
         _barrier()
         return out

@@ -105,6 +105,11 @@ class TrainConfig:
     grad_accum: int = 1
     # early stopping on the validation split (never the test split); 0 = off.
     patience: int = 5
+    # no early stop before this many epochs (the first epochs of a small validation split are noise)
+    min_epochs: int = 0
+    # score, select and deploy an exponential moving average of the weights with this time constant
+    # in epochs (colearn_dist/averaging.py); 0 = the raw weights of each epoch
+    ema_epochs: float = 0.0
     seed: int = 0
     # checkpoints for runs killed without warning (node failure, SIGKILL); a warning signal or
     # preemption (SIGTERM) always checkpoints at the next step boundary. 0 = off.
@@ -185,6 +190,8 @@ _HASHED_WHEN_SET: dict[tuple[str, str], Any] = {
     ("model", "freeze_encoders"): False,
     ("objective", "masked"): 0.0,
     ("train", "max_steps"): 0,
+    ("train", "min_epochs"): 0,
+    ("train", "ema_epochs"): 0.0,
 }
 
 # How a run executes, not what it computes: never part of the hash.
@@ -285,7 +292,7 @@ def validate(cfg: RunConfig, where: str = "config") -> RunConfig:
         raise ConfigError(f"{where}: data.batch_size must be ≥ 2 (BatchNorm and the contrastive term need pairs)")
     if cfg.data.workers < 0:
         raise ConfigError(f"{where}: data.workers must be ≥ 0")
-    for key in ("checkpoint_every_steps", "checkpoint_every_epochs", "keep_checkpoints", "warmup_steps", "log_every_steps"):
+    for key in ("checkpoint_every_steps", "checkpoint_every_epochs", "keep_checkpoints", "warmup_steps", "log_every_steps", "min_epochs", "ema_epochs"):
         if getattr(cfg.train, key) < 0:
             raise ConfigError(f"{where}: train.{key} must be ≥ 0, got {getattr(cfg.train, key)}")
     if cfg.train.lr <= 0:

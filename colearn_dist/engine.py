@@ -7,6 +7,7 @@ weights, stop early, checkpoint, and finally score the best weights on the test 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -20,6 +21,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from .averaging import WeightAverage, decay_for
 from .batch import to_device
 from .config import RunConfig, dump_config
 from .distributed import all_reduce_sum, configure_threads, threads_per_rank
@@ -177,6 +179,10 @@ class Trainer:
             self.engine.enable_backward_allreduce = False
         if self.built.teacher is not None:
             self.built.teacher.to(self.device)
+        # Validation scores, selects and deploys the weight average where one is asked for.
+        self.average: WeightAverage | None = None
+        if cfg.train.ema_epochs > 0 and not self.pretrain:
+            self.average = WeightAverage(self.engine.module, decay_for(cfg.train.ema_epochs, self.steps_per_epoch))
         self.step_fn = self._train_step
         if cfg.train.compile:
             self.step_fn = torch.compile(self._train_step, dynamic=True)
@@ -229,7 +235,13 @@ class Trainer:
             )
         # ZeRO partitions the optimizer state by rank: another world size loads it through
         # DeepSpeed's universal checkpoint format, converted on the fly.
-        state = self.checkpointer.load(self.engine, self.checkpointer.to_universal(latest) if self._universal else latest)
+        tag_dir = self.checkpointer.to_universal(latest) if self._universal else latest
+        state = self.checkpointer.load(self.engine, tag_dir)
+        if self.average is not None:
+            saved = self.checkpointer.load_tensors(tag_dir, "weight_average")
+            if saved is None:
+                raise ResumeError(f"{latest}: no weight average (extra_weight_average.pt) although train.ema_epochs is set")
+            self.average.load_state_dict(saved)
         self.step = state["step"]
         self.epoch = state["epoch"]
         self.best_scores = state["best_scores"]
@@ -268,7 +280,8 @@ class Trainer:
         latest = self.checkpointer.latest()
         if latest is not None and latest.name == self.checkpointer.tag(self.step):
             return latest  # nothing new since (a finished run started again)
-        return self.checkpointer.save(self.engine, self.step, self._state())
+        tensors = {"weight_average": self.average.state_dict()} if self.average is not None else None
+        return self.checkpointer.save(self.engine, self.step, self._state(), tensors)
 
     # ----------------------------------------------------------------- steps
     def _train_step(self, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -339,7 +352,8 @@ class Trainer:
         return result
 
     def _early_stopped(self) -> bool:
-        return self.cfg.train.patience > 0 and self.has_val and self.bad_epochs >= self.cfg.train.patience
+        t = self.cfg.train
+        return t.patience > 0 and self.has_val and self.epoch >= t.min_epochs and self.bad_epochs >= t.patience
 
     def _train_epoch(self) -> bool:
         cfg = self.cfg
@@ -394,6 +408,8 @@ class Trainer:
             if not boundary:
                 continue  # checkpoints and logs only between optimizer steps
             self.step = self.engine.global_steps
+            if self.average is not None:
+                self.average.update()
             if cfg.train.log_every_steps and self.step % cfg.train.log_every_steps == 0:
                 self._log_train(keys, acc, n_acc, samples, wait, time.perf_counter() - t_log)
                 acc, n_acc, samples, wait, t_log = None, 0, 0, 0.0, time.perf_counter()
@@ -449,6 +465,11 @@ class Trainer:
 
     def _end_of_epoch(self) -> None:
         self.epoch += 1
+        with self.average.applied() if self.average is not None else contextlib.nullcontext():
+            self._select()
+
+    def _select(self) -> None:
+        """Score every inference sensor set on validation; each keeps the weights it did best with."""
         names = self.built.model_modalities
         sets = [set_name(s, names) for s in sensor_sets(self.cfg.model.method, names)]
         if not self.has_val:
