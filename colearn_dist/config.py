@@ -73,8 +73,9 @@ class ObjectiveConfig:
     con: float = 1.0
     mod: float = 1.0
     temperature: float = 0.1
-    # "normalised": each cross-modal pair counted once (the paper); "reference": the public code's double count.
-    contrastive_pairs: Literal["normalised", "reference"] = "normalised"
+    # "normalised": the mean over modality pairs; "sum": their sum, each pair once; "reference": the
+    # public code's sum over ordered pairs (each pair twice). With M sensors: 1 : M(M-1)/2 : M(M-1).
+    contrastive_pairs: Literal["normalised", "sum", "reference"] = "normalised"
     # "unused": the second modality classifier sees z_unu (the paper); "shared": the public code's z_sha.
     modality_classifier_on: Literal["unused", "shared"] = "unused"
     # pretrain only: weight of predicting each sensor's z_sha from the mean of the others' (cosine); 0 = off.

@@ -233,12 +233,12 @@ def _contrastive_terms(out: Mapping[str, Any], mods: list[str], pairs: list[tupl
 
 def _combined_contrastive(terms: Mapping[str, Tensor], pairs: list[tuple[str, str]], mode: str) -> Tensor:
     con_sum = cast(Tensor, sum(terms[f"con/{a}-{b}"] for a, b in pairs))
-    return 2 * con_sum if mode == "reference" else con_sum / len(pairs)
+    return {"reference": 2.0, "sum": 1.0}.get(mode, 1.0 / len(pairs)) * con_sum
 
 
 def _check_pairs_mode(cfg: ObjectiveConfig) -> None:
-    if cfg.contrastive_pairs not in ("normalised", "reference"):
-        raise ValueError(f"contrastive_pairs must be 'normalised' or 'reference', got {cfg.contrastive_pairs!r}")
+    if cfg.contrastive_pairs not in ("normalised", "sum", "reference"):
+        raise ValueError(f"contrastive_pairs must be 'normalised', 'sum' or 'reference', got {cfg.contrastive_pairs!r}")
 
 
 class MDiCoObjective:
@@ -248,7 +248,8 @@ class MDiCoObjective:
     * L_aux: task loss of the shared auxiliary head on z_spe and on z_sha, mean over the 2·M
       (modality, input) terms — an average rather than a sum so that `aux` weighs the same as `main`.
     * L_con: NT-Xent between z_sha of every unordered modality pair over the global batch, mean over
-      pairs ("normalised"); "reference" adds both ordered pairs (2 × the sum), as the public code.
+      pairs ("normalised"), or their sum ("sum", each pair once); "reference" adds both ordered
+      pairs (2 × the sum), as the public code.
     * L_mod: cross-entropy of the modality classifiers on z_spe (mod_spe) and on z_unu / z_sha
       (mod_second), target the modality's index in `modalities` (must be the model's order), mean
       over the 2·M terms.
