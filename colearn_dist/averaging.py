@@ -11,8 +11,9 @@ the averaged model is evaluated with statistics that match its weights.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 

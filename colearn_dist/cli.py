@@ -15,6 +15,7 @@ from typing import Any
 
 from .archive import describe, open_archive
 from .config import load_config
+from .crossval import plan_crossval
 from .engine import train
 from .evaluate import evaluate_runs
 from .export import export_sensor, load_exported, predict
@@ -165,6 +166,14 @@ def _launch(args: argparse.Namespace) -> int:
     if args.allow_config_change:
         argv.append("--allow-config-change")
     return launch_local(args.nproc, argv)
+
+
+def _crossval(args: argparse.Namespace) -> int:
+    runs = plan_crossval(
+        args.config, args.archive, args.root, folds=args.folds, methods=args.methods.split(","), seeds=args.seeds,
+        overrides=args.set, fold_seed=args.fold_seed,
+    )  # fmt: skip
+    return run_sweep(runs, nproc=args.nproc, out=Path(args.root) / "results")
 
 
 def _sweep(args: argparse.Namespace) -> int:
@@ -408,6 +417,24 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", help="where the tables and figures go (default ROOT/results)")
     s.add_argument("--reference", help="YAML of reference scores per dataset and sensor set")
     s.set_defaults(fn=_sweep)
+
+    s = sub.add_parser(
+        "crossval",
+        help="k-fold cross-validation: every sample in one fold (whole groups where the archive has them), "
+        "methods × seeds trained per fold, one table over folds with paired tests against the single-sensor model",
+    )
+    s.add_argument("config")
+    s.add_argument("archive", help="the zarr archive; its train, val and test samples are pooled and re-split into folds")
+    s.add_argument(
+        "--root", required=True, help="fold shards go to ROOT/data/, runs to ROOT/fold<i>/<method>/seed<k>, tables to ROOT/results"
+    )
+    s.add_argument("--folds", type=int, default=10)
+    s.add_argument("--fold-seed", type=int, default=0, help="seed of the fold assignment")
+    s.add_argument("--methods", default="mdico,single")
+    s.add_argument("--seeds", type=int, nargs="+", default=[0])
+    s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    s.add_argument("--nproc", type=int, default=1)
+    s.set_defaults(fn=_crossval)
 
     s = sub.add_parser("evaluate", help="score runs on the test split: per method × inference sensor, mean ± std over seeds")
     s.add_argument("runs", nargs="+")

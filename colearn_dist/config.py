@@ -293,7 +293,15 @@ def validate(cfg: RunConfig, where: str = "config") -> RunConfig:
         raise ConfigError(f"{where}: data.batch_size must be ≥ 2 (BatchNorm and the contrastive term need pairs)")
     if cfg.data.workers < 0:
         raise ConfigError(f"{where}: data.workers must be ≥ 0")
-    for key in ("checkpoint_every_steps", "checkpoint_every_epochs", "keep_checkpoints", "warmup_steps", "log_every_steps", "min_epochs", "ema_epochs"):
+    for key in (
+        "checkpoint_every_steps",
+        "checkpoint_every_epochs",
+        "keep_checkpoints",
+        "warmup_steps",
+        "log_every_steps",
+        "min_epochs",
+        "ema_epochs",
+    ):
         if getattr(cfg.train, key) < 0:
             raise ConfigError(f"{where}: train.{key} must be ≥ 0, got {getattr(cfg.train, key)}")
     if cfg.train.lr <= 0:

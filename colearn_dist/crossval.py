@@ -16,12 +16,11 @@ from __future__ import annotations
 
 import shutil
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import zarr
 
-from .archive import SPLIT_CODES, ArchiveError, open_archive
+from .archive import ArchiveError, open_archive
 from .importers._common import kfold_split
 from .shards import write_shards
 from .sweep import PlannedRun, plan_sweep
@@ -31,7 +30,7 @@ def fold_split(archive_path: str | Path, folds: int, fold: int, seed: int = 0) -
     """Split codes of experiment `fold` (its fold as test, every other sample train) and how the folds
     were drawn ("group" or "random")."""
     archive = open_archive(archive_path, check_values=False)
-    groups = np.asarray(archive.root["group"][:]).astype(str) if "group" in archive.root else None
+    groups = archive.group
     split = kfold_split(archive.num_samples, folds, fold, seed, groups, where=str(archive_path))
     return split, "group" if groups is not None else "random"
 
@@ -77,13 +76,3 @@ def plan_crossval(
         sets = [*(overrides or []), f"data.shards={shards}"]
         runs += plan_sweep(config, methods, seeds, sets, root / f"fold{i}")
     return runs
-
-
-def fold_of(manifest_fold: dict[str, Any] | None) -> tuple[str, int] | None:
-    """(dataset, fold index) of shards written from a fold archive; None for ordinary shards."""
-    if not manifest_fold:
-        return None
-    return str(manifest_fold["dataset"]), int(manifest_fold["index"])
-
-
-__all__ = ["fold_of", "fold_split", "plan_crossval", "write_fold_archive", "SPLIT_CODES"]

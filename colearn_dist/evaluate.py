@@ -10,7 +10,7 @@ from typing import Any
 
 from .methods import TABLE_ORDER
 from .metrics import PRIMARY, TABLE_METRICS
-from .report import aggregate, markdown_table, plot_scores, write_csv
+from .report import aggregate, cross_fold, cross_fold_markdown, markdown_table, plot_scores, write_csv
 from .runs import RunDir
 from .scoring import evaluate_run, run_sensor_sets
 
@@ -42,12 +42,46 @@ def evaluate_runs(
 ) -> str:
     """Mean ± std over seeds for each method × inference sensor set (each run's own, plus
     `extra_sets` such as "s1+s2"): CSV (every metric), Markdown (a table per scalar metric of the
-    task; per-class F1 stays in the CSV), PNG; returns the primary metric's Markdown, to print."""
+    task; per-class F1 stays in the CSV), PNG; returns the primary metric's Markdown, to print.
+    Runs on the folds of a k-fold experiment (`crossval`) are aggregated over folds instead, into
+    one table per dataset (`crossfold_<split>.md` / `.csv`, see `report.cross_fold`)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     records = load_records(run_dirs, split, extra_sets)
     if not records:
         raise ValueError("no runs to evaluate")
+    folded = [r for r in records if "fold" in r]
+    texts = [_cross_fold_tables(folded, out_dir, split)] if folded else []
+    plain = [r for r in records if "fold" not in r]
+    if plain:
+        texts.append(_seed_tables(plain, out_dir, split, reference))
+    return "\n\n".join(texts)
+
+
+def _cross_fold_tables(records: list[dict[str, Any]], out_dir: Path, split: str) -> str:
+    """Runs of the folds of a k-fold experiment (crossval.py): one table per dataset and setting over
+    the folds, with each method's paired difference against the single-sensor model."""
+    task = records[0]["task"]
+    task_metric = PRIMARY[task][0]
+    rows: list[dict[str, Any]] = []
+    sections: list[str] = []
+    others: list[str] = []
+    for dataset in sorted({r["dataset"] for r in records}):
+        for setting in sorted({r["setting"] for r in records if r["dataset"] == dataset}):
+            sub = [r for r in records if r["dataset"] == dataset and r["setting"] == setting]
+            methods = [m for m in TABLE_ORDER if any(r["method"] == m for r in sub)]
+            for metric in TABLE_METRICS[task]:
+                got = cross_fold([r for r in sub if metric in r], metric)
+                rows += got
+                title = f"### {dataset} — trained with {setting}, {max(g['n_folds'] for g in got)}-fold cross-validation ({split} {metric})"
+                table = cross_fold_markdown(got, methods=methods, sensors=_sensor_order(sub))
+                (sections if metric == task_metric else others).append(f"{title}\n\n{table}")
+    write_csv(rows, out_dir / f"crossfold_{split}.csv")
+    (out_dir / f"crossfold_{split}.md").write_text("\n\n".join(sections + others) + "\n")
+    return "\n\n".join(sections) + "\n"
+
+
+def _seed_tables(records: list[dict[str, Any]], out_dir: Path, split: str, reference: dict[str, dict[str, float]] | None) -> str:
     rows = aggregate(records)
     write_csv(rows, out_dir / f"results_{split}.csv")
     task = records[0]["task"]

@@ -126,7 +126,8 @@ class Manifest:
       train, val and test (an empty split has no shards).
     * `seed`, `samples_per_shard`, `shuffle_window`, `archive` (the archive path): with the archive
       they determine every byte of the shards; `val_split` (how val was made:
-      {"source": "archive"|"carved"|"none", "by": "group"|"random"|null, "fraction", "num_groups"}).
+      {"source": "archive"|"carved"|"none", "by": "group"|"random"|null, "fraction", "num_groups"});
+      `fold` (only in shards of a cross-validation fold: {"dataset", "index", "of", "by", "seed"}).
     """
 
     path: Path
@@ -151,6 +152,9 @@ class Manifest:
     train_sums: dict[str, Any] = field(default_factory=dict)
     # [start, stop) archive rows these shards hold (`write_shards(row_range=...)`); None = all rows.
     rows: list[int] | None = None
+    # Shards of one fold of a k-fold experiment (`crossval`): {"dataset", "index", "of", "by", "seed"},
+    # carried from the archive's `fold` attribute; None for ordinary shards (and absent from their JSON).
+    fold: dict[str, Any] | None = None
 
     def modality(self, name: str) -> Modality:
         """The typed description of one modality."""
@@ -190,7 +194,7 @@ class Manifest:
             "splits": self.splits,
             "train_sums": self.train_sums,
             "rows": self.rows,
-        }
+        } | ({"fold": self.fold} if self.fold else {})
 
     def summary(self) -> str:
         """A short human summary, for the CLI."""
@@ -246,6 +250,7 @@ def load_manifest(out_dir: str | Path) -> Manifest:
         archive=str(data.get("archive", "")),
         shuffle_window=int(data.get("shuffle_window", 0)),
         val_split=dict(data.get("val_split") or {}),
+        fold=data.get("fold"),
         version=int(data["version"]),
         train_sums=dict(data.get("train_sums") or {}),
         rows=list(data["rows"]) if data.get("rows") is not None else None,

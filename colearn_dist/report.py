@@ -75,7 +75,7 @@ def aggregate(records: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
 # ----------------------------------------------------------------------------------- cross-fold
 
 
-def wilcoxon_signed_rank(diffs: Sequence[float]) -> float:
+def wilcoxon_signed_rank(diffs: Sequence[float] | np.ndarray) -> float:
     """Two-sided p-value of Wilcoxon's signed-rank test that paired differences centre on 0.
 
     Zero differences are dropped (Wilcoxon's convention), tied magnitudes get mid-ranks. Up to 25
@@ -123,9 +123,7 @@ def _better(a: float, b: float, direction: str) -> bool:
     return a < b if direction == "lower" else a > b
 
 
-def cross_fold(
-    records: Iterable[Mapping[str, Any]], metric: str, baseline: str = "single"
-) -> list[dict[str, Any]]:
+def cross_fold(records: Iterable[Mapping[str, Any]], metric: str, baseline: str = "single") -> list[dict[str, Any]]:
     """One row per (dataset, setting, method, sensors, split) over the folds of a k-fold experiment.
 
     Each fold's value is the mean over its seeds; the row has the mean and sample std over folds,
@@ -225,7 +223,8 @@ def cross_fold_markdown(
         lines += [
             "",
             f"| sensors: {metric} difference vs `{baseline}` (mean over folds; folds better; Wilcoxon p) | "
-            + " | ".join(map(_md_escape, others)) + " |",
+            + " | ".join(map(_md_escape, others))
+            + " |",
             "|" + "|".join([":---"] + ["---:"] * len(others)) + "|",
         ]
         for s in sensors:
@@ -239,8 +238,11 @@ def cross_fold_markdown(
             lines.append("| " + " | ".join(out) + " |")
     with_epochs = [r for r in rows if r.get("epochs")]
     if with_epochs:
-        lines += ["", "| sensors: deployed epoch (min–max over runs; runs at epoch ≤ 3) | " + " | ".join(map(_md_escape, methods)) + " |",
-                  "|" + "|".join([":---"] + ["---:"] * len(methods)) + "|"]
+        lines += [
+            "",
+            "| sensors: deployed epoch (min–max over runs; runs at epoch ≤ 3) | " + " | ".join(map(_md_escape, methods)) + " |",
+            "|" + "|".join([":---"] + ["---:"] * len(methods)) + "|",
+        ]
         for s in sensors:
             out = [_md_escape(s)]
             for m in methods:

@@ -108,7 +108,9 @@ def evaluate_run(
         for name, m in metrics.items():
             records.append(
                 {
-                    "dataset": Path(cfg.data.shards).name,
+                    # a cross-validation fold's shards name their dataset and fold (crossval.py)
+                    "dataset": (trained.manifest.fold or {}).get("dataset", Path(cfg.data.shards).name),
+                    **({"fold": trained.manifest.fold["index"]} if trained.manifest.fold else {}),
                     "setting": "+".join(cfg.data.modalities or list(trained.manifest.modalities)),
                     "method": cfg.model.method,
                     "task": trained.manifest.task,

@@ -631,6 +631,7 @@ def _write_shards(
         val_split=val_split,
         train_sums={"modalities": sums, "target": _target_sums_json([r.target_sums for r in train_results])},
         rows=rows,
+        fold=archive.attrs.get("fold"),
     )
     _write_json_atomic(out / MANIFEST_NAME, manifest.to_json())
     if progress:

@@ -75,9 +75,9 @@ def test_decay_for_a_time_constant_in_epochs():
 def test_averaged_run_deploys_the_average_and_resumes_exactly(run_shards, tmp_path):
     """Stopped inside epoch 2 and resumed, an averaged run ends with the uninterrupted run's raw
     weights, average and deployed weights; the deployed weights are the average, not the raw weights."""
-    from test_engine import assert_same_weights, final_state, run_cli, write_config
-
     from colearn_dist.loader import ShardLoader
+
+    from helpers import assert_same_weights, final_state, run_cli, write_config
 
     steps_per_epoch = len(ShardLoader(run_shards, "train", batch_size=16))
     common = {"train": {"epochs": 2, "ema_epochs": 0.5, "log_every_steps": 1}}
@@ -100,5 +100,7 @@ def test_averaged_run_deploys_the_average_and_resumes_exactly(run_shards, tmp_pa
         assert_same_weights(best["ref"]["model"], averages[0]["shadow"], atol=1e-6)
     raw = final_state(tmp_path / "ref")
     assert any(not torch.allclose(best["ref"]["model"][k].float(), raw[k].float()) for k in raw if raw[k].is_floating_point())
-    history = json.loads((tmp_path / "ref" / "checkpoints" / (tmp_path / "ref" / "checkpoints" / "latest").read_text().strip() / "state.json").read_text())["history"]
+    history = json.loads(
+        (tmp_path / "ref" / "checkpoints" / (tmp_path / "ref" / "checkpoints" / "latest").read_text().strip() / "state.json").read_text()
+    )["history"]
     assert len(history) == 2
