@@ -9,7 +9,8 @@ Layout of a run directory:
     tb/, train.log         TensorBoard scalars (and projector embeddings), the console log
     metrics_<split>.json   scores of each sensor set (scoring.evaluate_run)
     jobs.json, slurm/      Slurm submissions and Submitit's files
-    model_<sensor>.pt      exported per-sensor TorchScript models
+    model_<sensor>.pt2     exported per-sensor models (torch.export; .onnx with --format onnx),
+    model_<sensor>.*.stac.json  each with its STAC Machine Learning Model item
 """
 
 from __future__ import annotations
