@@ -23,8 +23,8 @@ class ConfigError(ValueError):
     """A configuration that cannot run; the message names the file and the key."""
 
 
-Method = Literal["mdico", "single", "fusion", "dropout", "distill", "pretrain"]
-EncoderType = Literal["tempcnn", "attention", "gru", "lstm", "mlp", "cnn"]
+Method = Literal["mdico", "single", "fusion", "dropout", "distill", "pretrain", "presto"]
+EncoderType = Literal["tempcnn", "attention", "gru", "lstm", "mlp", "cnn", "presto"]
 
 
 @dataclass
@@ -38,6 +38,10 @@ class EncoderConfig:
     dropout: float = 0.2
     heads: int = 4
     categorical_dim: int = 8
+    # presto only (colearn_dist/presto.py): keep the pretrained weights fixed (only the Linear after the
+    # pooled embedding learns), and the weights file (None = the bundled public Presto weights).
+    freeze: bool = False
+    weights: str | None = None
 
 
 @dataclass
@@ -47,6 +51,8 @@ class ModelConfig:
     # embedding_dim (split in halves), the common encoder embedding_dim before its projection.
     embedding_dim: int = 128
     # "default" applies to every modality; a modality's name overrides it (e.g. a static layer → mlp).
+    # MDiCo's two encoders of a modality can differ: "unique" / "common" apply to that role of every
+    # modality, "common/s1" to one; the most specific key wins (common/s1 > s1 > common > default).
     encoders: dict[str, EncoderConfig] = field(default_factory=lambda: {"default": EncoderConfig()})
     head_hidden: int = 0
     # single / distill: the one sensor the model sees.
@@ -62,8 +68,10 @@ class ModelConfig:
     init_from: str | None = None
     freeze_encoders: bool = False
 
-    def encoder_for(self, modality: str) -> EncoderConfig:
-        return self.encoders.get(modality, self.encoders.get("default", EncoderConfig()))
+    def encoder_for(self, modality: str, role: str | None = None) -> EncoderConfig:
+        """The encoder of `modality` (in MDiCo's `role`, "unique" or "common"; None = the baselines')."""
+        keys = ([f"{role}/{modality}"] if role else []) + [modality] + ([role] if role else []) + ["default"]
+        return next((self.encoders[k] for k in keys if k in self.encoders), EncoderConfig())
 
 
 @dataclass
@@ -183,6 +191,10 @@ class RunConfig:
         for (section, key), default in _HASHED_WHEN_SET.items():
             if content[section].get(key) == default:
                 content[section].pop(key)
+        for encoder in content["model"]["encoders"].values():
+            for key, default in _ENCODER_HASHED_WHEN_SET.items():
+                if encoder.get(key) == default:
+                    encoder.pop(key)
         return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -194,6 +206,9 @@ _HASHED_WHEN_SET: dict[tuple[str, str], Any] = {
     ("train", "min_epochs"): 0,
     ("train", "ema_epochs"): 0.0,
 }
+
+ENCODER_ROLES = ("unique", "common")
+_ENCODER_HASHED_WHEN_SET: dict[str, Any] = {"freeze": False, "weights": None}
 
 # How a run executes, not what it computes: never part of the hash.
 _EXECUTION: tuple[tuple[str, str], ...] = (
@@ -310,12 +325,18 @@ def validate(cfg: RunConfig, where: str = "config") -> RunConfig:
         raise ConfigError(f"{where}: objective.temperature must be > 0")
     if not 0.0 <= cfg.model.sensor_dropout < 1.0:
         raise ConfigError(f"{where}: model.sensor_dropout must be in [0, 1)")
-    if cfg.model.method in ("single", "distill") and not cfg.model.modality:
+    if cfg.model.method in ("single", "distill", "presto") and not cfg.model.modality:
         raise ConfigError(f"{where}: model.modality must name the sensor for method {cfg.model.method!r}")
     if cfg.model.method == "distill" and not cfg.model.teacher:
         raise ConfigError(f"{where}: model.teacher must name the fusion run directory for method 'distill'")
     if cfg.model.method in ("mdico", "pretrain") and cfg.data.modalities and len(cfg.data.modalities) < 2:
         raise ConfigError(f"{where}: method {cfg.model.method!r} needs at least 2 modalities, data.modalities has {cfg.data.modalities}")
+    for modality, enc in cfg.model.encoders.items():
+        if "/" in modality and modality.split("/", 1)[0] not in ENCODER_ROLES:
+            raise ConfigError(f"{where}: model.encoders.{modality}: a key with '/' is <role>/<modality>, role one of {list(ENCODER_ROLES)}")
+        if enc.type != "presto" and (enc.freeze or enc.weights):
+            key = "freeze" if enc.freeze else "weights"
+            raise ConfigError(f"{where}: model.encoders.{modality}.{key} applies to type 'presto' only, got type {enc.type!r}")
     if cfg.train.max_steps < 0:
         raise ConfigError(f"{where}: train.max_steps must be ≥ 0, got {cfg.train.max_steps}")
     if cfg.train.max_steps and cfg.model.method != "pretrain":

@@ -18,6 +18,7 @@ from torch import Tensor, nn
 
 from .config import EncoderConfig
 from .manifest import Modality
+from .presto import PrestoEncoder
 
 # --------------------------------------------------------------------------------------------- encoders
 
@@ -217,6 +218,15 @@ def _series_encoder(cfg: EncoderConfig, channels: int, steps: int, out_dim: int)
 def build_encoder(cfg: EncoderConfig, inp: Modality, out_dim: int) -> nn.Module:
     """The encoder for one modality. A static modality always gets the MLP, whatever temporal type is
     configured: it has no time axis to convolve or attend over, and "default" usually names a temporal type."""
+    if cfg.type == "presto":
+        # Pretrained Presto for any kind it has tokens for: series, static (e.g. SRTM, one token) and
+        # Dynamic World; bands matched by name (errors name the band), other groups masked.
+        if inp.kind != "categorical" and (inp.mean is None or inp.std is None):
+            raise ValueError(f"encoder 'presto' for {inp.name!r} needs the manifest's band stats (modality_inputs(..., stats=...))")
+        return PrestoEncoder(
+            inp.name, inp.kind, inp.bands, out_dim, inp.mean, inp.std,
+            freeze=cfg.freeze, weights=cfg.weights, missing_value=inp.missing_value,
+        )  # fmt: skip
     if cfg.depth < 0 or (cfg.depth < 1 and cfg.type in ("attention", "gru", "lstm")):
         raise ValueError(f"encoder {cfg.type!r} for {inp.name!r}: depth {cfg.depth} is too small")
     if inp.kind == "static":

@@ -36,6 +36,11 @@ class Modality:
     missing_value: int | None = None
     height: int | None = None  # image only
     width: int | None = None  # image only
+    # Band names, and the per-band train mean / std the loader z-scored with (float modalities):
+    # encoders that need raw values (Presto) undo the z-scoring with them.
+    bands: tuple[str, ...] = ()
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -61,8 +66,13 @@ class Modality:
         return (self.channels,)
 
 
-def modality_inputs(manifest_modalities: Mapping[str, Mapping[str, Any]], names: Sequence[str] | None = None) -> dict[str, Modality]:
-    """Build the inputs from the manifest's "modalities" mapping; `names` (None or empty = all) picks and orders them."""
+def modality_inputs(
+    manifest_modalities: Mapping[str, Mapping[str, Any]],
+    names: Sequence[str] | None = None,
+    stats: Mapping[str, Mapping[str, Sequence[float]]] | None = None,
+) -> dict[str, Modality]:
+    """Build the inputs from the manifest's "modalities" mapping; `names` (None or empty = all) picks and
+    orders them; `stats` (the manifest's per-band mean / std) go with each float modality."""
     names = list(names) if names else list(manifest_modalities)
     out: dict[str, Modality] = {}
     for name in names:
@@ -88,6 +98,7 @@ def modality_inputs(manifest_modalities: Mapping[str, Mapping[str, Any]], names:
             steps, channels = int(shape[0]), 1
         num_classes = meta.get("num_classes")
         missing = meta.get("missing_value")
+        band_stats = (stats or {}).get(name)
         out[name] = Modality(
             name=name,
             kind=kind,
@@ -97,6 +108,9 @@ def modality_inputs(manifest_modalities: Mapping[str, Mapping[str, Any]], names:
             missing_value=None if missing is None else int(missing),
             height=height,
             width=width,
+            bands=tuple(str(b) for b in meta.get("bands") or ()),
+            mean=None if band_stats is None else tuple(float(v) for v in band_stats["mean"]),
+            std=None if band_stats is None else tuple(float(v) for v in band_stats["std"]),
         )
     return out
 
@@ -158,7 +172,7 @@ class Manifest:
 
     def modality(self, name: str) -> Modality:
         """The typed description of one modality."""
-        return modality_inputs(self.modalities, [name])[name]
+        return modality_inputs(self.modalities, [name], self.stats)[name]
 
     def split_size(self, split: str) -> int:
         self._check_split(split)

@@ -7,11 +7,11 @@ in the package compares method names.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from torch import nn
 
-from .config import ModelConfig, ObjectiveConfig
+from .config import EncoderConfig, ModelConfig, ObjectiveConfig
 from .manifest import Modality
 from .model import FusionModel, MDiCo
 from .objective import DistillObjective, MDiCoObjective, Objective, PretrainObjective, SupervisedObjective, TaskSpec
@@ -56,6 +56,17 @@ def _single(cfg: ModelConfig, inputs: dict[str, Modality], out_dim: int, second_
     return FusionModel(inputs, cfg, out_dim, [str(cfg.modality)])
 
 
+def _presto(cfg: ModelConfig, inputs: dict[str, Modality], out_dim: int, second_on: str, predictor: bool) -> nn.Module:
+    """The peer baseline: the sensor through pretrained Presto (its other band groups masked), a head on
+    the pooled embedding. The sensor's configured encoder applies when it is a Presto one (freeze,
+    weights); any other configured type is replaced by a fine-tuned Presto."""
+    _check_modality(cfg, inputs)
+    m = str(cfg.modality)
+    enc = cfg.encoder_for(m)
+    presto = replace(cfg, encoders={m: enc if enc.type == "presto" else EncoderConfig(type="presto")})
+    return FusionModel(inputs, presto, out_dim, [m])
+
+
 def _fusion(cfg: ModelConfig, inputs: dict[str, Modality], out_dim: int, second_on: str, predictor: bool) -> nn.Module:
     return FusionModel(inputs, cfg, out_dim, list(inputs))
 
@@ -92,6 +103,7 @@ METHODS: dict[str, Method] = {
             train_rank=4,
         ),
         Method("fusion", _fusion, _supervised, table_rank=4, train_rank=0),
+        Method("presto", _presto, _supervised, per_sensor=True, table_rank=5, train_rank=5),
         # MDiCo's model (heads untrained), with the masked-sensor predictor when objective.masked > 0
         Method("pretrain", _mdico, lambda cfg, spec, mods, w, t: PretrainObjective(cfg, mods), endless=True),
     )

@@ -101,8 +101,8 @@ class MDiCo(nn.Module):
         self.slots: dict[tuple[str, str], tuple[int, int]] = {}  # (role, modality) → (bank, member)
         members: dict[tuple, list[tuple[str, str, int]]] = {}
         for m, inp in inputs.items():
-            enc = cfg.encoder_for(m)
             for role in ROLES:
+                enc = cfg.encoder_for(m, role)
                 if enc.type == "tempcnn" and inp.kind in ("series", "categorical") and enc.depth >= 1:
                     channels = inp.channels
                     if inp.kind == "categorical":
@@ -268,7 +268,9 @@ class FusionModel(nn.Module):
         # One sensor: the same encoder MDiCo gives it, so the baseline compares like with like.
         enc_cfg = cfg.encoder_for(self.modalities[0]) if len(self.modalities) == 1 else cfg.encoder_for("fusion")
         steps = {inp.steps for inp in self.inputs.values() if inp.kind in ("series", "categorical")}
-        self.early = len(steps) <= 1 and not any(inp.kind == "image" for inp in self.inputs.values())
+        # Presto embeds each sensor's own band groups (it cannot take a concatenation): late fusion.
+        presto = enc_cfg.type == "presto" or any(cfg.encoder_for(m).type == "presto" for m in self.modalities)
+        self.early = len(steps) <= 1 and not presto and not any(inp.kind == "image" for inp in self.inputs.values())
         if self.early:
             t = steps.pop() if steps else None
             self.embeds = nn.ModuleDict(

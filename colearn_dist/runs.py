@@ -122,7 +122,7 @@ def build(cfg: RunConfig, manifest: Manifest, *, init: bool = True) -> Built:
     must not depend on the pretraining run still being there."""
     names = resolve_modalities(cfg, manifest)
     spec = TaskSpec.from_manifest(manifest)
-    inputs = modality_inputs(manifest.modalities, names)
+    inputs = modality_inputs(manifest.modalities, names, manifest.stats)
     how = method(cfg.model.method)
     model = build_model(
         cfg.model,

@@ -64,9 +64,12 @@ MANIFEST = {
 def test_modality_inputs_from_manifest():
     got = modality_inputs(MANIFEST, None)
     assert list(got) == ["s1", "srtm", "dw"]
-    assert got["s1"] == Modality("s1", "series", 3, 2)
-    assert got["srtm"] == Modality("srtm", "static", None, 2)
-    assert got["dw"] == Modality("dw", "categorical", 3, 1, num_classes=10, missing_value=9)
+    assert got["s1"] == Modality("s1", "series", 3, 2, bands=("VV", "VH"))
+    assert got["srtm"] == Modality("srtm", "static", None, 2, bands=("elevation", "slope"))
+    assert got["dw"] == Modality("dw", "categorical", 3, 1, num_classes=10, missing_value=9, bands=("dynamic_world",))
+    with_stats = modality_inputs(MANIFEST, ["s1", "dw"], {"s1": {"mean": [-12, -18], "std": [4, 5]}})
+    assert with_stats["s1"].mean == (-12.0, -18.0) and with_stats["s1"].std == (4.0, 5.0)
+    assert with_stats["dw"].mean is None and with_stats["dw"].std is None
     assert list(modality_inputs(MANIFEST, ["dw", "s1"])) == ["dw", "s1"]
     assert list(modality_inputs(MANIFEST, [])) == ["s1", "srtm", "dw"]  # empty = all, as data.modalities
 

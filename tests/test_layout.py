@@ -24,6 +24,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("manifest",),
     ("batch",),
     ("shards", "loader"),
+    ("presto",),
     ("encoders", "tempcnn_bank", "model", "objective"),
     ("methods",),
     ("runs",),
