@@ -244,12 +244,18 @@ def test_presto_encoders_train_end_to_end(synthetic_shards, tmp_path, method):
     for key, changed in moved.items():
         assert changed == (".common." not in key), key
     if method == "presto":
-        # the deployed TorchScript model (raw input + month) agrees with the trained model, any batch size
-        from colearn_dist.export import SensorModel, export_sensor
+        # the deployed file (raw input + month) agrees with the trained model, any batch size (ONNX too,
+        # checked by hand: its exporter alone takes longer than this whole file's tests)
+        import numpy as np
+
+        from colearn_dist.export import SensorModel, export_sensor, load_exported
         from colearn_dist.runs import load_trained
 
-        traced = torch.jit.load(str(export_sensor(tmp_path / "run", "s1")))
         eager = SensorModel(load_trained(tmp_path / "run", "s1"), "s1").eval()
         x, month = torch.randn(7, 3, 2) * 3 - 10, torch.randint(1, 13, (7, 3))
         with torch.no_grad():
-            assert torch.allclose(traced(x, month), eager(x, month), atol=1e-4)
+            want = eager(x, month).numpy()
+        for fmt in ("pt2",):
+            exported = load_exported(export_sensor(tmp_path / "run", "s1", fmt=fmt))
+            got = exported.run(x.numpy(), month.numpy().astype(np.int64))
+            assert np.allclose(got, want, atol=1e-4), fmt
