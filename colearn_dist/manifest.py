@@ -3,7 +3,9 @@ modality that the loader, the encoders and the exported models read from it."""
 
 from __future__ import annotations
 
+import hashlib
 import json
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -187,6 +189,14 @@ class Manifest:
         if split not in self.splits:
             raise ShardError(f"{self.path / MANIFEST_NAME}: no split {split!r}; splits are {list(self.splits)}")
 
+    def identity(self) -> dict[str, str]:
+        """Per split, a digest of its shard names and sha256: what a checkpoint records, so a run is
+        never resumed on shards regenerated or replaced under it."""
+        return {
+            split: hashlib.sha256(json.dumps([split, [(e["name"], e["sha256"]) for e in info["shards"]]]).encode()).hexdigest()[:16]
+            for split, info in self.splits.items()
+        }
+
     def to_json(self) -> dict[str, Any]:
         return {
             "format": FORMAT,
@@ -244,9 +254,7 @@ def load_manifest(out_dir: str | Path) -> Manifest:
     missing = [k for k in _REQUIRED_KEYS if k not in data]
     if missing:
         raise ShardError(f"{file}: missing key(s) {missing}")
-    for split in SPLITS:
-        if split not in data["splits"]:
-            raise ShardError(f"{file}: key 'splits' has no {split!r} entry")
+    _check_splits(file, data["splits"])
     return Manifest(
         path=file.parent,
         task=data["task"],
@@ -269,6 +277,42 @@ def load_manifest(out_dir: str | Path) -> Manifest:
         train_sums=dict(data.get("train_sums") or {}),
         rows=list(data["rows"]) if data.get("rows") is not None else None,
     )
+
+
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+
+
+def _check_splits(file: Path, splits: Any) -> None:
+    """Every split lists its shards with a plain file name, a sample count and a sha256 (integrity
+    checks rely on it), and the counts add up; the error names the entry."""
+    if not isinstance(splits, dict):
+        raise ShardError(f"{file}: key 'splits' must be a mapping, got {type(splits).__name__}")
+    for split in SPLITS:
+        if split not in splits:
+            raise ShardError(f"{file}: key 'splits' has no {split!r} entry")
+        info = splits[split]
+        if not isinstance(info, dict) or not isinstance(info.get("shards"), list) or not _is_count(info.get("num_samples")):
+            raise ShardError(f"{file}: splits.{split} needs 'num_samples' (an integer ≥ 0) and 'shards' (a list)")
+        total = 0
+        for k, entry in enumerate(info["shards"]):
+            where = f"{file}: splits.{split}.shards[{k}]"
+            if not isinstance(entry, dict):
+                raise ShardError(f"{where}: expected a mapping with name, num_samples and sha256, got {entry!r}")
+            name = entry.get("name")
+            if not isinstance(name, str) or not name or Path(name).name != name or name in (".", ".."):
+                raise ShardError(f"{where}: 'name' must be a file name inside the shard folder, got {name!r}")
+            where += f" ({name})"
+            if not _is_count(entry.get("num_samples")) or entry["num_samples"] < 1:
+                raise ShardError(f"{where}: 'num_samples' must be an integer ≥ 1, got {entry.get('num_samples')!r}")
+            if not isinstance(entry.get("sha256"), str) or not _SHA256.fullmatch(entry["sha256"]):
+                raise ShardError(f"{where}: 'sha256' must be the shard's 64-hex-digit digest, got {entry.get('sha256')!r}")
+            total += entry["num_samples"]
+        if total != info["num_samples"]:
+            raise ShardError(f"{file}: splits.{split}: its shards hold {total} samples in all but 'num_samples' says {info['num_samples']}")
+
+
+def _is_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
 __all__ = ["FORMAT", "KINDS", "MANIFEST_NAME", "VERSION", "Manifest", "Modality", "ShardError", "load_manifest", "modality_inputs"]

@@ -458,9 +458,18 @@ def _run(tasks: Iterator[_Window], pool: ProcessPoolExecutor | None, workers: in
     return results  # type: ignore[return-value]
 
 
-def _band_stats(s: np.ndarray, ss: np.ndarray, c: np.ndarray) -> tuple[dict[str, list], dict[str, list]]:
+def _band_stats(
+    modality: str, bands: list[str], s: np.ndarray, ss: np.ndarray, c: np.ndarray, where: str
+) -> tuple[dict[str, list], dict[str, list]]:
     """Manifest entries of one modality: normalisation stats, and the exact sums they came from
-    (kept so that parts sharded by separate jobs can be merged exactly)."""
+    (kept so that parts sharded by separate jobs can be merged exactly). A band without a single
+    value in the train split has no statistics: its raw values would reach the model unscaled."""
+    empty = [bands[i] if i < len(bands) else str(i) for i in np.flatnonzero(np.asarray(c) == 0)]
+    if empty:
+        raise ShardError(
+            f"{where}: modality {modality!r}: band(s) {empty} have no valid value in the train split "
+            "(all NaN there); drop the band from the archive or fill it"
+        )
     mean, std = nan_safe_mean_std(s, ss, c)
     return {"mean": mean.tolist(), "std": std.tolist()}, {"sum": s.tolist(), "sumsq": ss.tolist(), "count": c.tolist()}
 
@@ -600,10 +609,13 @@ def _write_shards(
             s += r.band_sums[m.name][0]
             ss += r.band_sums[m.name][1]
             c += r.band_sums[m.name][2]
-        empty = [archive.modalities[m.name].bands[i] for i in np.flatnonzero(c == 0)]
-        if empty:
-            _log(f"modality {m.name!r}: band(s) {empty} have no value in the train split; mean 0, std 1")
-        stats[m.name], sums[m.name] = _band_stats(s, ss, c)
+        try:
+            stats[m.name], sums[m.name] = _band_stats(m.name, list(archive.modalities[m.name].bands), s, ss, c, str(archive_path))
+        except ShardError:
+            for split_info in splits.values():  # unusable without a manifest: leave nothing behind
+                for entry in split_info["shards"]:
+                    (out / entry["name"]).unlink(missing_ok=True)
+            raise
 
     manifest = Manifest(
         path=out,
@@ -731,7 +743,7 @@ def merge_shards(out_dir: str | Path, parts: list[str | Path], *, overwrite: boo
         s, ss, c = (
             sum(np.asarray(m.train_sums["modalities"][name][k], dtype=np.float64) for m in manifests) for k in ("sum", "sumsq", "count")
         )
-        stats[name], sums[name] = _band_stats(s, ss, c)
+        stats[name], sums[name] = _band_stats(name, list(first.modalities[name]["bands"]), s, ss, c, f"merge into {out}")
     target_parts = [m.train_sums.get("target") or {} for m in manifests]
     target_stats, target_sums = _merge_target_json(first.task, [p for p in target_parts if p])
 

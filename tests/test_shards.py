@@ -367,3 +367,51 @@ def test_split_rows_equal_flatnonzero_slices(monkeypatch):
                 for stop in {start, start + 1, start + 40, len(rows)}:
                     stop = min(stop, len(rows))
                     np.testing.assert_array_equal(shards._split_rows(split, code, ends, start, stop), rows[start:stop])
+
+
+def test_manifest_entries_are_validated_on_load(archive, tmp_path):
+    """An entry without sha256 would turn integrity checks off; counts that do not add up would
+    train on part of the split or crash deep in the loader. Each is named on load (and by verify)."""
+    out = tmp_path / "s"
+    write_shards(archive, out, samples_per_shard=32, **QUIET)
+    good = json.loads((out / MANIFEST_NAME).read_text())
+    first = good["splits"]["train"]["shards"][0]["name"]
+
+    def broken(edit) -> str:
+        data = json.loads(json.dumps(good))
+        edit(data)
+        (out / MANIFEST_NAME).write_text(json.dumps(data))
+        with pytest.raises(ShardError) as exc:
+            load_manifest(out)
+        assert verify_shards(out) == [str(exc.value)]  # verify reports it, no KeyError
+        return str(exc.value)
+
+    def drop_sha(d):
+        del d["splits"]["train"]["shards"][0]["sha256"]
+
+    def recount(d):
+        d["splits"]["train"]["shards"][1]["num_samples"] -= 3
+
+    def escape(d):
+        d["splits"]["test"]["shards"][0]["name"] = "../../etc/passwd"
+
+    assert f"splits.train.shards[0] ({first}): 'sha256' must be" in broken(drop_sha)
+    assert "splits.train: its shards hold" in broken(recount) and "'num_samples' says" in broken(recount)
+    assert "'name' must be a file name inside the shard folder" in broken(escape)
+    (out / MANIFEST_NAME).write_text(json.dumps(good))
+    assert verify_shards(out) == []
+
+
+def test_a_band_without_any_train_value_is_refused(synthetic_archive, tmp_path):
+    from colearn_dist.archive import write_archive
+
+    from helpers import make_synthetic_arrays
+
+    arrays = make_synthetic_arrays(n=120, groups=0, modalities={"s1": ("series", ("VV", "VH"), {}), "s2": ("series", ("B2", "B4"), {})})
+    mods = arrays.pop("modalities")
+    x, spec = mods["s2"]
+    x[arrays["split"] == 0, :, 1] = np.nan  # B4 only has values outside train
+    path = write_archive(tmp_path / "a.zarr", {**mods, "s2": (x, spec)}, **arrays)
+    with pytest.raises(ShardError, match=r"modality 's2': band\(s\) \['B4'\] have no valid value in the train split"):
+        write_shards(path, tmp_path / "s", samples_per_shard=32, **QUIET)
+    assert not list((tmp_path / "s").glob("*.tar")) and not (tmp_path / "s" / MANIFEST_NAME).exists()
