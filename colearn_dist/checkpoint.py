@@ -3,18 +3,30 @@
 DeepSpeed writes the model and optimizer state of a tag directory; we add what is needed to continue
 *exactly* (step, epoch, loader position, every rank's RNG states, the config and its hash), then a
 `complete` marker, and only then move the `latest` pointer. A job killed while writing leaves a
-directory without the marker, which is never loaded and is removed by the next save.
+directory without the marker, which is never loaded and is removed by the next save (which says so).
+
+Nothing in a run directory can run code: every `.pt` file is read weights-only (tensors, numbers,
+strings, containers), DeepSpeed's own reads included (`weights_only_loads`), and the few plain data
+classes DeepSpeed stores are allowlisted by name. The `latest` pointer is a tag name inside
+`checkpoints/`; a pointer anywhere else is ignored. A checkpoint that fails to load is named, with
+the file, and the run falls back to the newest older one that loads.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import os
+import pickle
 import random
+import re
 import shutil
 import subprocess
 import sys
-from dataclasses import dataclass
+import zipfile
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +40,81 @@ UNIVERSAL = "_universal"
 
 
 class CheckpointError(RuntimeError):
-    pass
+    """A checkpoint or weights file that cannot be used; the message names the file."""
+
+
+_TAG = re.compile(r"step\d{9}")
+
+
+def _deepspeed_globals() -> list[Any]:
+    """The non-tensor objects DeepSpeed 0.19 puts in its checkpoints (ZeRO optimizer state: the loss
+    scaler, each parameter's fragment address, the stage enum): plain data, safe to rebuild."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [LossScaler, DynamicLossScaler, fragment_address, ZeroStageEnum]
+
+
+def _numpy_globals() -> list[Any]:
+    """What a numpy array needs to unpickle (the numpy RNG state in rng files): arrays of plain
+    dtypes only; an object array's items go through the same restricted unpickler."""
+    return [np._core.multiarray._reconstruct, np.ndarray, np.dtype, np.dtypes.UInt32DType]
+
+
+def load_weights(path: str | Path, map_location: Any = "cpu") -> Any:
+    """`torch.load` weights-only: tensors, numbers, strings, containers (and the allowlisted plain
+    data classes). A pickled object that would run code is refused, a damaged file named."""
+    try:
+        with torch.serialization.safe_globals(_numpy_globals() + _deepspeed_globals()):
+            return _torch_load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as exc:
+        first = str(exc).strip().splitlines()
+        detail = next((line.strip() for line in first if "GLOBAL" in line or "Unsupported" in line), first[0] if first else "")
+        raise CheckpointError(f"{path}: refused, it holds more than weights ({detail})") from exc
+    except (RuntimeError, OSError, EOFError, ValueError, KeyError, IndexError) as exc:
+        raise CheckpointError(f"{path}: cannot be read, damaged or truncated ({type(exc).__name__}: {exc})") from exc
+
+
+_torch_load = torch.load
+
+
+@contextlib.contextmanager
+def weights_only_loads() -> Iterator[None]:
+    """Every `torch.load` inside reads weights-only through `load_weights`, whatever its caller asks:
+    DeepSpeed's checkpoint engine and universal-checkpoint loader call it with weights_only=False."""
+
+    def load(f: Any, map_location: Any = None, *args: Any, **kwargs: Any) -> Any:
+        return load_weights(f, map_location=map_location)
+
+    torch.load = load  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        torch.load = _torch_load  # type: ignore[assignment]
+
+
+def _check_readable(tag_dir: Path) -> None:
+    """Cheap integrity check before DeepSpeed reads a directory (so that every rank can agree to fall
+    back before any enters a load): each `.pt` file is a whole zip (truncation loses its directory)."""
+    for file in sorted(tag_dir.rglob("*.pt")):
+        try:
+            with zipfile.ZipFile(file) as z:
+                z.namelist()
+        except (OSError, zipfile.BadZipFile) as exc:
+            raise CheckpointError(f"{file}: damaged or truncated ({exc})") from exc
+
+
+def _no_space(exc: BaseException, where: Path) -> bool:
+    """A failed write that ran out of space: ENOSPC/EDQUOT, or torch's zip writer's bare message
+    ("unexpected pos", "iostream error") on a device with (almost) no free space left."""
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    try:
+        free = shutil.disk_usage(where).free
+    except OSError:
+        return False
+    return free < 64 * 2**20
 
 
 def rng_state() -> dict[str, Any]:
@@ -41,6 +127,7 @@ def rng_state() -> dict[str, Any]:
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore `rng_state()` (as read back by `load_weights`)."""
     torch.set_rng_state(state["torch"])
     if state.get("cuda") and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -69,26 +156,45 @@ class Checkpointer:
 
     run_dir: Path
     keep: int = 2
+    # where notes go (a removed incomplete directory, an ignored pointer, a fallback): train.log
+    log: Callable[[str], None] = field(default=lambda message: print(message, file=sys.stderr), repr=False)
 
     @property
     def root(self) -> Path:
         return Path(self.run_dir) / "checkpoints"
 
     def latest(self) -> Path | None:
-        """The checkpoint to resume from, or None: the one `latest` points to if it is complete, else
-        (pointer lost or pointing at a removed directory) the newest complete one, so a damaged pointer
-        never silently restarts a run from step 0. An incomplete directory is never returned."""
+        """The checkpoint to resume from, or None (see `candidates`)."""
+        found = self.candidates()
+        return found[0] if found else None
+
+    def candidates(self) -> list[Path]:
+        """Complete checkpoints, the one to resume from first: the one `latest` points to, then the
+        others newest first (the fallbacks if it does not load). A lost or damaged pointer falls back
+        to the newest complete one, so it never silently restarts a run from step 0; a pointer that
+        is not a tag of this run's `checkpoints/` (another run, /etc, a directory) is ignored, said
+        so; an incomplete directory is never returned."""
+        complete = [p for p in self._tags() if (p / COMPLETE).is_file()][::-1]
         pointer = self.root / LATEST
-        if pointer.exists():
-            tag_dir = self.root / pointer.read_text().strip()
-            if (tag_dir / COMPLETE).exists():
-                return tag_dir
-        complete = [p for p in self._tags() if (p / COMPLETE).exists()]
-        return complete[-1] if complete else None
+        if pointer.is_symlink() or pointer.is_dir():
+            self.log(f"{pointer}: not a pointer file (a link or a directory); ignored, using the newest complete checkpoint")
+        elif pointer.exists():
+            try:
+                name = pointer.read_text().strip()
+            except (OSError, UnicodeDecodeError) as exc:
+                name = f"<unreadable: {exc}>"
+            chosen = self.root / name
+            if not _TAG.fullmatch(name):
+                self.log(f"{pointer}: {name!r} is not a checkpoint of this run; ignored, using the newest complete checkpoint")
+            elif chosen in complete:
+                complete.remove(chosen)
+                complete.insert(0, chosen)
+        return complete
 
     def _tags(self) -> list[Path]:
-        """Checkpoint directories in step order (universal conversions live beside them, not counted)."""
-        return sorted(p for p in self.root.glob("step*") if p.is_dir() and not p.name.endswith(UNIVERSAL))
+        """Checkpoint directories in step order (universal conversions live beside them, not counted);
+        a link is never one (it could lead out of the run)."""
+        return sorted(p for p in self.root.glob("step*") if _TAG.fullmatch(p.name) and p.is_dir() and not p.is_symlink())
 
     @staticmethod
     def tag(step: int) -> str:
@@ -107,40 +213,70 @@ class Checkpointer:
         # universal_checkpoint_info lets DeepSpeed's ds_to_universal re-partition ZeRO optimizer
         # state for another world size (see `to_universal`).
         client = {"colearn": state, "universal_checkpoint_info": {"universal_checkpoint_version": 0.2}}
-        engine.save_checkpoint(str(self.root), tag=tag, client_state=client, save_latest=False)
-        torch.save(rng_state(), tag_dir / f"rng_rank{rank:05d}.pt")
-        _barrier()
+        try:
+            engine.save_checkpoint(str(self.root), tag=tag, client_state=client, save_latest=False)
+            torch.save(rng_state(), tag_dir / f"rng_rank{rank:05d}.pt")
+            _barrier()
+            if rank == 0:
+                for name, value in (tensors or {}).items():
+                    torch.save(value, tag_dir / f"extra_{name}.pt")
+                (tag_dir / "state.json").write_text(json.dumps(_jsonable(state), indent=1))
+                (tag_dir / COMPLETE).write_text("")
+                _write_atomic(self.root / LATEST, tag)
+        except (OSError, RuntimeError) as exc:
+            if rank == 0:
+                shutil.rmtree(tag_dir, ignore_errors=True)
+            previous = self.latest()
+            kept = f"; the previous checkpoint {previous.name} is kept" if previous is not None else ""
+            if _no_space(exc, self.root):
+                raise CheckpointError(f"no space left on {self.root} while writing checkpoint {tag}{kept}") from exc
+            raise CheckpointError(f"{tag_dir}: checkpoint could not be written ({type(exc).__name__}: {exc}){kept}") from exc
         if rank == 0:
-            for name, value in (tensors or {}).items():
-                torch.save(value, tag_dir / f"extra_{name}.pt")
-            (tag_dir / "state.json").write_text(json.dumps(_jsonable(state), indent=1))
-            (tag_dir / COMPLETE).write_text("")
-            _write_atomic(self.root / LATEST, tag)
             self._prune(keep_tag=tag)
         _barrier()
         return tag_dir
 
     def load(self, engine: Any, tag_dir: Path, *, load_optimizer: bool = True) -> dict[str, Any]:
-        """Restore model/optimizer/scheduler into `engine`; returns the saved state. RNG states are
-        restored for ranks that existed when it was saved (a new rank keeps its fresh seed)."""
-        load_path, client = engine.load_checkpoint(
-            str(tag_dir.parent),
-            tag=tag_dir.name,
-            load_optimizer_states=load_optimizer,
-            load_lr_scheduler_states=load_optimizer,
-        )
+        """Restore model/optimizer/scheduler into `engine`, weights-only; returns the saved state. RNG
+        states are restored for ranks that existed when it was saved (a new rank keeps its fresh seed).
+        A damaged or unsafe file raises `CheckpointError` naming it."""
+        _check_readable(tag_dir)
+        with weights_only_loads():
+            try:
+                load_path, client = engine.load_checkpoint(
+                    str(tag_dir.parent),
+                    tag=tag_dir.name,
+                    load_optimizer_states=load_optimizer,
+                    load_lr_scheduler_states=load_optimizer,
+                )
+            except CheckpointError:
+                raise
+            except Exception as exc:  # DeepSpeed's own checks (shapes, missing files)
+                raise CheckpointError(f"{tag_dir}: DeepSpeed could not load it ({type(exc).__name__}: {exc})") from exc
         if load_path is None:
-            raise CheckpointError(f"{tag_dir}: DeepSpeed could not load this checkpoint")
+            raise CheckpointError(f"{tag_dir}: DeepSpeed could not load this checkpoint (a model or optimizer file is missing)")
         rng_file = tag_dir / f"rng_rank{_rank():05d}.pt"
         if rng_file.exists():
-            set_rng_state(torch.load(rng_file, weights_only=False))
+            rng = load_weights(rng_file)
+            try:
+                set_rng_state(rng)
+            except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+                raise CheckpointError(f"{rng_file}: not an RNG state ({type(exc).__name__}: {exc})") from exc
         return client["colearn"]
 
     @staticmethod
     def load_tensors(tag_dir: Path, name: str) -> dict[str, Any] | None:
         """What `save(tensors={name: …})` wrote (tensors and plain values only), or None."""
         path = tag_dir / f"extra_{name}.pt"
-        return torch.load(path, map_location="cpu", weights_only=True) if path.exists() else None
+        return load_weights(path) if path.exists() else None
+
+    def state(self, tag_dir: Path) -> dict[str, Any]:
+        """The JSON state of a checkpoint (step, epoch, loader, config …), without loading weights."""
+        file = tag_dir / "state.json"
+        try:
+            return json.loads(file.read_text())
+        except (OSError, ValueError) as exc:
+            raise CheckpointError(f"{file}: cannot be read ({type(exc).__name__}: {exc})") from exc
 
     def to_universal(self, tag_dir: Path) -> Path:
         """A ZeRO (stage ≥ 1) checkpoint converted with DeepSpeed's `ds_to_universal`, whose optimizer
@@ -148,7 +284,7 @@ class Checkpointer:
         out = tag_dir.with_name(tag_dir.name + UNIVERSAL)
         if _rank() == 0 and not (out / COMPLETE).exists():
             shutil.rmtree(out, ignore_errors=True)
-            cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(tag_dir)]
+            cmd = [sys.executable, "-c", _UNIVERSAL_MAIN, "--input_folder", str(tag_dir)]
             cmd += ["--output_folder", str(out), "--num_extract_workers", "1", "--num_merge_workers", "1"]
             done = subprocess.run(cmd, capture_output=True, text=True)
             if done.returncode != 0:
@@ -167,8 +303,17 @@ class Checkpointer:
         old = complete[: -self.keep] if self.keep > 0 else []
         for p in tags:
             if p.name != keep_tag and (p not in complete or p in old):
+                if p not in complete:
+                    self.log(f"removed {p}: incomplete checkpoint (no '{COMPLETE}' marker; a save that was interrupted)")
                 shutil.rmtree(p, ignore_errors=True)
                 shutil.rmtree(p.with_name(p.name + UNIVERSAL), ignore_errors=True)
+
+
+# DeepSpeed's converter, run with its reads weights-only like ours.
+_UNIVERSAL_MAIN = (
+    "import runpy, sys; from colearn_dist.checkpoint import weights_only_loads\n"
+    "with weights_only_loads(): runpy.run_module('deepspeed.checkpoint.ds_to_universal', run_name='__main__')"
+)
 
 
 def _jsonable(obj: Any) -> Any:

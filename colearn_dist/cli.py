@@ -157,7 +157,7 @@ def _shards_verify(args: argparse.Namespace) -> int:
 
 def _train(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.set)
-    result = train(cfg, allow_config_change=args.allow_config_change)
+    result = train(cfg, allow_config_change=args.allow_config_change, allow_shards_change=args.allow_shards_change)
     return 0 if result["status"] == "finished" else 3
 
 
@@ -165,6 +165,8 @@ def _launch(args: argparse.Namespace) -> int:
     argv = ["train", args.config] + [a for s in args.set for a in ("--set", s)]
     if args.allow_config_change:
         argv.append("--allow-config-change")
+    if args.allow_shards_change:
+        argv.append("--allow-shards-change")
     return launch_local(args.nproc, argv)
 
 
@@ -397,6 +399,11 @@ def build_parser() -> argparse.ArgumentParser:
         s.add_argument("config", help="experiment YAML (see configs/)")
         s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key, e.g. train.seed=1")
         s.add_argument("--allow-config-change", action="store_true", help="resume even if the config changed")
+        s.add_argument(
+            "--allow-shards-change",
+            action="store_true",
+            help="resume on shards other than the checkpoint's (regenerated / replaced); the interrupted epoch starts afresh",
+        )
 
     s = sub.add_parser("train", help="train one run (one process, or one rank of a launched job)")
     config_args(s)
@@ -510,7 +517,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.fn(args)
-    except (ValueError, FileNotFoundError, RuntimeError) as exc:
+    except (ValueError, OSError, RuntimeError) as exc:  # OSError: missing files, CorruptShardError, disk full …
         if os.environ.get("COLEARN_DEBUG"):
             raise
         print(f"colearn-dist {args.command}: error: {exc}", file=sys.stderr)

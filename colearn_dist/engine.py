@@ -8,11 +8,11 @@ weights, stop early, checkpoint, and finally score the best weights on the test 
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import os
 import signal
 import time
+import weakref
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -23,6 +23,7 @@ import torch.distributed as dist
 
 from .averaging import WeightAverage, decay_for
 from .batch import to_device
+from .checkpoint import CheckpointError
 from .config import RunConfig, dump_config
 from .distributed import all_reduce_sum, configure_threads, threads_per_rank
 from .launch import ProcessInfo, init_distributed
@@ -31,6 +32,7 @@ from .logs import RunLogger
 from .manifest import load_manifest
 from .methods import build_objective, method, sensor_sets, set_name
 from .metrics import PRIMARY
+from .runlock import RunLockedError, describe
 from .runs import RunDir, build
 from .scoring import evaluate_run, score_loader
 
@@ -92,14 +94,39 @@ class StopRequested:
         self.signal = signum
 
 
+def _all_ok(ok: bool, world: int) -> bool:
+    """True on every rank iff `ok` on every rank (collective when world > 1)."""
+    if world == 1:
+        return ok
+    return bool(all_reduce_sum(torch.tensor([0.0 if ok else 1.0])).item() == 0)
+
+
 class Trainer:
-    def __init__(self, cfg: RunConfig, *, allow_config_change: bool = False) -> None:
+    def __init__(self, cfg: RunConfig, *, allow_config_change: bool = False, allow_shards_change: bool = False) -> None:
         self.cfg = cfg
         self.run_dir = Path(cfg.run_dir)
         self.run = RunDir(cfg.run_dir)
         self.info: ProcessInfo = init_distributed()
         self.rank = self.info.rank
         self.world = self.info.world_size
+        # One writer per run: a second `train` on it would resume from checkpoints the first prunes.
+        self.lock = self.run.lock()
+        locked: RunLockedError | None = None
+        if self.rank == 0:
+            try:
+                self.lock.acquire()
+            except RunLockedError as exc:
+                locked = exc
+        if not _all_ok(locked is None, self.world):
+            raise locked or RunLockedError(f"{self.run_dir}: rank 0 could not lock the run (see its error)")
+        weakref.finalize(self, self.lock.release)
+        try:
+            self._setup(cfg, allow_config_change, allow_shards_change)
+        except BaseException:
+            self.lock.release()
+            raise
+
+    def _setup(self, cfg: RunConfig, allow_config_change: bool, allow_shards_change: bool) -> None:
         threads = cfg.train.threads or threads_per_rank(self.info.local_world_size, cfg.data.workers)
         configure_threads(threads)
         self.device = torch.device("cuda", self.info.local_rank) if torch.cuda.is_available() else torch.device("cpu")
@@ -187,8 +214,10 @@ class Trainer:
         if cfg.train.compile:
             self.step_fn = torch.compile(self._train_step, dynamic=True)
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        self.checkpointer = self.run.checkpointer(keep=cfg.train.keep_checkpoints)
         self.logger = RunLogger(self.run.log, self.run.tb, self.rank)
+        if self.lock.stale:
+            self.logger.line(f"stale lock of a process that is gone ({describe(self.lock.stale)}): taken over")
+        self.checkpointer = self.run.checkpointer(keep=cfg.train.keep_checkpoints, log=self.logger.line)
         self.stop = StopRequested()
         # Diagnostics: COLEARN_SAMPLE_TRACE=path makes each rank log the samples of every step
         # (used by the tests that check each sample is seen once per epoch across interruptions).
@@ -210,7 +239,7 @@ class Trainer:
         self.best_scores: dict[str, float] = {}
         self.bad_epochs = 0
         self.history: list[dict[str, Any]] = []
-        self._resume(allow_config_change)
+        self._resume(allow_config_change, allow_shards_change)
         if self.built.init_report is not None and self.step == 0:
             rep = self.built.init_report
             self.logger.line(
@@ -220,36 +249,69 @@ class Trainer:
             )
 
     # ----------------------------------------------------------------- resume
-    def _resume(self, allow_config_change: bool) -> None:
-        cfg_file = self.run.config_file
-        latest = self.checkpointer.latest()
-        if latest is None:
+    def _resume(self, allow_config_change: bool, allow_shards_change: bool) -> None:
+        """Continue from the newest checkpoint that loads; one that does not is named and skipped."""
+        candidates = self.checkpointer.candidates()
+        if not candidates:
             if self.rank == 0:
-                cfg_file.write_text(dump_config(self.cfg))
+                self.run.config_file.write_text(dump_config(self.cfg))
             return
-        state = json.loads((latest / "state.json").read_text())
-        if state["config_hash"] != self.cfg.hash() and not allow_config_change:
-            raise ResumeError(
-                f"{self.run_dir}: the config differs from the one this run was started with "
-                f"(hash {state['config_hash']} vs {self.cfg.hash()}); pass --allow-config-change to resume anyway"
+        for i, tag_dir in enumerate(candidates):
+            problem = None
+            try:
+                saved = self.checkpointer.state(tag_dir)
+                if saved["config_hash"] != self.cfg.hash() and not allow_config_change:
+                    raise ResumeError(
+                        f"{self.run_dir}: the config differs from the one this run was started with "
+                        f"(hash {saved['config_hash']} vs {self.cfg.hash()}); pass --allow-config-change to resume anyway"
+                    )
+                # ZeRO partitions the optimizer state by rank: another world size loads it through
+                # DeepSpeed's universal checkpoint format, converted on the fly.
+                source = self.checkpointer.to_universal(tag_dir) if self._universal else tag_dir
+                state = self.checkpointer.load(self.engine, source)
+                if self.average is not None:
+                    average = self.checkpointer.load_tensors(source, "weight_average")
+                    if average is None:
+                        raise ResumeError(f"{tag_dir}: no weight average (extra_weight_average.pt) although train.ema_epochs is set")
+                    self.average.load_state_dict(average)
+            except CheckpointError as exc:
+                problem = str(exc)
+            if _all_ok(problem is None, self.world):
+                break
+            following = f"; falling back to {candidates[i + 1].name}" if i + 1 < len(candidates) else ""
+            self.logger.line(f"checkpoint {tag_dir.name} does not load: {problem or 'another rank failed'}{following}")
+        else:
+            raise CheckpointError(
+                f"{self.run_dir}: no checkpoint loads ({', '.join(p.name for p in candidates)}; see train.log); "
+                "move checkpoints/ away to start the run afresh"
             )
-        # ZeRO partitions the optimizer state by rank: another world size loads it through
-        # DeepSpeed's universal checkpoint format, converted on the fly.
-        tag_dir = self.checkpointer.to_universal(latest) if self._universal else latest
-        state = self.checkpointer.load(self.engine, tag_dir)
-        if self.average is not None:
-            saved = self.checkpointer.load_tensors(tag_dir, "weight_average")
-            if saved is None:
-                raise ResumeError(f"{latest}: no weight average (extra_weight_average.pt) although train.ema_epochs is set")
-            self.average.load_state_dict(saved)
         self.step = state["step"]
         self.epoch = state["epoch"]
         self.best_scores = state["best_scores"]
         self.bad_epochs = state["bad_epochs"]
         self.history = state["history"]
-        self.train_loader.set_position(state["loader"])
+        self.train_loader.set_position(self._loader_position(state, allow_shards_change))
         self.logger.resumed_at(self.step)
-        self.logger.line(f"resumed {latest.name}: step {self.step}, epoch {self.epoch}, world size {state['world_size']} → {self.world}")
+        self.logger.line(f"resumed {tag_dir.name}: step {self.step}, epoch {self.epoch}, world size {state['world_size']} → {self.world}")
+
+    def _loader_position(self, state: dict[str, Any], allow_shards_change: bool) -> dict[str, Any]:
+        """The saved loader position, if the shards are those it was saved with (manifest identity:
+        shard names and sha256 per split). Other shards are an error, or with `allow_shards_change`
+        the interrupted epoch starts afresh on them (positions in it would name other samples)."""
+        saved = state.get("shards")  # absent in checkpoints written before identities were recorded
+        now = self.manifest.identity()
+        changed = [split for split in now if saved is not None and saved.get(split) != now[split]]
+        if not changed:
+            return state["loader"]
+        what = f"the {', '.join(changed)} shards in {self.cfg.data.shards} are not those this run was trained on"
+        if not allow_shards_change:
+            raise ResumeError(
+                f"{self.run_dir}: {what} (regenerated or replaced since its checkpoint); "
+                "pass --allow-shards-change to resume on them (the interrupted epoch then starts afresh)"
+            )
+        epoch = int(state["loader"]["epoch"])
+        self.logger.line(f"{what}: resuming on them as asked (--allow-shards-change); epoch {epoch} starts afresh")
+        return {"epoch": epoch, "batch": 0}
 
     def _progress(self, step: int) -> float:
         """Training progress for the schedule: pretraining counts steps (max_steps is a step
@@ -258,10 +320,15 @@ class Trainer:
         return step / max(1, self.total_steps) if self.pretrain else self._data_progress
 
     def _needs_universal(self) -> bool:
-        state = self.run.latest_state()
-        if state is None or self.cfg.engine.zero_stage == 0:
+        if self.cfg.engine.zero_stage == 0:
             return False
-        return bool(state["world_size"] != self.world)
+        quiet = self.run.checkpointer(log=lambda _: None)  # _resume logs what it finds
+        for tag_dir in quiet.candidates():
+            try:
+                return bool(quiet.state(tag_dir)["world_size"] != self.world)
+            except CheckpointError:
+                continue  # _resume names it and falls back
+        return False
 
     def _state(self) -> dict[str, Any]:
         return {
@@ -272,6 +339,7 @@ class Trainer:
             "history": self.history,
             "loader": self.train_loader.position(),
             "world_size": self.world,
+            "shards": self.manifest.identity(),
             "config_hash": self.cfg.hash(),
             "config": self.cfg.to_dict(),
         }
@@ -333,6 +401,7 @@ class Trainer:
             path = self.save_checkpoint()
             self.logger.line(f"stop requested (signal {self.stop.signal}): checkpoint {path.name} written")
             self.logger.close()
+            self.lock.release()
             return {"status": status, "step": self.step}
         self.save_checkpoint()
         result = {"status": status, "step": self.step, "epoch": self.epoch}
@@ -347,6 +416,7 @@ class Trainer:
             for rec in records:
                 self.logger.line(f"test {rec['sensors']:<14} " + _fmt_metrics(rec["metrics"], self.built.spec.task))
         self.logger.close()
+        self.lock.release()
         if dist.is_initialized():
             dist.barrier()
         return result
@@ -538,5 +608,5 @@ def _fmt_metrics(metrics: dict[str, float], task: str) -> str:
     return " ".join(f"{k} {metrics[k]:.3f}" for k in keys if k in metrics)
 
 
-def train(cfg: RunConfig, *, allow_config_change: bool = False) -> dict[str, Any]:
-    return Trainer(cfg, allow_config_change=allow_config_change).fit()
+def train(cfg: RunConfig, *, allow_config_change: bool = False, allow_shards_change: bool = False) -> dict[str, Any]:
+    return Trainer(cfg, allow_config_change=allow_config_change, allow_shards_change=allow_shards_change).fit()

@@ -11,23 +11,25 @@ Layout of a run directory:
     jobs.json, slurm/      Slurm submissions and Submitit's files
     model_<sensor>.pt2     exported per-sensor models (torch.export; .onnx with --format onnx),
     model_<sensor>.*.stac.json  each with its STAC Machine Learning Model item
+    LOCK                   held by the one process writing the run (runlock.RunLock)
 """
 
 from __future__ import annotations
 
-import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
 
 import torch
 
-from .checkpoint import Checkpointer
+from .checkpoint import Checkpointer, load_weights
 from .config import RunConfig, from_dict, load_config
 from .manifest import Manifest, load_manifest, modality_inputs
 from .methods import build_model, method
 from .model import MDiCo, freeze_encoders, load_pretrained
 from .objective import TaskSpec
+from .runlock import RunLock
 
 
 @dataclass(frozen=True)
@@ -43,8 +45,13 @@ class RunDir:
     def config_file(self) -> Path:
         return self.path / "config.yaml"
 
-    def checkpointer(self, keep: int = 2) -> Checkpointer:
-        return Checkpointer(self.path, keep=keep)
+    def checkpointer(self, keep: int = 2, log: Callable[[str], None] | None = None) -> Checkpointer:
+        """Its checkpoints; `log` receives what it notices (a removal, an ignored pointer)."""
+        return Checkpointer(self.path, keep=keep) if log is None else Checkpointer(self.path, keep=keep, log=log)
+
+    def lock(self) -> RunLock:
+        """The one-writer lock of the run (taken by its trainer)."""
+        return RunLock(self.path)
 
     @property
     def best_dir(self) -> Path:
@@ -88,8 +95,9 @@ class RunDir:
 
     def latest_state(self) -> dict[str, Any] | None:
         """The progress state of the latest complete checkpoint (step, epoch, world size, history …)."""
-        latest = self.checkpointer().latest()
-        return None if latest is None else json.loads((latest / "state.json").read_text())
+        checkpointer = self.checkpointer()
+        latest = checkpointer.latest()
+        return None if latest is None else checkpointer.state(latest)
 
 
 @dataclass
@@ -188,7 +196,7 @@ def load_trained(run_dir: str | Path, sensors: str, shards: str | None = None) -
         if not have:
             raise FileNotFoundError(f"{run.path}: no best weights (has this run finished at least one epoch?)")
         raise ValueError(f"{run.path}: no sensor {sensors!r} (the model has weights for {have})")
-    saved = torch.load(best, map_location="cpu", weights_only=False)
+    saved = load_weights(best)  # weights-only: a planted pickle is refused, never run
     cfg = from_dict(RunConfig, saved["config"], f"{best}:config")
     if shards:
         cfg.data.shards = shards

@@ -227,3 +227,28 @@ def test_test_split_scoring_can_be_left_to_a_separate_evaluate(shards, tmp_path)
     assert not (tmp_path / "run" / "metrics_test.json").exists() and (tmp_path / "run" / "best" / "all.pt").exists()
     assert main(["evaluate", str(tmp_path / "run"), "--out", str(tmp_path / "tables")]) == 0
     assert {r["sensors"] for r in json.loads((tmp_path / "run" / "metrics_test.json").read_text())} == {"s1", "s2", "srtm", "dw", "all"}
+
+
+def test_resume_on_other_shards_is_refused_unless_asked(tmp_path, monkeypatch):
+    """Shards regenerated in place (another seed: other samples per shard) under a run stopped
+    mid-epoch: its loader position would name other samples. Refused; asked for, the epoch restarts."""
+    from colearn_dist.config import load_config
+    from colearn_dist.engine import ResumeError, Trainer, train
+    from colearn_dist.shards import write_shards
+
+    from helpers import make_synthetic_archive
+
+    archive = make_synthetic_archive(tmp_path / "a.zarr", n=200, t=4, groups=10)
+    write_shards(archive, tmp_path / "shards", samples_per_shard=40, workers=1, progress=False)
+    cfg = load_config(write_config(tmp_path / "c.yaml", tmp_path / "shards", tmp_path / "run", train={"epochs": 1}))
+    monkeypatch.setenv("COLEARN_STOP_AFTER_STEPS", "3")
+    assert train(cfg) == {"status": "stopped", "step": 3}
+    monkeypatch.delenv("COLEARN_STOP_AFTER_STEPS")
+    write_shards(archive, tmp_path / "shards", samples_per_shard=40, seed=1, workers=1, progress=False, overwrite=True)
+    with pytest.raises(
+        ResumeError, match=r"the train, val, test shards in .* are not those this run was trained on.*--allow-shards-change"
+    ):
+        Trainer(cfg)
+    trainer = Trainer(cfg, allow_shards_change=True)
+    assert trainer.step == 3 and trainer.train_loader.position()["batch"] == 0
+    assert "epoch 0 starts afresh" in (tmp_path / "run" / "train.log").read_text()
