@@ -253,8 +253,14 @@ def _convert(tp: Any, value: Any, where: str) -> Any:
             raise ConfigError(f"{where}: expected a mapping, got {value!r}")
         return {str(k): _convert(args[1], v, _key(where, k)) for k, v in value.items()}
     if tp is float:
+        if isinstance(value, str):
+            # YAML 1.1 (PyYAML) reads `1e-3` as a string (it wants `1.0e-3`): a number all the same.
+            try:
+                value = float(value)
+            except ValueError:
+                raise ConfigError(f"{where}: expected a number (e.g. 0.001 or 1e-3), got {value!r}") from None
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{where}: expected a number, got {value!r}")
+            raise ConfigError(f"{where}: expected a number (e.g. 0.001 or 1e-3), got {value!r}")
         return float(value)
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
@@ -319,8 +325,9 @@ def validate(cfg: RunConfig, where: str = "config") -> RunConfig:
     ):
         if getattr(cfg.train, key) < 0:
             raise ConfigError(f"{where}: train.{key} must be ≥ 0, got {getattr(cfg.train, key)}")
-    if cfg.train.lr <= 0:
-        raise ConfigError(f"{where}: train.lr must be > 0, got {cfg.train.lr}")
+    if not cfg.train.lr > 0 or cfg.train.lr == float("inf"):
+        raise ConfigError(f"{where}: train.lr must be a finite number > 0, got {cfg.train.lr}")
+    _check_ranges(cfg, where)
     if cfg.objective.temperature <= 0:
         raise ConfigError(f"{where}: objective.temperature must be > 0")
     if not 0.0 <= cfg.model.sensor_dropout < 1.0:
@@ -355,6 +362,47 @@ def validate(cfg: RunConfig, where: str = "config") -> RunConfig:
     if cfg.model.freeze_encoders and not cfg.model.init_from:
         raise ConfigError(f"{where}: model.freeze_encoders needs model.init_from (a probe of random encoders measures nothing)")
     return cfg
+
+
+def _check_ranges(cfg: RunConfig, where: str) -> None:
+    """Sizes, rates and counts in their ranges, so a typo fails here with its key, not deep in torch."""
+    at_least: list[tuple[str, float, float]] = [
+        ("data.shuffle_buffer", cfg.data.shuffle_buffer, 0),
+        ("model.head_hidden", cfg.model.head_hidden, 0),
+        ("model.distill_weight", cfg.model.distill_weight, 0),
+        ("train.weight_decay", cfg.train.weight_decay, 0),
+        ("train.grad_clip", cfg.train.grad_clip, 0),
+        ("train.patience", cfg.train.patience, 0),
+        ("train.threads", cfg.train.threads, 0),
+        ("train.seed", cfg.train.seed, 0),
+    ]
+    at_least += [(f"objective.{k}", getattr(cfg.objective, k), 0) for k in ("main", "aux", "con", "mod")]
+    for name, enc in cfg.model.encoders.items():
+        key = f"model.encoders.{name}"
+        at_least += [(f"{key}.hidden", enc.hidden, 1), (f"{key}.depth", enc.depth, 0), (f"{key}.kernel_size", enc.kernel_size, 1)]
+        at_least += [(f"{key}.heads", enc.heads, 1), (f"{key}.categorical_dim", enc.categorical_dim, 1)]
+        if not 0.0 <= enc.dropout < 1.0:
+            raise ConfigError(f"{where}: {key}.dropout must be in [0, 1), got {enc.dropout}")
+        if enc.type == "attention" and enc.heads >= 1 and enc.hidden % enc.heads:
+            raise ConfigError(f"{where}: {key}.hidden ({enc.hidden}) must be divisible by {key}.heads ({enc.heads})")
+    for key, value, low in at_least:
+        if not value >= low or value == float("inf"):  # NaN fails too
+            raise ConfigError(f"{where}: {key} must be ≥ {low}, got {value}")
+    if cfg.train.seed >= 2**32:
+        raise ConfigError(f"{where}: train.seed must be < 2**32 (numpy's seed range), got {cfg.train.seed}")
+    if not cfg.model.distill_temperature > 0:
+        raise ConfigError(f"{where}: model.distill_temperature must be > 0, got {cfg.model.distill_temperature}")
+
+
+def check_encoder_names(cfg: RunConfig, modalities: list[str], where: str = "config") -> None:
+    """An encoder override must name a modality of the shards (or be "default"): a misspelt name
+    would silently leave that sensor on the default encoder."""
+    unknown = sorted(k for k in cfg.model.encoders if k != "default" and k not in modalities)
+    if unknown:
+        raise ConfigError(
+            f"{where}: model.encoders has {unknown}, which are not modalities of the shards {cfg.data.shards} "
+            f"(they have {modalities}; use 'default' for all)"
+        )
 
 
 def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:

@@ -24,7 +24,7 @@ from typing import Any, cast
 import torch
 
 from .checkpoint import Checkpointer, load_weights
-from .config import RunConfig, from_dict, load_config
+from .config import RunConfig, check_encoder_names, from_dict, load_config
 from .manifest import Manifest, load_manifest, modality_inputs
 from .methods import build_model, method
 from .model import MDiCo, freeze_encoders, load_pretrained
@@ -114,6 +114,7 @@ class Built:
 
 
 def resolve_modalities(cfg: RunConfig, manifest: Manifest) -> list[str]:
+    check_encoder_names(cfg, list(manifest.modalities))
     names = list(cfg.data.modalities) or list(manifest.modalities)
     unknown = [m for m in names if m not in manifest.modalities]
     if unknown:

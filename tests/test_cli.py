@@ -76,3 +76,22 @@ def test_errors_are_reported_not_raised(tmp_path):
     (tmp_path / "bad.yaml").write_text("train: {lr: fast}\n")
     out = cli("train", "bad.yaml", cwd=tmp_path)
     assert out.returncode == 2 and "bad.yaml: train.lr: expected a number" in out.stderr
+
+
+def test_a_corrupt_shard_is_a_one_line_error(run_shards, tmp_path, capsys):
+    import shutil
+
+    from colearn_dist.cli import main
+    from colearn_dist.manifest import load_manifest
+
+    from helpers import shard_paths, write_config
+
+    shards = tmp_path / "shards"
+    shutil.copytree(run_shards, shards)
+    victim = shard_paths(load_manifest(shards), "train")[0]
+    victim.write_bytes(victim.read_bytes()[:2000])
+    cfg = write_config(tmp_path / "c.yaml", shards, tmp_path / "run", train={"epochs": 1})
+    assert main(["train", str(cfg)]) == 2
+    err = capsys.readouterr().err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("colearn-dist train: error: ") and str(victim) in last and "Traceback" not in err

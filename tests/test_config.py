@@ -84,3 +84,58 @@ def test_hash_ignores_how_a_run_executes(execution):
 def test_hash_follows_what_a_run_computes(what):
     cfg = load_config(CONFIGS / "fuel_moisture.yaml")
     assert load_config(CONFIGS / "fuel_moisture.yaml", [what]).hash() != cfg.hash()
+
+
+@pytest.mark.parametrize(
+    "data, message",
+    [
+        ({"model": {"encoders": {"default": {"hidden": 0}}}}, "model.encoders.default.hidden must be ≥ 1, got 0"),
+        ({"model": {"encoders": {"s1": {"depth": -1}}}}, "model.encoders.s1.depth must be ≥ 0, got -1"),
+        ({"model": {"encoders": {"s1": {"kernel_size": 0}}}}, "model.encoders.s1.kernel_size must be ≥ 1"),
+        ({"model": {"encoders": {"s1": {"dropout": 1.5}}}}, "model.encoders.s1.dropout must be in [0, 1), got 1.5"),
+        (
+            {"model": {"encoders": {"s1": {"type": "attention", "hidden": 10, "heads": 4}}}},
+            "hidden (10) must be divisible by model.encoders.s1.heads (4)",
+        ),
+        ({"train": {"weight_decay": -0.1}}, "train.weight_decay must be ≥ 0, got -0.1"),
+        ({"data": {"shuffle_buffer": -1}}, "data.shuffle_buffer must be ≥ 0, got -1"),
+        ({"train": {"patience": -2}}, "train.patience must be ≥ 0, got -2"),
+        ({"train": {"grad_clip": -1.0}}, "train.grad_clip must be ≥ 0, got -1.0"),
+        ({"train": {"threads": -1}}, "train.threads must be ≥ 0, got -1"),
+        ({"train": {"lr": float("nan")}}, "train.lr must be a finite number > 0"),
+        ({"objective": {"con": -1}}, "objective.con must be ≥ 0"),
+    ],
+)
+def test_out_of_range_values_are_named(tmp_path, data, message):
+    import yaml
+
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(data))
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert str(err.value).startswith(f"{path}: ") and message in str(err.value)
+
+
+def test_lr_in_e_notation_is_a_number(tmp_path):
+    """PyYAML reads `1e-3` (no dot) as a string; it is a number all the same."""
+    path = tmp_path / "c.yaml"
+    path.write_text("train:\n  lr: 1e-3\n  weight_decay: 5E-4\n")
+    cfg = load_config(path, ["objective.temperature=1e-1"])
+    assert (cfg.train.lr, cfg.train.weight_decay, cfg.objective.temperature) == (1e-3, 5e-4, 0.1)
+    plain = tmp_path / "d.yaml"
+    plain.write_text("train: {lr: 0.001, weight_decay: 0.0005}\nobjective: {temperature: 0.1}\n")
+    assert cfg.hash() == load_config(plain).hash()
+    path.write_text("train: {lr: fast}\n")
+    with pytest.raises(ConfigError, match=r"train\.lr: expected a number \(e\.g\. 0\.001 or 1e-3\), got 'fast'"):
+        load_config(path)
+
+
+def test_an_encoder_override_for_an_unknown_modality_is_an_error(run_shards, tmp_path):
+    from colearn_dist.manifest import load_manifest
+    from colearn_dist.runs import build
+
+    from helpers import write_config
+
+    cfg = load_config(write_config(tmp_path / "c.yaml", run_shards, tmp_path / "run", model={"encoders": {"strm": {"type": "mlp"}}}))
+    with pytest.raises(ConfigError, match=r"model.encoders has \['strm'\], which are not modalities of the shards .*'srtm'"):
+        build(cfg, load_manifest(run_shards))
