@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import importlib
 import json
 import os
 import pickle
@@ -59,7 +60,8 @@ def _deepspeed_globals() -> list[Any]:
 def _numpy_globals() -> list[Any]:
     """What a numpy array needs to unpickle (the numpy RNG state in rng files): arrays of plain
     dtypes only; an object array's items go through the same restricted unpickler."""
-    return [np._core.multiarray._reconstruct, np.ndarray, np.dtype, np.dtypes.UInt32DType]
+    multiarray = importlib.import_module("numpy._core.multiarray")
+    return [multiarray._reconstruct, np.ndarray, np.dtype, np.dtypes.UInt32DType]
 
 
 def load_weights(path: str | Path, map_location: Any = "cpu") -> Any:
@@ -87,11 +89,11 @@ def weights_only_loads() -> Iterator[None]:
     def load(f: Any, map_location: Any = None, *args: Any, **kwargs: Any) -> Any:
         return load_weights(f, map_location=map_location)
 
-    torch.load = load  # type: ignore[assignment]
+    torch.load = load
     try:
         yield
     finally:
-        torch.load = _torch_load  # type: ignore[assignment]
+        torch.load = _torch_load
 
 
 def _check_readable(tag_dir: Path) -> None:
