@@ -101,6 +101,24 @@ def _all_ok(ok: bool, world: int) -> bool:
     return bool(all_reduce_sum(torch.tensor([0.0 if ok else 1.0])).item() == 0)
 
 
+def _check_targets(manifest: Any, method_name: str, label_free: bool) -> str:
+    """Regression samples without a target (NaN) are masked out of every task loss and metric and
+    still train the label-free terms; a train split with none at all cannot train a supervised
+    method. Returns the note for train.log ('' when every sample has a target)."""
+    target = (manifest.train_sums or {}).get("target") or {}
+    if manifest.task != "regression" or label_free or "count" not in target:
+        return ""
+    labelled, total = int(target["count"]), manifest.split_size("train")
+    if labelled == 0:
+        raise ValueError(
+            f"{manifest.path}: no train sample has a target (all NaN); method {method_name!r} needs targets "
+            "(method 'pretrain' trains without them)"
+        )
+    if labelled == total:
+        return ""
+    return f"train split: {total - labelled} of {total} samples have no target (NaN): left out of the task losses and metrics"
+
+
 class Trainer:
     def __init__(self, cfg: RunConfig, *, allow_config_change: bool = False, allow_shards_change: bool = False) -> None:
         self.cfg = cfg
@@ -153,6 +171,7 @@ class Trainer:
         # Pretraining resamples the train split endlessly (a fresh shard and buffer order each pass)
         # and counts steps, not epochs; it never reads val or test.
         self.pretrain = method(cfg.model.method).endless
+        self._target_note = _check_targets(self.manifest, cfg.model.method, self.pretrain)
         self.train_loader = ShardLoader(
             cfg.data.shards,
             "train",
@@ -215,6 +234,8 @@ class Trainer:
             self.step_fn = torch.compile(self._train_step, dynamic=True)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.logger = RunLogger(self.run.log, self.run.tb, self.rank)
+        if self._target_note:
+            self.logger.line(self._target_note)
         if self.lock.stale:
             self.logger.line(f"stale lock of a process that is gone ({describe(self.lock.stale)}): taken over")
         self.checkpointer = self.run.checkpointer(keep=cfg.train.keep_checkpoints, log=self.logger.line)

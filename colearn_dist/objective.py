@@ -126,9 +126,12 @@ class TaskSpec:
         return torch.softmax(pred, dim=-1)
 
     def sample_weights(self, target: Tensor) -> Tensor:
-        """Per-sample weight: the class weight of its target for weighted CE, else 1."""
+        """Per-sample weight: the class weight of its target for weighted CE, else 1; 0 for a missing
+        (NaN) regression target, so it counts in no task loss (the label-free terms still use it)."""
         if self.class_weights is not None and self.task in ("binary", "multiclass"):
             return self.class_weights.to(target.device)[target.long()]
+        if self.task == "regression":
+            return torch.isfinite(target.reshape(target.shape[0], -1)).all(dim=1).to(torch.float32)
         return torch.ones(target.shape[0], dtype=torch.float32, device=target.device)
 
     def sample_losses(self, pred: Tensor, target: Tensor) -> Tensor:
@@ -138,7 +141,10 @@ class TaskSpec:
             pred = pred.reshape(pred.shape[0], -1)
             if pred.shape[1] != 1:
                 raise ValueError(f"regression prediction must be [B, 1] or [B], got {tuple(pred.shape)}")
-            return (pred[:, 0] - self.standardise(target).to(pred.dtype)) ** 2
+            p = pred[:, 0]
+            t = self.standardise(target).to(pred.dtype).reshape(p.shape)
+            # a missing target: a loss of 0 and no gradient (its weight is 0 as well), never NaN
+            return (p - torch.where(torch.isfinite(t), t, p.detach())) ** 2
         if self.task == "multilabel":
             return F.binary_cross_entropy_with_logits(pred, target.to(pred.dtype), reduction="none").mean(dim=1)
         return F.cross_entropy(pred, target.long(), reduction="none")

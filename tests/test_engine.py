@@ -10,6 +10,7 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -252,3 +253,26 @@ def test_resume_on_other_shards_is_refused_unless_asked(tmp_path, monkeypatch):
     trainer = Trainer(cfg, allow_shards_change=True)
     assert trainer.step == 3 and trainer.train_loader.position()["batch"] == 0
     assert "epoch 0 starts afresh" in (tmp_path / "run" / "train.log").read_text()
+
+
+def test_samples_without_a_target_train_only_the_label_free_terms(tmp_path):
+    from colearn_dist.archive import write_archive
+    from colearn_dist.config import load_config
+    from colearn_dist.engine import Trainer, train
+    from colearn_dist.shards import write_shards
+
+    from helpers import make_synthetic_arrays
+
+    arrays = make_synthetic_arrays(n=160, t=4, groups=8)
+    arrays["target"][::4] = np.nan
+    mods = arrays.pop("modalities")
+    write_shards(write_archive(tmp_path / "a.zarr", mods, **arrays), tmp_path / "shards", samples_per_shard=40, workers=1, progress=False)
+    cfg = load_config(write_config(tmp_path / "c.yaml", tmp_path / "shards", tmp_path / "run", train={"epochs": 1, "log_every_steps": 1}))
+    assert train(cfg)["status"] == "finished"
+    log = (tmp_path / "run" / "train.log").read_text()
+    assert "samples have no target (NaN): left out of the task losses and metrics" in log
+    assert "loss nan" not in log and " rmse nan" not in log
+    arrays["target"][:] = np.nan
+    write_shards(write_archive(tmp_path / "b.zarr", mods, **arrays), tmp_path / "empty", samples_per_shard=40, workers=1, progress=False)
+    with pytest.raises(ValueError, match="no train sample has a target"):
+        Trainer(load_config(write_config(tmp_path / "d.yaml", tmp_path / "empty", tmp_path / "run2")))

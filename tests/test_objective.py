@@ -384,3 +384,31 @@ def test_low_precision_outputs_give_float32_loss_and_grads():
     # same value as the float32 computation on the same (bf16-rounded) numbers
     ref, _ = MDiCoObjective(ObjectiveConfig(), spec, mods)({k: {m: t.float() for m, t in d.items()} for k, d in out.items()}, batch)
     torch.testing.assert_close(loss.detach(), ref)
+
+
+def test_missing_regression_targets_are_masked_from_the_task_terms_only():
+    """A NaN target adds nothing to any task loss (no NaN loss, no gradient through its task heads)
+    while its sample still counts in the label-free terms (contrastive, modality classifiers)."""
+    mods = ["s1", "s2"]
+    spec = TaskSpec("regression", 1, target_mean=50.0, target_std=10.0)
+    out, batch = make_outputs(8, spec, mods)
+    batch["target"][[1, 4, 5]] = float("nan")
+    kept = torch.tensor([i for i in range(8) if i not in (1, 4, 5)])
+    leaves, _ = leaf_slice(out, batch, 0, 8)
+    loss, logs = MDiCoObjective(ObjectiveConfig(), spec, mods)(leaves, batch)
+    loss.backward()
+    assert torch.isfinite(loss)
+    labelled = {key: {m: t[kept] for m, t in d.items()} for key, d in out.items()}
+    ref_loss, ref_logs = MDiCoObjective(ObjectiveConfig(), spec, mods)(labelled, {"target": batch["target"][kept]})
+    for key in ("main", "aux_spe/s1", "aux_sha/s2"):
+        assert math.isclose(float(logs[key]), float(ref_logs[key]), rel_tol=1e-10)
+    full_con = float(MDiCoObjective(ObjectiveConfig(), spec, mods)(out, {"target": torch.zeros(8)})[1]["con"])
+    assert math.isclose(float(logs["con"]), full_con, rel_tol=1e-10)  # all 8 samples, labels or not
+    for key in ("pred", "aux_spe", "aux_sha"):
+        assert torch.all(leaves[key]["s1"].grad[[1, 4, 5]] == 0) and torch.all(torch.isfinite(leaves[key]["s1"].grad))
+    sup_loss, sup_logs = SupervisedObjective(spec)({"pred": out["pred"]["s1"]}, batch)
+    assert math.isclose(
+        float(sup_logs["main"]),
+        float(SupervisedObjective(spec)({"pred": out["pred"]["s1"][kept]}, {"target": batch["target"][kept]})[1]["main"]),
+        rel_tol=1e-10,
+    )
