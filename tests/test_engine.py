@@ -276,3 +276,42 @@ def test_samples_without_a_target_train_only_the_label_free_terms(tmp_path):
     write_shards(write_archive(tmp_path / "b.zarr", mods, **arrays), tmp_path / "empty", samples_per_shard=40, workers=1, progress=False)
     with pytest.raises(ValueError, match="no train sample has a target"):
         Trainer(load_config(write_config(tmp_path / "d.yaml", tmp_path / "empty", tmp_path / "run2")))
+
+
+def test_best_weights_are_chosen_and_stopping_decided_on_validation_only(run_shards, tmp_path, monkeypatch):
+    """Scripted validation scores (val RMSE 3, 1, 2, 4 over the epochs, patience 2): the deployed
+    weights are those of epoch 2, not the last; training stops after epoch 4; the test split is
+    never read while training."""
+    import copy
+
+    from colearn_dist import engine
+    from colearn_dist.config import load_config
+    from colearn_dist.methods import set_name
+    from colearn_dist.runs import load_trained
+
+    script = iter([3.0, 1.0, 2.0, 4.0, 5.0])
+    snapshots: list[dict[str, torch.Tensor]] = []
+    opened: list[str] = []
+
+    class Recording(engine.ShardLoader):
+        def __init__(self, shards, split, **kw):
+            opened.append(split)
+            super().__init__(shards, split, **kw)
+
+    def scripted(model, loader, spec, manifest, sets, *args, **kw):
+        assert loader.split == "val"
+        snapshots.append(copy.deepcopy(model.state_dict()))
+        rmse = next(script)
+        return {set_name(s, model.modalities): {"rmse": rmse, "mae": rmse, "r2": 0.0} for s in sets}
+
+    monkeypatch.setattr(engine, "ShardLoader", Recording)
+    monkeypatch.setattr(engine, "score_loader", scripted)
+    cfg = write_config(tmp_path / "c.yaml", run_shards, tmp_path / "run", train={"epochs": 5, "patience": 2, "evaluate_test": False})
+    result = engine.train(load_config(cfg))
+    assert result["epoch"] == 4 and len(snapshots) == 4  # early stopping after two epochs without gain
+    assert set(opened) == {"train", "val"}
+    for sensors in ("all", "s1"):
+        trained = load_trained(tmp_path / "run", sensors)
+        assert trained.epoch == 2
+        state = trained.model.state_dict()
+        assert all(torch.equal(state[k], snapshots[1][k].float()) for k in state)

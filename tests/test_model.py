@@ -290,3 +290,21 @@ def test_per_sensor_trace_matches_eager(kind):
         fn = torch.jit.trace(lambda t: model.predict({"s2": t}, modalities=["s2"]), (x["s2"],))
         assert torch.allclose(fn(x["s2"]), model.predict(x, modalities=["s2"]), atol=1e-5)
     assert not [w for w in caught if issubclass(w.category, torch.jit.TracerWarning)]
+
+
+@pytest.mark.parametrize("fused", [True, False])
+@pytest.mark.parametrize("mode", ["unused", "shared"])
+def test_shared_heads_see_the_embeddings_the_paper_gives_them(fused, mode):
+    """By definition, per modality: the auxiliary head on z_spe and on z_sha, the first modality
+    classifier on z_spe, the second on z_unu ("unused", the paper) or z_sha ("shared")."""
+    model = mdico(second_classifier_on=mode).eval()
+    model.fused = fused
+    out = model(batch())
+    second = "z_unu" if mode == "unused" else "z_sha"
+    for m in INPUTS:
+        assert torch.allclose(out["aux_spe"][m], model.aux_head(out["z_spe"][m]), atol=1e-6)
+        assert torch.allclose(out["aux_sha"][m], model.aux_head(out["z_sha"][m]), atol=1e-6)
+        assert torch.allclose(out["mod_spe"][m], model.mod_spe(out["z_spe"][m]), atol=1e-6)
+        assert torch.allclose(out["mod_second"][m], model.mod_second(out[second][m]), atol=1e-6)
+        # the three embeddings differ, so feeding a head the wrong one cannot pass by coincidence
+        assert not torch.allclose(out["z_spe"][m], out["z_unu"][m]) and not torch.allclose(out["z_spe"][m], out["z_sha"][m])
