@@ -252,6 +252,9 @@ class Trainer:
         # ZeRO): measured between backward and step, on logging steps only.
         self._grad_norm_due = False
         self._grad_norm: float | None = None
+        self._corrupt_logged: set[str] = set()
+        self._skipped_total = 0
+        self._skipped_pending = 0
         # Progress state, saved in every checkpoint.
         self.step = 0
         self.epoch = 0
@@ -454,6 +457,7 @@ class Trainer:
         n_acc = 0
         samples = 0
         wait = 0.0
+        skipped = self._skipped_pending  # samples lost to damage since the last log line (on_corrupt: skip)
         self.epoch_stats = {"samples": 0, "wait_s": 0.0}  # this rank's, for benchmarks
         t_log = time.perf_counter()
         t0 = time.perf_counter()
@@ -470,6 +474,14 @@ class Trainer:
             self.epoch_stats["wait_s"] += waited
             self.epoch_stats["samples"] += int(batch["target"].shape[0])
             batch = to_device(batch, self.device, self.dtype)
+            if cfg.data.on_corrupt == "skip":
+                skipped += int(batch.pop("skipped", 0))
+                self._log_corrupt_shards()
+                # A batch damage left with fewer than 2 samples cannot pass BatchNorm: every rank
+                # skips it together (the loader has counted it; a resumed run skips it as well).
+                if not _all_ok(int(batch["target"].shape[0]) >= 2, self.world):
+                    skipped += int(batch["target"].shape[0])
+                    continue
             # The engine, not DeepSpeed's global micro-step counter, decides where an optimizer step
             # falls: every grad_accum micro-batches and at the end of each epoch (a shorter last
             # group, scaled like a full one), so validation and checkpoints never cut an
@@ -502,8 +514,8 @@ class Trainer:
             if self.average is not None:
                 self.average.update()
             if cfg.train.log_every_steps and self.step % cfg.train.log_every_steps == 0:
-                self._log_train(keys, acc, n_acc, samples, wait, time.perf_counter() - t_log)
-                acc, n_acc, samples, wait, t_log = None, 0, 0, 0.0, time.perf_counter()
+                self._log_train(keys, acc, n_acc, samples, wait, time.perf_counter() - t_log, skipped)
+                acc, n_acc, samples, wait, skipped, t_log = None, 0, 0, 0.0, 0, time.perf_counter()
             if self.pretrain:
                 self.epoch = position["epoch"]  # passes over the data, for the logs
                 if self.step >= self.total_steps:
@@ -520,16 +532,27 @@ class Trainer:
             if self._stop_agreed():
                 return False
         if acc is not None:
-            self._log_train(keys, acc, n_acc, samples, wait, time.perf_counter() - t_log)
+            self._log_train(keys, acc, n_acc, samples, wait, time.perf_counter() - t_log, skipped)
+            skipped = 0
+        self._skipped_pending = skipped  # lost after the epoch's last step: said at the next log line
         self.epoch_stats["seconds"] = time.perf_counter() - t0
         return True
 
-    def _log_train(self, keys: list[str], acc: torch.Tensor, n: int, samples: int, wait: float, seconds: float) -> None:
+    def _log_corrupt_shards(self) -> None:
+        """Each damaged shard once in train.log (this rank's loader found it; rank 0 writes the log)."""
+        for path, reason in self.train_loader.corrupt_shards.items():
+            if path not in self._corrupt_logged:
+                self._corrupt_logged.add(path)
+                self.logger.line(f"corrupt shard {path}: its unreadable samples are skipped (data.on_corrupt: skip): {reason}")
+
+    def _log_train(self, keys: list[str], acc: torch.Tensor, n: int, samples: int, wait: float, seconds: float, skipped: int = 0) -> None:
         # One all-reduce: the loss terms (summed contributions), then each rank's samples/s in its own
-        # slot, then the data wait; built on the terms' device (nccl reduces CUDA tensors only).
+        # slot, then the data wait and the skipped samples; built on the terms' device (nccl reduces
+        # CUDA tensors only).
         rates = torch.zeros(self.world, dtype=acc.dtype, device=acc.device)
         rates[self.rank] = samples / max(seconds, 1e-9)
-        stacked = torch.cat([acc / n, rates, torch.tensor([wait], dtype=acc.dtype, device=acc.device)])
+        tail = torch.tensor([wait, float(skipped)], dtype=acc.dtype, device=acc.device)
+        stacked = torch.cat([acc / n, rates, tail])
         reduced = (all_reduce_sum(stacked) if self.world > 1 else stacked).cpu()
         terms = {k: float(v) for k, v in zip(keys, reduced[: len(keys)])}
         per_rank = reduced[len(keys) : len(keys) + self.world].tolist()
@@ -539,7 +562,7 @@ class Trainer:
             {
                 "lr": self.scheduler.get_last_lr()[0] if self.scheduler is not None else self.cfg.train.lr,
                 "throughput/samples_per_s_global": global_rate,
-                "throughput/data_wait_share": float(reduced[-1]) / self.world / max(seconds, 1e-9),
+                "throughput/data_wait_share": float(reduced[-2]) / self.world / max(seconds, 1e-9),
             }
         )
         scalars.update({f"throughput/samples_per_s_rank{r}": v for r, v in enumerate(per_rank)})
@@ -548,10 +571,15 @@ class Trainer:
             grad_norm = self._grad_norm
         if grad_norm is not None:
             scalars["grad_norm"] = float(grad_norm)
+        lost = int(round(float(reduced[-1])))
+        if self.cfg.data.on_corrupt == "skip":
+            self._skipped_total += lost
+            scalars["data/skipped_samples"] = float(self._skipped_total)  # all ranks, since this process started
         self.logger.scalars(self.step, scalars, prefix="train/")
         self.logger.line(
             f"epoch {self.epoch:3d} step {self.step:6d}  loss {terms.get('loss', float('nan')):.4f}  "
             f"{global_rate:7.0f} samples/s  data wait {scalars['throughput/data_wait_share']:.0%}"
+            + (f"  skipped {lost} corrupt sample(s) ({self._skipped_total} so far)" if lost else "")
         )
 
     def _end_of_epoch(self) -> None:

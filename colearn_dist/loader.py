@@ -54,6 +54,10 @@ plan are kept (placeholders flow through the shuffle buffer), so step counts sta
 ranks and positions stay exact; batches that lost samples are smaller. Each batch then carries
 ``"skipped"`` (samples dropped from it), the loader warns once per shard (`RuntimeWarning`) and
 adds the count to `loader.skipped`; both work with workers because the counts travel in batches.
+The trainer logs each damaged shard and the skipped count (train.log, TensorBoard
+`train/data/skipped_samples`) and skips, on every rank at once, a batch left with fewer than 2
+samples (BatchNorm). A shard whose sha256 differs is dropped whole: without per-sample checksums
+none of its samples can be trusted.
 """
 
 from __future__ import annotations

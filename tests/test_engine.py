@@ -315,3 +315,36 @@ def test_best_weights_are_chosen_and_stopping_decided_on_validation_only(run_sha
         assert trained.epoch == 2
         state = trained.model.state_dict()
         assert all(torch.equal(state[k], snapshots[1][k].float()) for k in state)
+
+
+def test_skipped_corrupt_samples_are_counted_and_never_make_tiny_batches(run_shards, tmp_path):
+    """A damaged train shard under on_corrupt: skip, unshuffled within readers so whole batches
+    lose all their samples (and others all but one): training goes on without feeding BatchNorm
+    an empty or one-sample batch, and the loss is counted in train.log and TensorBoard."""
+    import shutil
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from colearn_dist.config import load_config
+    from colearn_dist.engine import train
+    from colearn_dist.manifest import load_manifest
+
+    from helpers import shard_paths
+
+    shards = tmp_path / "shards"
+    shutil.copytree(run_shards, shards)
+    manifest = load_manifest(shards)
+    victim = shard_paths(manifest, "train")[1]
+    data = bytearray(victim.read_bytes())
+    data[700] ^= 0xFF
+    victim.write_bytes(bytes(data))
+    lost = manifest.shard_sizes("train")[1]
+    data_cfg = {"on_corrupt": "skip", "shuffle_buffer": 1, "batch_size": 6}
+    cfg = write_config(tmp_path / "c.yaml", shards, tmp_path / "run", data=data_cfg, train={"epochs": 1, "log_every_steps": 1})
+    assert train(load_config(cfg))["status"] == "finished"
+    log = (tmp_path / "run" / "train.log").read_text()
+    assert f"corrupt shard {victim}: its unreadable samples are skipped" in log
+    assert f"({lost} so far)" in log
+    events = EventAccumulator(str(tmp_path / "run" / "tb"))
+    events.Reload()
+    assert events.Scalars("train/data/skipped_samples")[-1].value == lost
