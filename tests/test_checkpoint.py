@@ -144,7 +144,7 @@ def copy_run(run: Path, tmp_path: Path):
     return dst, load_config(tmp_path / "c.yaml"), ck.candidates()
 
 
-def test_planted_best_weights_never_run(two_checkpoints, tmp_path):
+def test_planted_best_weights_never_run(two_checkpoints, tmp_path, capsys):
     from colearn_dist.checkpoint import CheckpointError
     from colearn_dist.cli import main
     from colearn_dist.runs import init_from_pretrained, load_trained
@@ -157,7 +157,8 @@ def test_planted_best_weights_never_run(two_checkpoints, tmp_path):
         load_trained(run, "all")  # evaluate, and a distillation student's model.teacher
     with pytest.raises(CheckpointError, match=r"all\.pt: refused"):
         init_from_pretrained(torch.nn.Linear(1, 1), run)  # model.init_from
-    assert main(["export", str(run), "--modality", "s1", "--out", str(tmp_path / "s1.pt")]) == 2
+    assert main(["export", str(run), "--modality", "s1", "--out", str(tmp_path / "s1.pt2")]) == 2
+    assert "s1.pt: refused, it holds more than weights" in capsys.readouterr().err
     assert not marker.exists()
 
 
