@@ -140,6 +140,9 @@ class TrainConfig:
 class EngineConfig:
     zero_stage: Literal[0, 1, 2] = 0
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    # BatchNorm statistics over the global batch ("global": N ranks × batch b train exactly like
+    # 1 process × N·b) or over each rank's own ("rank": no collective, per-rank running statistics).
+    batch_stats: Literal["global", "rank"] = "global"
 
 
 @dataclass
@@ -205,6 +208,8 @@ _HASHED_WHEN_SET: dict[tuple[str, str], Any] = {
     ("train", "max_steps"): 0,
     ("train", "min_epochs"): 0,
     ("train", "ema_epochs"): 0.0,
+    # one process computes the same either way; runs of several processes before it were per-rank
+    ("engine", "batch_stats"): "global",
 }
 
 ENCODER_ROLES = ("unique", "common")

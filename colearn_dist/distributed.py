@@ -73,6 +73,31 @@ def gather_with_grad(x: Tensor) -> tuple[Tensor, int]:
     return _GatherWithGrad.apply(x, sizes), sum(sizes[: dist.get_rank()])
 
 
+class _AllReduceWithGrad(torch.autograd.Function):
+    """Sum over ranks whose backward is the same sum of the ranks' gradients: every rank's loss
+    depends on the total, so d(Σ_q loss_q)/d(x_r) = Σ_q d(loss_q)/d(total) (as in `_GatherWithGrad`)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor) -> Tensor:
+        x = x.contiguous().clone()
+        dist.all_reduce(x, op=dist.ReduceOp.SUM)
+        return x
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad, op=dist.ReduceOp.SUM)
+        return grad
+
+
+def all_reduce_with_grad(x: Tensor) -> Tensor:
+    """Sum of `x` over ranks, differentiable (global batch statistics, see norm.py); the identity
+    without ranks. Collective: every rank must call it, and backpropagate through it, in the same order."""
+    if not is_distributed():
+        return x
+    return _AllReduceWithGrad.apply(x)
+
+
 def all_reduce_sum(t: Tensor) -> Tensor:
     """Sum over ranks of a detached copy (normalisers, logging); never carries gradient.
 

@@ -18,6 +18,7 @@ from torch import Tensor, nn
 
 from .config import EncoderConfig
 from .manifest import Modality
+from .norm import BatchNorm1d, BatchNorm2d
 from .presto import PrestoEncoder
 
 # --------------------------------------------------------------------------------------------- encoders
@@ -34,14 +35,14 @@ class TempCNN(nn.Module):
         self.blocks = nn.ModuleList(
             nn.Sequential(
                 nn.Conv1d(channels if i == 0 else hidden, hidden, kernel_size, padding="same"),
-                nn.BatchNorm1d(hidden),
+                BatchNorm1d(hidden),
                 nn.ReLU(),
                 nn.Dropout(dropout),
             )
             for i in range(depth)
         )
         flat = (hidden if depth else channels) * steps
-        self.fc = nn.Sequential(nn.Linear(flat, out_dim), nn.BatchNorm1d(out_dim), nn.ReLU(), nn.Dropout(dropout))
+        self.fc = nn.Sequential(nn.Linear(flat, out_dim), BatchNorm1d(out_dim), nn.ReLU(), nn.Dropout(dropout))
 
     def forward(self, x: Tensor, month: Optional[Tensor] = None) -> Tensor:
         x = x.transpose(1, 2)  # [B, C, T]: Conv1d convolves the last axis
@@ -118,7 +119,7 @@ class MLPEncoder(nn.Module):
         layers: list[nn.Module] = []
         width = in_features
         for _ in range(depth):
-            layers += [nn.Linear(width, hidden), nn.BatchNorm1d(hidden), nn.ReLU(), nn.Dropout(dropout)]
+            layers += [nn.Linear(width, hidden), BatchNorm1d(hidden), nn.ReLU(), nn.Dropout(dropout)]
             width = hidden
         layers.append(nn.Linear(width, out_dim))
         self.net = nn.Sequential(*layers)
@@ -162,14 +163,14 @@ class ResidualBlock(nn.Module):
         super().__init__()
         self.body = nn.Sequential(
             nn.Conv2d(in_channels, out_channels, 3, stride=stride, padding=1, bias=False),
-            nn.BatchNorm2d(out_channels),
+            BatchNorm2d(out_channels),
             nn.ReLU(),
             nn.Conv2d(out_channels, out_channels, 3, padding=1, bias=False),
-            nn.BatchNorm2d(out_channels),
+            BatchNorm2d(out_channels),
         )
         self.shortcut: nn.Module = nn.Identity()
         if stride != 1 or in_channels != out_channels:
-            self.shortcut = nn.Sequential(nn.Conv2d(in_channels, out_channels, 1, stride=stride, bias=False), nn.BatchNorm2d(out_channels))
+            self.shortcut = nn.Sequential(nn.Conv2d(in_channels, out_channels, 1, stride=stride, bias=False), BatchNorm2d(out_channels))
 
     def forward(self, x: Tensor) -> Tensor:
         return F.relu(self.body(x) + self.shortcut(x))
@@ -185,7 +186,7 @@ class ImageCNN(nn.Module):
 
     def __init__(self, channels: int, out_dim: int, hidden: int = 64, depth: int = 3, dropout: float = 0.2):
         super().__init__()
-        self.stem = nn.Sequential(nn.Conv2d(channels, hidden, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(hidden), nn.ReLU())
+        self.stem = nn.Sequential(nn.Conv2d(channels, hidden, 3, stride=2, padding=1, bias=False), BatchNorm2d(hidden), nn.ReLU())
         blocks: list[nn.Module] = []
         width = hidden
         for i in range(depth):

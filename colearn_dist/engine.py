@@ -32,6 +32,7 @@ from .logs import RunLogger
 from .manifest import load_manifest
 from .methods import build_objective, method, sensor_sets, set_name
 from .metrics import PRIMARY
+from .norm import set_batch_stats
 from .runlock import RunLockedError, describe
 from .runs import RunDir, build
 from .scoring import evaluate_run, score_loader
@@ -156,6 +157,7 @@ class Trainer:
         self.precision = precision
         self.dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
+        set_batch_stats(cfg.engine.batch_stats)
         torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank and world size
         np.random.seed(cfg.train.seed)
         self.manifest = load_manifest(cfg.data.shards)

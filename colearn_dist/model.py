@@ -16,6 +16,7 @@ from torch import Tensor, nn
 from .config import ModelConfig
 from .encoders import CategoricalEmbedding, CategoricalEncoder, build_encoder
 from .manifest import Modality
+from .norm import BatchNorm1d
 from .tempcnn_bank import TempCNNBank, group_batch_norm
 
 OUTPUT_KEYS = ("pred", "z_spe", "z_unu", "z_sha", "aux_spe", "aux_sha", "mod_spe", "mod_second")
@@ -116,7 +117,7 @@ class MDiCo(nn.Module):
         for (steps, hidden, depth, kernel, dropout), group in members.items():
             self.banks.append(TempCNNBank([c for _, _, c in group], steps, emb, hidden, depth, kernel, dropout))
             self.slots.update({(role, m): (len(self.banks) - 1, g) for g, (role, m, _) in enumerate(group)})
-        self.project = nn.ModuleDict({m: nn.Sequential(nn.Linear(emb, self.half), nn.BatchNorm1d(self.half), nn.ReLU()) for m in inputs})
+        self.project = nn.ModuleDict({m: nn.Sequential(nn.Linear(emb, self.half), BatchNorm1d(self.half), nn.ReLU()) for m in inputs})
         self.heads = nn.ModuleDict({m: make_head(emb, out_dim, cfg.head_hidden) for m in inputs})
         self.aux_head = make_head(self.half, out_dim, cfg.head_hidden)
         self.mod_spe = nn.Linear(self.half, len(inputs))

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .encoders import TempCNN
+from .norm import batch_norm, batch_stats
 
 # ------------------------------------------------------------------------------------------ fused path
 #
@@ -40,14 +41,11 @@ def batch_norm_stacked(
     if not training:
         scale = torch.rsqrt(running_var + eps) * weight
         return (x - running_mean.unsqueeze(1)) * scale.unsqueeze(1) + bias.unsqueeze(1), None, None
-    mean = x.mean(dim=1, keepdim=True)
-    centred = x - mean
-    var = (centred * centred).mean(dim=1, keepdim=True)
+    mean, centred, var, unbiased = batch_stats(x, (1,))  # the global batch's (norm.py)
     out = centred * (torch.rsqrt(var + eps) * weight.unsqueeze(1)) + bias.unsqueeze(1)
     with torch.no_grad():
-        n = x.shape[1]
         new_mean = running_mean.lerp(mean.squeeze(1), momentum)
-        new_var = running_var.lerp(var.squeeze(1) * (n / max(n - 1, 1)), momentum)
+        new_var = running_var.lerp(unbiased.squeeze(1), momentum)
     return out, new_mean, new_var
 
 
@@ -236,9 +234,9 @@ class TempCNNBank(nn.Module):
         mean, var, count = self._stats(i)
         if self.training:
             count[g] += 1
-        # mean[g] / var[g] are views: F.batch_norm updates the bank's statistics in place.
+        # mean[g] / var[g] are views: batch_norm updates the bank's statistics in place.
         weight, bias = self.norm_weight[i][g], self.norm_bias[i][g]
-        return F.batch_norm(x, mean[g], var[g], weight, bias, self.training, self.momentum, self.eps)
+        return batch_norm(x, mean[g], var[g], weight, bias, self.training, self.momentum, self.eps)
 
     def forward_one(self, g: int, x: Tensor, month: Optional[Tensor] = None) -> Tensor:
         """Member g on x [B, T, C]: TempCNN.forward, step for step."""

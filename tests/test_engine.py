@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import random
 import signal
 import time
@@ -13,8 +14,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
 
-from helpers import assert_same_weights, final_state, run_cli, write_config
+from helpers import SMALL_MODEL, assert_same_weights, final_state, run_cli, write_config
 
 
 @pytest.fixture(scope="module")
@@ -348,3 +350,151 @@ def test_skipped_corrupt_samples_are_counted_and_never_make_tiny_batches(run_sha
     events = EventAccumulator(str(tmp_path / "run" / "tb"))
     events.Reload()
     assert events.Scalars("train/data/skipped_samples")[-1].value == lost
+
+
+# ----------------------------------------------------------------------------- world 2 × b ≡ world 1 × 2b
+#
+# One training step of the real model of every method, through the Trainer (DeepSpeed engine,
+# objective, BatchNorm): 2 gloo processes holding b_0 and b_1 samples against 1 process holding
+# the b_0 + b_1 samples. Randomness that is not data (dropout) is off or fixed per sample, so any
+# difference comes from how the ranks share the batch.
+
+STEP_METHODS = ("mdico", "single", "fusion", "dropout", "distill", "pretrain")
+STEP_SIZES = {"even": (8, 8), "uneven": (8, 13)}  # the loader's batches lie in [b, 2b − 1]
+
+
+def _step_config(shards: Path, run_dir: Path, method: str, teacher: Path, batch_stats: str = "global"):
+    from colearn_dist.config import RunConfig, from_dict, validate
+
+    encoders = {
+        "default": {"type": "tempcnn", "hidden": 8, "depth": 2, "dropout": 0.0},
+        "srtm": {"type": "mlp", "hidden": 8, "depth": 1, "dropout": 0.0},
+    }
+    model = {**SMALL_MODEL, "method": method, "encoders": encoders}
+    if method in ("single", "distill"):
+        model["modality"] = "s1"
+    if method == "distill":
+        model["teacher"] = str(teacher)
+    data = {"shards": str(shards), "batch_size": 8, "workers": 0}
+    cfg = {"run_dir": str(run_dir), "data": data, "model": model, "train": {"epochs": 1, "threads": 1, "log_every_steps": 0}}
+    cfg["engine"] = {"batch_stats": batch_stats}
+    if method == "pretrain":
+        cfg["objective"] = {"masked": 0.5}
+    return validate(from_dict(RunConfig, cfg))
+
+
+def _slice_batch(batch: dict, lo: int, hi: int) -> dict:
+    def cut(v):
+        if isinstance(v, dict):
+            return {k: cut(x) for k, x in v.items()}
+        return v[lo:hi]
+
+    return {k: cut(v) for k, v in batch.items()}
+
+
+def _step_worker(rank: int, world: int, port: int, shards: str, out_dir: str, scenarios: list) -> None:
+    os.environ.update({"RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank), "LOCAL_WORLD_SIZE": str(world)})
+    os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1"})
+    from colearn_dist.batch import to_device
+    from colearn_dist.engine import Trainer
+    from colearn_dist.loader import ShardLoader
+
+    root = Path(out_dir)
+    teacher = root / "teacher"
+    batch = next(iter(ShardLoader(shards, "train", batch_size=32, shuffle=False)))  # ≥ 21 samples
+    results = {}
+    for name, method, sizes, stats in scenarios:
+        lo = sum(sizes[:rank]) if world > 1 else 0
+        hi = lo + (sizes[rank] if world > 1 else sum(sizes))
+        cfg = _step_config(Path(shards), root / f"{name}-w{world}-r{rank}", method, teacher, stats)
+        trainer = Trainer(cfg)
+        model = trainer.built.model
+        if method == "dropout":  # one fixed sensor mask per sample, whichever rank holds it
+            mask = torch.Generator().manual_seed(3)
+            keep = torch.rand(sum(sizes), len(model.modalities), generator=mask) >= 0.5
+            keep[:, 0] |= ~keep.any(dim=1)
+            model.sensor_mask = lambda b, count, device=None, keep=keep[lo:hi]: keep
+        local = to_device(_slice_batch(batch, lo, hi), trainer.device, trainer.dtype)
+        trainer.engine.train()
+        out = trainer.engine(local["inputs"], local.get("month"))
+        if trainer.built.teacher is not None:
+            with torch.no_grad():
+                local["teacher_pred"] = trainer.built.teacher.predict(local["inputs"], local.get("month"))
+        loss, terms = trainer.objective(out, local)
+        trainer.engine.backward(loss)  # DeepSpeed averages the gradients over ranks here
+        results[name] = {
+            "loss": loss.detach(),
+            "terms": {k: v.detach() for k, v in terms.items()},
+            "grads": {k: p.grad.detach().clone() for k, p in model.named_parameters() if p.grad is not None},
+            "params": {k for k, p in model.named_parameters() if p.requires_grad},
+            "buffers": {k: b.detach().clone() for k, b in model.named_buffers()},
+        }
+        trainer.logger.close()
+    torch.save(results, root / f"step-w{world}-r{rank}.pt")
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
+
+
+def _make_teacher(shards: Path, root: Path) -> None:
+    """A fusion run's best/all.pt (untrained weights are as good a teacher as any for this test)."""
+    from colearn_dist.manifest import load_manifest
+    from colearn_dist.runs import RunDir, build
+
+    cfg = _step_config(shards, root / "teacher", "fusion", root / "teacher")
+    model = build(cfg, load_manifest(shards)).model
+    path = RunDir(root / "teacher").best("all")
+    path.parent.mkdir(parents=True)
+    torch.save({"model": model.state_dict(), "config": cfg.to_dict(), "epoch": 0}, path)
+    (root / "teacher" / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict()))
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    """‖a − b‖ / ‖b‖, with ‖b‖ floored at 0.1: a bias in front of a BatchNorm has gradient 0 up to
+    rounding (~1e-7), whose relative error means nothing; 1e-5 of 0.1 is 1e-6 absolute there."""
+    return float((a.double() - b.double()).norm() / b.double().norm().clamp(min=0.1))
+
+
+def test_training_step_world2_equals_world1_every_method(shards, tmp_path):
+    """Loss, every parameter's gradient and the BatchNorm running statistics after one step of the
+    real model: 2 ranks × (8, 8) and (8, 13) samples equal 1 rank × 16 and 21, for every method;
+    with `engine.batch_stats: rank` they do not (the statistics are each rank's own)."""
+    import torch.multiprocessing as mp
+
+    from colearn_dist.launch import free_port
+
+    _make_teacher(shards, tmp_path)
+    scenarios = [(f"{m}-{k}", m, sizes, "global") for m in STEP_METHODS for k, sizes in STEP_SIZES.items()]
+    scenarios.append(("mdico-uneven-rank", "mdico", STEP_SIZES["uneven"], "rank"))
+    for world in (1, 2):
+        mp.spawn(_step_worker, args=(world, free_port(), str(shards), str(tmp_path), scenarios), nprocs=world, join=True)
+    ref = torch.load(tmp_path / "step-w1-r0.pt")
+    ranks = [torch.load(tmp_path / f"step-w2-r{r}.pt") for r in range(2)]
+    worst = {}
+    for name, method, _, stats in scenarios:
+        one, two = ref[name], [r[name] for r in ranks]
+        loss_err = abs(float(sum(t["loss"] for t in two) / 2 - one["loss"])) / abs(float(one["loss"]))
+        term_err = max(abs(float(sum(t["terms"][k] for t in two) - v)) / max(abs(float(v)), 1e-6) for k, v in one["terms"].items())
+        # every trainable parameter has a gradient (pretraining leaves the heads alone), the same
+        # on both ranks (DeepSpeed averaged them)
+        assert set(one["grads"]) == one["params"] or method == "pretrain", name
+        for k in set(two[0]["grads"]) - set(one["grads"]):  # DeepSpeed all-reduces zeros for those
+            assert not two[0]["grads"][k].any(), f"{name}: {k} has a gradient on 2 ranks, none on 1"
+        grad_err = max(_rel(two[0]["grads"][k], g) for k, g in one["grads"].items())
+        stats_keys = [k for k in one["buffers"] if "running" in k]
+        assert stats_keys, f"{name}: the model has no BatchNorm statistics to compare"
+        stat_err = max(_rel(two[r]["buffers"][k], one["buffers"][k]) for k in stats_keys for r in range(2))
+        worst[name] = (loss_err, term_err, grad_err, stat_err)
+        for k in one["grads"]:
+            assert torch.equal(two[0]["grads"][k], two[1]["grads"][k]), f"{name}: ranks hold different gradients for {k}"
+        if stats == "rank":
+            continue
+        for k in stats_keys:
+            assert torch.equal(two[0]["buffers"][k], two[1]["buffers"][k]), f"{name}: ranks hold different {k}"
+        assert loss_err < 1e-6 and term_err < 1e-5, (name, worst[name])
+        assert grad_err < 1e-5 and stat_err < 1e-5, (name, worst[name])
+    print({k: tuple(f"{v:.1e}" for v in errs) for k, errs in worst.items()})
+    # per-rank statistics: a different model of the data, and running statistics that part ways
+    rank_only = worst["mdico-uneven-rank"]
+    assert rank_only[0] > 1e-4 and rank_only[2] > 1e-3 and rank_only[3] > 1e-3, rank_only
+    per_rank = [r["mdico-uneven-rank"]["buffers"] for r in ranks]
+    assert any(not torch.equal(per_rank[0][k], per_rank[1][k]) for k in per_rank[0] if "running" in k)
