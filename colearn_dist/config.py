@@ -130,9 +130,9 @@ class TrainConfig:
     threads: int = 0
     compile: bool = False
     log_every_steps: int = 20
-    # Score the best weights on the test split when training ends (rank 0 alone, the other ranks
-    # waiting). For a test split too large for that, set false and submit `colearn-dist evaluate`
-    # as a job of its own (`submit --command`).
+    # Score the best weights on the test split when training ends (each rank scores its part, rank 0
+    # computes the metrics). To leave it to a job of its own, set false and submit
+    # `colearn-dist evaluate` (`submit --command`).
     evaluate_test: bool = True
 
 

@@ -169,3 +169,41 @@ def configure_threads(n: int) -> None:
     except RuntimeError:
         # only settable before the first inter-op parallel work; harmless to keep the default then
         pass
+
+
+def agree_with_rank0(module: torch.nn.Module) -> dict[str, float]:
+    """Make every rank hold rank 0's buffers (BatchNorm running statistics …) and say how far each
+    had been from them: {"buffers": largest difference on any rank, "parameters": the same for a
+    fingerprint of the parameters (per tensor: sum and sum of squares, float64)}.
+
+    Validation is split across ranks but only rank 0's weights are saved: for the recorded score to
+    be the score of the saved weights, every rank must score with rank 0's model. With global batch
+    statistics the buffers are identical by construction and both figures are 0; with per-rank
+    statistics the buffers differ and rank 0's are taken. Parameters are only checked (DeepSpeed
+    keeps them equal; an optimizer's master copy would undo an overwrite). Two collectives plus one
+    broadcast per buffer dtype; a no-op on one process.
+    """
+    if not is_distributed():
+        return {"buffers": 0.0, "parameters": 0.0}
+    gaps = []
+    buffers = list(module.buffers())
+    for dtype in sorted({b.dtype for b in buffers}, key=str):
+        group = [b for b in buffers if b.dtype == dtype]
+        mine = torch.cat([b.detach().reshape(-1) for b in group])
+        theirs = mine.clone()
+        dist.broadcast(theirs, src=0)
+        if mine.numel():
+            gaps.append((mine.double() - theirs.double()).abs().max())
+        offset = 0
+        with torch.no_grad():
+            for b in group:
+                b.copy_(theirs[offset : offset + b.numel()].view_as(b))
+                offset += b.numel()
+    params = [p.detach().double() for p in module.parameters()]
+    mine = torch.stack([torch.stack([p.sum(), (p * p).sum()]) for p in params]).reshape(-1) if params else torch.zeros(1)
+    theirs = mine.clone()
+    dist.broadcast(theirs, src=0)
+    buffer_gap = torch.stack(gaps).max().to(mine) if gaps else torch.zeros((), dtype=mine.dtype, device=mine.device)
+    worst = torch.stack([buffer_gap, (mine - theirs).abs().max()])
+    dist.all_reduce(worst, op=dist.ReduceOp.MAX)
+    return {"buffers": float(worst[0]), "parameters": float(worst[1])}

@@ -25,7 +25,7 @@ from .averaging import WeightAverage, decay_for
 from .batch import to_device
 from .checkpoint import CheckpointError
 from .config import RunConfig, dump_config
-from .distributed import all_reduce_sum, configure_threads, threads_per_rank
+from .distributed import agree_with_rank0, all_reduce_sum, configure_threads, threads_per_rank
 from .launch import ProcessInfo, init_distributed
 from .loader import ShardLoader
 from .logs import RunLogger
@@ -436,7 +436,8 @@ class Trainer:
             if self.rank == 0:
                 self._save_best("all", {"score": None, "pretrain_steps": self.step})
                 self.logger.line(f"pretraining done: {self.step} steps, weights in {self.run.best('all')}")
-        elif self.rank == 0 and cfg.train.evaluate_test:
+        elif cfg.train.evaluate_test:
+            # Every rank scores its part of the test split; rank 0 computes the metrics.
             records = evaluate_run(self.run_dir, split="test")
             result["test"] = records
             for rec in records:
@@ -608,6 +609,7 @@ class Trainer:
             workers=0,
             shuffle=False,
         )
+        self._agree_with_rank0()
         metrics = score_loader(
             self.engine.module,
             val_loader,
@@ -634,6 +636,14 @@ class Trainer:
                 + "  ".join(f"{s}{'*' if s in improved else ''} {_fmt_metrics(m, self.built.spec.task)}" for s, m in metrics.items())
                 + (f"  (no gain {self.bad_epochs}/{self.cfg.train.patience})" if not improved else "")
             )
+
+    def _agree_with_rank0(self) -> None:
+        """Every rank scores rank 0's model, the one `_save_best` writes (see `agree_with_rank0`)."""
+        gaps = agree_with_rank0(self.engine.module)
+        if self.cfg.engine.batch_stats == "global" and gaps["buffers"] > 0:
+            self.logger.line(f"warning: ranks held different buffers (largest difference {gaps['buffers']:.3g}); rank 0's taken")
+        if gaps["parameters"] > 0:
+            self.logger.line(f"warning: ranks hold different parameters (fingerprint difference {gaps['parameters']:.3g})")
 
     def _save_best(self, sensors: str, info: dict[str, Any]) -> None:
         """Weights for inference with `sensors`, in fp32, written atomically."""

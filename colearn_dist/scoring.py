@@ -17,6 +17,7 @@ import torch.distributed as dist
 
 from .batch import to_device
 from .config import RunConfig
+from .distributed import is_distributed, rank, world_size
 from .loader import ShardLoader
 from .manifest import Manifest, load_manifest
 from .methods import method, sensor_sets, set_name
@@ -25,12 +26,18 @@ from .report import write_embeddings
 from .runs import RunDir, Trained, load_trained
 
 
-def _gather(obj: Any) -> list[Any]:
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+def _gather(obj: Any, dst: int | None = None) -> list[Any]:
+    """Every rank's `obj`, in rank order: on every rank, or with `dst` on that rank only (the
+    others get [] — a test split's predictions need not be copied N times)."""
+    if not is_distributed():
         return [obj]
-    out: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(out, obj)
-    return out
+    if dst is None:
+        out: list[Any] = [None] * dist.get_world_size()
+        dist.all_gather_object(out, obj)
+        return out
+    received: list[Any] | None = [None] * dist.get_world_size() if rank() == dst else None
+    dist.gather_object(obj, received, dst=dst)
+    return received or []
 
 
 @torch.no_grad()
@@ -42,9 +49,11 @@ def predict_loader(
     device: torch.device | str = "cpu",
     dtype: torch.dtype = torch.float32,
     gather: bool = True,
+    dst: int | None = None,
 ) -> dict[str, dict[str, np.ndarray]]:
     """Predictions in target units for each sensor set; with `gather`, collected from every rank
-    (a collective: all ranks must call it). Without, this process's loader is the whole split."""
+    (a collective: all ranks must call it) — on every rank, or with `dst` on that rank alone (the
+    others get empty arrays). Without, this process's loader is the whole split."""
     was_training = model.training
     model.eval()
     names = list(getattr(model, "modalities", []))
@@ -59,7 +68,9 @@ def predict_loader(
             part["index"].append(batch["index"].cpu().numpy())
     model.train(was_training)
     local = {k: {f: np.concatenate(v[f]) if v[f] else np.zeros(0) for f in v} for k, v in parts.items()}
-    gathered = _gather(local) if gather else [local]
+    gathered = _gather(local, dst) if gather else [local]
+    if not gathered:
+        return {k: {f: v[f][:0] for f in v} for k, v in local.items()}
     return {k: {f: np.concatenate([g[k][f] for g in gathered]) for f in ("pred", "target", "index")} for k in local}
 
 
@@ -88,7 +99,9 @@ def evaluate_run(
     (e.g. "s1+s2"); writes metrics_<split>.json.
 
     A set without best weights of its own is scored with the weights chosen for "all": MDiCo
-    averages the heads of the sensors present, a fusion model masks the absent ones."""
+    averages the heads of the sensors present, a fusion model masks the absent ones. Called by
+    every rank of a process group (a collective then), each scores its part of the split and rank 0
+    the metrics, which every rank returns; without one, this process scores everything."""
     run = RunDir(run_dir)
     cfg = run.config()
     if shards:
@@ -100,12 +113,14 @@ def evaluate_run(
     for name, sensors in sets_by_name.items():
         weights = name if name in own or run.best(name).exists() else "all"
         by_weights.setdefault(weights, []).append(sensors)
-    records = []
+    records: list[dict[str, Any]] = []
     for weights, sets in by_weights.items():
         trained = load_trained(run_dir, weights, shards)
-        loader = ShardLoader(trained.cfg.data.shards, split, batch_size=512, modalities=_data_modalities(trained), shuffle=False)
-        metrics = score_loader(trained.model, loader, trained.spec, trained.manifest, sets, gather=False)
-        for name, m in metrics.items():
+        preds = predict_loader(trained.model, _split_loader(trained, split), trained.spec, sets, dst=0)
+        if rank() != 0:
+            continue
+        for name, p in preds.items():
+            m = compute_metrics(trained.spec.task, p["target"], p["pred"], list(trained.manifest.class_names))
             records.append(
                 {
                     # a cross-validation fold's shards name their dataset and fold (crossval.py)
@@ -125,12 +140,29 @@ def evaluate_run(
             )
     order = list(sets_by_name)
     records.sort(key=lambda r: order.index(str(r["sensors"])))
-    run.metrics(split).write_text(json.dumps(records, indent=1))
+    if rank() == 0:
+        run.metrics(split).write_text(json.dumps(records, indent=1))
     if embeddings and method(cfg.model.method).embeddings:
         trained = load_trained(run_dir, "all", shards)
-        loader = ShardLoader(trained.cfg.data.shards, split, batch_size=512, modalities=_data_modalities(trained), shuffle=False)
-        _write_embeddings(trained, loader, split)
+        _write_embeddings(trained, _split_loader(trained, split), split)
+    if is_distributed():
+        shared = [records]
+        dist.broadcast_object_list(shared, src=0)
+        records = shared[0]
     return records
+
+
+def _split_loader(trained: Trained, split: str) -> ShardLoader:
+    """This rank's part of `split` (all of it on one process), in order."""
+    return ShardLoader(
+        trained.cfg.data.shards,
+        split,
+        batch_size=512,
+        modalities=_data_modalities(trained),
+        shuffle=False,
+        rank=rank(),
+        world_size=world_size(),
+    )
 
 
 def run_sensor_sets(cfg: RunConfig, extra_sets: Iterable[str] | None = None) -> dict[str, list[str]]:
@@ -175,8 +207,11 @@ def _data_modalities(trained: Trained) -> list[str]:
 
 @torch.no_grad()
 def _write_embeddings(trained: Trained, loader: Any, split: str) -> None:
-    """Shared and specific embeddings of the split for TensorBoard's projector, coloured by sensor and target."""
-    shared, specific, meta = [], [], []
+    """Shared and specific embeddings of the split for TensorBoard's projector, coloured by sensor and
+    target; each rank embeds its part of the split, rank 0 writes them all."""
+    shared: list[np.ndarray] = []
+    specific: list[np.ndarray] = []
+    meta: list[list[str]] = []
     for batch in loader:
         out = trained.model(batch["inputs"], batch.get("month"))
         target = _target_labels(batch["target"], trained.manifest)
@@ -184,6 +219,12 @@ def _write_embeddings(trained: Trained, loader: Any, split: str) -> None:
             shared.append(out["z_sha"][m].numpy())
             specific.append(out["z_spe"][m].numpy())
             meta += [[m, t] for t in target]
+    parts = _gather((shared, specific, meta), dst=0)
+    if not parts:
+        return
+    shared = [a for p in parts for a in p[0]]
+    specific = [a for p in parts for a in p[1]]
+    meta = [row for p in parts for row in p[2]]
     write_embeddings(
         RunDir(trained.run_dir).tb,
         {"shared": np.concatenate(shared), "specific": np.concatenate(specific)},

@@ -35,6 +35,8 @@ def test_identity_without_process_group():
     r += 1  # a copy: the caller's tensor is untouched
     assert torch.equal(t.detach(), torch.tensor([1.0, 2.0]))
     assert D.global_count(7) == 7
+    assert D.all_reduce_with_grad(x) is x
+    assert D.agree_with_rank0(torch.nn.BatchNorm1d(2)) == {"buffers": 0.0, "parameters": 0.0}
 
 
 @pytest.mark.parametrize(
@@ -108,6 +110,22 @@ def _gather_worker(rank: int, world: int, port: int, data: torch.Tensor, out_dir
             results[name] = {"gathered": g.detach(), "offset": offset, "grad": x.grad.clone()}
         results["count"] = D.global_count(SIZES[rank])
         results["sum"] = D.all_reduce_sum(torch.tensor([float(rank + 1), 10.0 * rank], requires_grad=True))
+        # the differentiable all-reduce: forward the sum, backward the sum of the ranks' gradients
+        x = torch.tensor([1.0, 2.0], dtype=torch.float64, requires_grad=True) * (rank + 1)
+        x.retain_grad()
+        total = D.all_reduce_with_grad(x)
+        (total * torch.tensor([1.0, -1.0], dtype=torch.float64) * (rank + 2)).sum().backward()
+        results["reduced"] = {"total": total.detach(), "grad": x.grad.clone()}
+        # rank 0's buffers on every rank, and how far each rank was from them
+        bn = torch.nn.BatchNorm1d(2)
+        bn.running_mean.fill_(float(rank))  # per-rank statistics
+        results["agree_bn"] = D.agree_with_rank0(bn)
+        results["agree_bn_after"] = D.agree_with_rank0(bn)
+        results["bn_mean"] = bn.running_mean.clone()
+        lin = torch.nn.Linear(2, 2)
+        with torch.no_grad():
+            lin.weight.fill_(1.0 + rank)
+        results["agree_params"] = D.agree_with_rank0(lin)
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -124,6 +142,13 @@ def test_gather_with_grad_two_processes_uneven(tmp_path):
         assert res[r]["count"] == sum(SIZES)
         torch.testing.assert_close(res[r]["sum"], torch.tensor([3.0, 10.0]), rtol=0, atol=0)
         assert not res[r]["sum"].requires_grad
+        torch.testing.assert_close(res[r]["reduced"]["total"], torch.tensor([3.0, 6.0], dtype=torch.float64), rtol=0, atol=0)
+        # d(Σ_q loss_q)/dx_r with loss_q = (q + 2)·(t_0 − t_1): 2 + 3 = 5 for each rank's first entry
+        torch.testing.assert_close(res[r]["reduced"]["grad"], torch.tensor([5.0, -5.0], dtype=torch.float64), rtol=0, atol=0)
+        assert res[r]["agree_bn"] == {"buffers": 1.0, "parameters": 0.0}
+        assert res[r]["agree_bn_after"] == {"buffers": 0.0, "parameters": 0.0}
+        torch.testing.assert_close(res[r]["bn_mean"], torch.zeros(2), rtol=0, atol=0)
+        assert res[r]["agree_params"]["parameters"] > 0  # checked, not overwritten
 
     for name, sizes in (("uneven", SIZES), ("empty", EMPTY_SIZES)):
         total = sum(sizes)

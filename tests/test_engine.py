@@ -498,3 +498,36 @@ def test_training_step_world2_equals_world1_every_method(shards, tmp_path):
     assert rank_only[0] > 1e-4 and rank_only[2] > 1e-3 and rank_only[3] > 1e-3, rank_only
     per_rank = [r["mdico-uneven-rank"]["buffers"] for r in ranks]
     assert any(not torch.equal(per_rank[0][k], per_rank[1][k]) for k in per_rank[0] if "running" in k)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("batch_stats", ["global", "rank"])
+def test_recorded_best_score_is_the_score_of_the_saved_weights(shards, tmp_path, batch_stats):
+    """2 processes validate and rank 0 saves: every best/<sensors>.pt re-scored alone on the
+    validation split gives the score recorded for it — with global batch statistics because the
+    ranks' models are identical, with per-rank ones because every rank scores rank 0's buffers."""
+    from colearn_dist.loader import ShardLoader
+    from colearn_dist.methods import sensor_sets, set_name
+    from colearn_dist.runs import load_trained
+    from colearn_dist.scoring import score_loader
+
+    train = {"epochs": 2, "log_every_steps": 0}
+    cfg = write_config(tmp_path / "c.yaml", shards, tmp_path / "run", train=train, engine={"batch_stats": batch_stats})
+    assert run_cli(["launch", "--nproc", "2", str(cfg)]).wait(timeout=300) == 0
+    run = tmp_path / "run"
+    log = (run / "train.log").read_text()
+    assert "world size 2" in log and "warning" not in log
+    best = sorted((run / "best").glob("*.pt"))
+    assert {p.stem for p in best} == {"s1", "s2", "srtm", "dw", "all"}
+    for path in best:
+        saved = torch.load(path, weights_only=False)
+        trained = load_trained(run, path.stem)
+        names = trained.modalities
+        sets = [s for s in sensor_sets("mdico", names) if set_name(s, names) == path.stem]
+        loader = ShardLoader(trained.cfg.data.shards, "val", batch_size=64, shuffle=False)
+        metrics = score_loader(trained.model, loader, trained.spec, trained.manifest, sets, gather=False)[path.stem]
+        assert saved["score"] == pytest.approx(-metrics["rmse"], rel=1e-6), path.stem
+        assert saved["val"] == pytest.approx(metrics, rel=1e-5, nan_ok=True), path.stem
+    # test scoring was shared by both ranks and covers the whole test split
+    records = json.loads((run / "metrics_test.json").read_text())
+    assert {r["sensors"] for r in records} == {"s1", "s2", "srtm", "dw", "all"}

@@ -105,3 +105,49 @@ def test_tables_cover_every_scalar_metric_and_print_the_primary_one(mdico_run, t
     assert written.startswith(printed.rstrip("\n"))
     header = (tmp_path / "tables" / "results_test.csv").read_text().splitlines()[0]
     assert {"rmse_mean", "mae_std", "r2_mean", "bias_mean"} <= set(header.split(","))
+
+
+def _evaluate_worker(rank: int, world: int, port: int, run: str, out: str) -> None:
+    import torch.distributed as dist
+
+    from colearn_dist.scoring import evaluate_run
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        records = evaluate_run(run, split="test", extra_sets=["s1+s2"])
+        torch.save(records, f"{out}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_test_scoring_shared_by_two_ranks_equals_one(mdico_run, tmp_path):
+    """Each rank scores its part of the test split, rank 0 the metrics: the records of 1 process,
+    on every rank, and one metrics file and projector with every test sample."""
+    import shutil
+
+    import torch.multiprocessing as mp
+
+    from colearn_dist.launch import free_port
+    from colearn_dist.scoring import evaluate_run
+
+    run = tmp_path / "run"
+    shutil.copytree(mdico_run, run)
+    shutil.rmtree(run / "tb", ignore_errors=True)
+    one = evaluate_run(run, split="test", extra_sets=["s1+s2"])
+    projector_one = sorted((run / "tb").rglob("metadata.tsv"))
+    lines_one = [p.read_text() for p in projector_one]
+    shutil.rmtree(run / "tb")
+    (run / "metrics_test.json").unlink()
+    mp.spawn(_evaluate_worker, args=(2, free_port(), str(run), str(tmp_path)), nprocs=2, join=True)
+    two = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    assert two[0] == two[1]  # every rank returns rank 0's records
+    assert json.loads((run / "metrics_test.json").read_text()) == two[0]
+    assert [r["sensors"] for r in two[0]] == [r["sensors"] for r in one]
+    for a, b in zip(two[0], one):
+        assert a["metrics"] == pytest.approx(b["metrics"], rel=1e-5, nan_ok=True), a["sensors"]
+    # the projector holds every test sample × sensor, as written by 1 process
+    projector_two = sorted((run / "tb").rglob("metadata.tsv"))
+    assert [p.relative_to(run) for p in projector_two] == [p.relative_to(run) for p in projector_one]
+    for p, text in zip(projector_two, lines_one):
+        assert sorted(p.read_text().splitlines()) == sorted(text.splitlines())

@@ -25,7 +25,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("batch",),
     ("shards", "loader"),
     ("presto",),
-    ("encoders", "tempcnn_bank", "model", "objective"),
+    ("norm", "encoders", "tempcnn_bank", "model", "objective"),
     ("methods",),
     ("runs",),
     ("scoring", "stac"),
