@@ -139,3 +139,11 @@ def test_an_encoder_override_for_an_unknown_modality_is_an_error(run_shards, tmp
     cfg = load_config(write_config(tmp_path / "c.yaml", run_shards, tmp_path / "run", model={"encoders": {"strm": {"type": "mlp"}}}))
     with pytest.raises(ConfigError, match=r"model.encoders has \['strm'\], which are not modalities of the shards .*'srtm'"):
         build(cfg, load_manifest(run_shards))
+
+
+def test_keys_added_later_keep_the_hash_of_earlier_runs_at_their_default():
+    """RunConfig()'s hash before engine.batch_stats existed (commit 0da2578): such runs still resume."""
+    assert RunConfig().hash() == "ecbe68c7bf7f1416"
+    changed = RunConfig()
+    changed.engine.batch_stats = "rank"
+    assert changed.hash() != RunConfig().hash()
