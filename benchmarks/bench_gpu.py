@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 HERE = Path(__file__).resolve().parent
-CONFIG = HERE.parent / "configs" / "fuel_moisture.yaml"
+CONFIG = HERE.parent / "colearn_dist" / "configs" / "fuel_moisture.yaml"
 SYNTH_MODALITIES = "s1,s2,era5,srtm"  # the synthetic archive's sensors
 BUNDLED_MODALITIES = "s1,s2,era5,srtm,dw"
 
@@ -78,8 +78,9 @@ def throughput(shards: Path, run_dir: Path, modalities: str, batch: int, args: a
     args.seconds after args.warmup steps; samples/s, data wait, peak device memory."""
     import torch
 
+    from colearn_dist.batch import to_device
     from colearn_dist.config import load_config
-    from colearn_dist.engine import Trainer, to_device
+    from colearn_dist.engine import Trainer
 
     cfg = load_config(CONFIG, overrides(shards, run_dir, modalities, batch, args, args.workers))
     trainer = Trainer(cfg)
@@ -280,7 +281,10 @@ def main(argv: list[str] | None = None) -> int:
     synth, prep = synthetic_shards(root, args.samples, max(1, n_cores - 1))
     results["synthetic"] = {"samples": args.samples, **prep}
     results["training"] = {}
-    for name, shards, modalities in (("fuel_moisture", bundled, BUNDLED_MODALITIES), (f"synthetic {args.samples:,}", synth, SYNTH_MODALITIES)):
+    for name, shards, modalities in (
+        ("fuel_moisture", bundled, BUNDLED_MODALITIES),
+        (f"synthetic {args.samples:,}", synth, SYNTH_MODALITIES),
+    ):
         rows = []
         for batch in args.batches:
             row = throughput(shards, root / "runs" / f"{shards.parent.name}-{batch}", modalities, batch, args)

@@ -33,6 +33,9 @@ def test_cpu_dry_run_measures_every_part(tmp_path):
     assert resume["resumed_in_log"] and resume["killed_after_checkpoint_step"] < resume["final_step"]
     assert resume["identical"] and resume["max_abs_difference"] == 0.0  # CPU kernels are deterministic
     assert "| fuel_moisture | 32 " in done.stdout and "bit-identical" in done.stdout
-    assert "no CUDA GPU" in subprocess.run(
-        [sys.executable, str(SCRIPT), "--root", str(tmp_path)], capture_output=True, text=True, env={**env, "CUDA_VISIBLE_DEVICES": ""}
-    ).stderr
+    assert (
+        "no CUDA GPU"
+        in subprocess.run(
+            [sys.executable, str(SCRIPT), "--root", str(tmp_path)], capture_output=True, text=True, env={**env, "CUDA_VISIBLE_DEVICES": ""}
+        ).stderr
+    )
