@@ -168,41 +168,26 @@ def _task_contribution(spec: TaskSpec, pred: Tensor, target: Tensor, weights: Te
     return s / weight_sum.to(s.dtype)
 
 
-def _nt_xent_sums(za: Tensor, zb: Tensor, ga: Tensor, gb: Tensor, offset: int, temperature: float) -> Tensor:
-    """Sum of the NT-Xent losses of this rank's 2n anchors against the 2N global candidates.
-
-    `za`, `zb` local L2-normalised rows; `ga`, `gb` their global gathers (rows offset..offset+n are
-    this rank's). Candidates are [ga; gb]; for anchor i of a the positive is row i of b, the self
-    similarity is excluded, every other row of both modalities is a negative (SimCLR 2N form).
-    """
-    n, big_n = za.shape[0], ga.shape[0]
-    queries = torch.cat([za, zb], dim=0)
-    keys = torch.cat([ga, gb], dim=0)
-    logits = queries @ keys.T / temperature
-    local = torch.arange(n, device=za.device) + offset
-    self_col = torch.cat([local, local + big_n])
-    pos_col = torch.cat([local + big_n, local])
-    rows = torch.arange(2 * n, device=za.device)
-    logits = logits.masked_fill(F.one_hot(self_col, 2 * big_n).bool(), float("-inf"))
-    return (torch.logsumexp(logits, dim=1) - logits[rows, pos_col]).sum()
-
-
 def _pairwise_nt_xent_sums(local: Tensor, glob: Tensor, offset: int, temperature: float) -> Tensor:
-    """[M, M]: entry (a, b) is the summed NT-Xent of this rank's anchors of modality a against the
-    global candidates of b (positive: the same sample) and of a (self excluded) — the ordered half
-    of `_nt_xent_sums(z_a, z_b, …)`, for all pairs in a few kernels instead of a loop of them.
+    """[M, M]: entry (a, b) (a ≠ b) is the summed NT-Xent of this rank's anchors of modality a against
+    the global candidates of b (positive: the same sample) and of a (self excluded, SimCLR 2N form).
+    The diagonal is not a loss (callers never read it).
 
-    `local` [M, n, D] and `glob` [M, N, D] are L2-normalised; rows offset..offset+n of `glob` are local."""
-    m, n = local.shape[0], local.shape[1]
-    sim = torch.einsum("and,bkd->abnk", local, glob) / temperature  # [M, M, n, N]
-    rows = torch.arange(n, device=local.device)
-    cols = rows + offset
-    same_sample = sim[:, :, rows, cols]  # [M, M, n]: positives off the diagonal, self on it
-    diag = torch.arange(m, device=local.device)
-    within = sim[diag, diag].clone()  # [M, n, N]
-    within[:, rows, cols] = float("-inf")
-    lse = torch.logaddexp(torch.logsumexp(sim, dim=-1), torch.logsumexp(within, dim=-1)[:, None, :])
-    return (lse - same_sample).sum(dim=-1)
+    `local` [M, n, D] and `glob` [M, N, D] are L2-normalised; rows offset..offset+n of `glob` are local.
+    Linear in the number of pairs: one [M·n, M·N] similarity matmul, one [M, n, N] within-modality
+    bmm (recomputed rather than sliced out of the big one, whose backward would zero-fill all of it)
+    and the positives as row dot products; no index gather or index tensor of the [M, M, n, N] shape.
+    """
+    m, n, d = local.shape
+    big_n = glob.shape[1]
+    sim = (local.reshape(m * n, d) @ glob.reshape(m * big_n, d).T).view(m, n, m, big_n) / temperature
+    cross = torch.logsumexp(sim, dim=-1)  # [a, i, b]: anchor (a, i) against every candidate of b
+    within = torch.bmm(local, glob.transpose(1, 2)) / temperature  # [a, i, k]: candidates of a itself
+    cols = torch.arange(big_n, device=local.device)
+    own = cols.unsqueeze(0) == (torch.arange(n, device=local.device) + offset).unsqueeze(1)  # [n, N] self mask
+    within_lse = torch.logsumexp(within.masked_fill(own, float("-inf")), dim=-1)  # [a, i]
+    positives = torch.einsum("aid,bid->ab", local, glob[:, offset : offset + n]) / temperature  # summed over i
+    return torch.logaddexp(cross, within_lse.unsqueeze(-1)).sum(dim=1) - positives
 
 
 def _require(out: Mapping[str, Any], key: str, modality: str) -> Tensor:

@@ -22,7 +22,7 @@ from colearn_dist.config import load_config
 from colearn_dist.distributed import gather_with_grad
 from colearn_dist.engine import train
 from colearn_dist.manifest import Manifest
-from colearn_dist.objective import _nt_xent_sums as nt_xent_sums
+from colearn_dist.objective import _pairwise_nt_xent_sums as pairwise_nt_xent_sums
 from colearn_dist.objective import _upcast as upcast
 from colearn_dist.shards import write_shards
 
@@ -234,8 +234,7 @@ def nt_xent(z_a: Tensor, z_b: Tensor, temperature: float = 0.1) -> Tensor:
     `SelfSupervisedLoss(NTXentLoss(temperature), symmetric=True)`. Distributed: this rank's share;
     the sum over ranks is the global value (collective: every rank must call it).
     """
-    za = F.normalize(upcast(z_a), dim=1)
-    zb = F.normalize(upcast(z_b), dim=1)
-    ga, offset = gather_with_grad(za)
-    gb, _ = gather_with_grad(zb)
-    return nt_xent_sums(za, zb, ga, gb, offset, temperature) / (2 * ga.shape[0])
+    local = F.normalize(torch.stack([upcast(z_a), upcast(z_b)], dim=1), dim=2)
+    gathered, offset = gather_with_grad(local)
+    sums = pairwise_nt_xent_sums(local.transpose(0, 1), gathered.transpose(0, 1), offset, temperature)
+    return (sums[0, 1] + sums[1, 0]) / (2 * gathered.shape[0])

@@ -3,6 +3,7 @@ the "reference" double count, distillation, and world 2 × b ≡ world 1 × 2b (
 
 from __future__ import annotations
 
+import itertools
 import math
 import os
 import socket
@@ -21,6 +22,7 @@ from colearn_dist.objective import (
     MDiCoObjective,
     SupervisedObjective,
     TaskSpec,
+    _contrastive_terms,
     inverse_frequency_weights,
 )
 
@@ -177,6 +179,57 @@ def test_nt_xent_is_symmetric_and_scale_invariant():
     a, b = torch.randn(5, 4, dtype=torch.float64), torch.randn(5, 4, dtype=torch.float64)
     torch.testing.assert_close(nt_xent(a, b), nt_xent(b, a))
     torch.testing.assert_close(nt_xent(3 * a, 0.5 * b), nt_xent(a, b))
+
+
+def test_contrastive_terms_match_pytorch_metric_learning_value_and_gradient():
+    """Five sensors at once: every pair's term and the gradient of their sum equal pml pair by pair."""
+    from pytorch_metric_learning.losses import NTXentLoss, SelfSupervisedLoss
+
+    mods = ["a", "b", "c", "d", "e"]
+    gen = torch.Generator().manual_seed(7)
+    z = {m: torch.randn(9, 6, generator=gen, dtype=torch.float64, requires_grad=True) for m in mods}
+    pairs = list(itertools.combinations(mods, 2))
+    ours = _contrastive_terms({"z_sha": z}, mods, pairs, 0.1)
+    ours_grad = torch.autograd.grad(sum(ours.values()), [z[m] for m in mods])
+    pml = SelfSupervisedLoss(NTXentLoss(temperature=0.1), symmetric=True)
+    ref = {f"con/{a}-{b}": pml(z[a], z[b]) for a, b in pairs}
+    ref_grad = torch.autograd.grad(sum(ref.values()), [z[m] for m in mods])
+    assert set(ours) == set(ref)
+    for key in ref:
+        torch.testing.assert_close(ours[key], ref[key], rtol=1e-10, atol=1e-10, msg=key)
+    for g, r in zip(ours_grad, ref_grad):
+        torch.testing.assert_close(g, r, rtol=1e-10, atol=1e-10)
+
+
+def test_contrastive_terms_never_index_or_zero_fill_pairwise_tensors():
+    """No index/scatter/zero-fill op (forward or backward) on a tensor of the [M, n, N] size or more:
+    memory and time stay those of the similarity matmuls, linear in the number of pairs."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    aten = torch.ops.aten
+    suspects = {
+        aten.index.Tensor, aten.index_put.default, aten.index_put_.default, aten._index_put_impl_.default,
+        aten.zeros.default, aten.new_zeros.default, aten.zero_.default, aten.fill_.Scalar, aten.scatter.src,
+        aten.index_select.default, aten.gather.default, aten.diagonal_backward.default,
+    }  # fmt: skip
+    seen: list[tuple[str, int]] = []
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if func in suspects and isinstance(out, torch.Tensor):
+                seen.append((str(func), out.numel()))
+            return out
+
+    m, n, dim = 5, 8, 4
+    mods = [f"s{i}" for i in range(m)]
+    z = {k: torch.randn(n, dim, requires_grad=True) for k in mods}
+    with Record():
+        terms = _contrastive_terms({"z_sha": z}, mods, list(itertools.combinations(mods, 2)), 0.1)
+        sum(terms.values()).backward()
+    assert all(z[k].grad is not None and z[k].grad.abs().sum() > 0 for k in mods)
+    big = [(f, size) for f, size in seen if size >= m * n * n]
+    assert not big, big
 
 
 # ----------------------------------------------------------------------------- MDiCo assembly
