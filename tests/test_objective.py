@@ -195,8 +195,8 @@ def test_contrastive_terms_match_pytorch_metric_learning_value_and_gradient():
     ref = {f"con/{a}-{b}": pml(z[a], z[b]) for a, b in pairs}
     ref_grad = torch.autograd.grad(sum(ref.values()), [z[m] for m in mods])
     assert set(ours) == set(ref)
-    for key in ref:
-        torch.testing.assert_close(ours[key], ref[key], rtol=1e-10, atol=1e-10, msg=key)
+    for key, value in ref.items():
+        torch.testing.assert_close(ours[key], value, rtol=1e-10, atol=1e-10, msg=key)
     for g, r in zip(ours_grad, ref_grad):
         torch.testing.assert_close(g, r, rtol=1e-10, atol=1e-10)
 
