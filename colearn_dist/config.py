@@ -99,6 +99,11 @@ class DataConfig:
     workers: int = 1
     shuffle_buffer: int = 1000
     on_corrupt: Literal["error", "skip"] = "error"
+    # Per rank: a split whose decoded tensors fit in this many MiB is read once and served from memory
+    # (same batches, same order); 0 = always stream from the shards.
+    cache_mb: int = 1024
+    # Streaming without worker processes: batches a thread reads ahead of training (0 = none).
+    prefetch: int = 2
 
 
 @dataclass
@@ -218,6 +223,8 @@ _ENCODER_HASHED_WHEN_SET: dict[str, Any] = {"freeze": False, "weights": None}
 # How a run executes, not what it computes: never part of the hash.
 _EXECUTION: tuple[tuple[str, str], ...] = (
     ("data", "workers"),
+    ("data", "cache_mb"),
+    ("data", "prefetch"),
     ("train", "threads"),
     ("train", "log_every_steps"),
     ("train", "keep_checkpoints"),
@@ -317,8 +324,9 @@ def validate(cfg: RunConfig, where: str = "config") -> RunConfig:
         raise ConfigError(f"{where}: model.embedding_dim must be even (it is split in halves), got {cfg.model.embedding_dim}")
     if cfg.data.batch_size < 2:
         raise ConfigError(f"{where}: data.batch_size must be ≥ 2 (BatchNorm and the contrastive term need pairs)")
-    if cfg.data.workers < 0:
-        raise ConfigError(f"{where}: data.workers must be ≥ 0")
+    for key in ("workers", "cache_mb", "prefetch"):
+        if getattr(cfg.data, key) < 0:
+            raise ConfigError(f"{where}: data.{key} must be ≥ 0, got {getattr(cfg.data, key)}")
     for key in (
         "checkpoint_every_steps",
         "checkpoint_every_epochs",

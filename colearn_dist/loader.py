@@ -46,6 +46,17 @@ The seed and shuffle flag must not change mid-epoch (they define the stream); a 
 otherwise is refused. ``{"epoch": e, "batch": k}`` alone is read as k steps with this loader's
 configuration.
 
+Memory cache and read-ahead
+---------------------------
+With `cache_bytes` > 0 and a split whose decoded size (estimated from the manifest) fits, the first
+`iter()` reads and decodes every sample of the split once (in-process, manifest order) and keeps the
+normalised tensors; every batch after that is a row gather from them. The batches are the same, in
+the same order, as the readers would yield: each reader's rows are its planned positions in the
+order its shuffle buffer emits them (`buffer_order`, the same draws) and readers interleave
+round-robin exactly as the DataLoader does. No worker process is started then. A split with
+unreadable samples in skip mode is not cached (the streaming path keeps its accounting).
+Without the cache and `workers` = 0, a thread reads `prefetch` batches ahead of the consumer.
+
 Corrupt shards
 --------------
 `on_corrupt="error"`: a tar, checksum (`verify`) or decode failure raises `CorruptShardError`
@@ -67,7 +78,9 @@ import io
 import itertools
 import json
 import multiprocessing
+import queue
 import sys
+import threading
 import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -453,6 +466,106 @@ def _default_mp_context() -> str:
     return "spawn"
 
 
+class _Prefetch:
+    """Batches of `source` read ahead by a daemon thread (at most `depth` waiting), in order; a reader
+    error is raised in the consumer. `_shutdown_workers` (the loader's end-of-iteration hook) stops it."""
+
+    _END = object()
+
+    def __init__(self, source: Iterator[dict[str, Any]], depth: int):
+        self._queue: queue.Queue[Any] = queue.Queue(maxsize=max(1, depth))
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(source,), daemon=True, name="shard-prefetch")
+        self._thread.start()
+
+    def _put(self, item: Any) -> bool:
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _run(self, source: Iterator[dict[str, Any]]) -> None:
+        try:
+            for batch in source:
+                if not self._put(batch):
+                    return
+            self._put(self._END)
+        except BaseException as exc:  # handed to the consumer
+            self._put(exc)
+
+    def __iter__(self) -> "_Prefetch":
+        return self
+
+    def __next__(self) -> dict[str, Any]:
+        item = self._queue.get()
+        if item is self._END:
+            self._queue.put(item)  # stays exhausted
+            raise StopIteration
+        if isinstance(item, BaseException):
+            raise item
+        return item
+
+    def _shutdown_workers(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+
+
+def _decoded_bytes(manifest: Any, modalities: Sequence[str], num_samples: int, month_steps: int) -> int:
+    """What a split's decoded batches hold in memory (inputs, valid masks, targets, months, ids), roughly."""
+    per_sample = 8 + 64  # index, id string
+    for name in modalities:
+        meta = manifest.modalities[name]
+        size = int(np.prod(meta["shape"]))
+        per_sample += size * (8 if meta["kind"] == "categorical" else 4) + size + 1  # values, valid, present
+    per_sample += 8 * int(np.prod(manifest.target_shape or (1,)))
+    per_sample += 8 * month_steps if manifest.has_month else 0
+    return per_sample * num_samples
+
+
+class _SplitCache:
+    """Every sample of a split decoded once, rows in manifest shard order; `take(rows)` is one batch."""
+
+    def __init__(self, parts: list[dict[str, Any]], shard_starts: np.ndarray):
+        self.shard_starts = shard_starts  # manifest shard i holds rows shard_starts[i]..shard_starts[i+1]
+        first = parts[0]
+        self.tensors: dict[str, Any] = {}
+        for key, value in first.items():
+            if isinstance(value, dict):
+                self.tensors[key] = {m: torch.cat([p[key][m] for p in parts]) for m in value}
+            elif isinstance(value, torch.Tensor):
+                self.tensors[key] = torch.cat([p[key] for p in parts])
+        self.ids = [i for p in parts for i in p["id"]]
+        self.extra = {k: v for k, v in first.items() if k in ("skipped", "_corrupt")}
+
+    def take(self, rows: np.ndarray) -> dict[str, Any]:
+        index = torch.from_numpy(rows)
+        batch: dict[str, Any] = {}
+        for key, value in self.tensors.items():
+            if isinstance(value, dict):
+                batch[key] = {m: t.index_select(0, index) for m, t in value.items()}
+            else:
+                batch[key] = value.index_select(0, index)
+        batch["id"] = [self.ids[r] for r in rows.tolist()]
+        if "skipped" in self.extra:
+            batch["skipped"] = 0
+            batch["_corrupt"] = []
+        return batch
+
+
+def _round_robin(streams: list[Iterator[dict[str, Any]]]) -> Iterator[dict[str, Any]]:
+    """The DataLoader's in-order interleaving of its workers: one batch from each in turn, finished ones skipped."""
+    live = list(streams)
+    while live:
+        for it in list(live):
+            try:
+                yield next(it)
+            except StopIteration:
+                live.remove(it)
+
+
 # ------------------------------------------------------------------------------------------ loader
 class ShardLoader:
     """An iterable over the batches of one split for one rank (see the module docstring).
@@ -478,6 +591,8 @@ class ShardLoader:
         on_corrupt: Literal["error", "skip"] = "error",
         verify: bool = True,
         mp_context: str | None = None,
+        cache_bytes: int = 0,
+        prefetch: int = 0,
     ):
         self.shards_dir = Path(shards_dir)
         self.manifest = load_manifest(self.shards_dir)
@@ -489,6 +604,8 @@ class ShardLoader:
             raise ValueError(f"batch_size must be ≥ 1, got {batch_size}")
         if workers < 0:
             raise ValueError(f"workers must be ≥ 0, got {workers}")
+        if cache_bytes < 0 or prefetch < 0:
+            raise ValueError(f"cache_bytes and prefetch must be ≥ 0, got {cache_bytes} and {prefetch}")
         if on_corrupt not in ("error", "skip"):
             raise ValueError(f"on_corrupt must be 'error' or 'skip', got {on_corrupt!r}")
         self.split = split
@@ -506,6 +623,10 @@ class ShardLoader:
         self.on_corrupt = on_corrupt
         self.verify = bool(verify)
         self.mp_context = mp_context or _default_mp_context()
+        self.cache_bytes = int(cache_bytes)
+        self.prefetch = int(prefetch)
+        self._cache: _SplitCache | None = None
+        self._cache_tried = False
 
         known = list(self.manifest.modalities)
         self.modalities = list(modalities) if modalities else known
@@ -721,12 +842,74 @@ class ShardLoader:
             )
         return tasks
 
+    @property
+    def cached(self) -> bool:
+        """Whether batches come from the in-memory cache (decided at the first `iter()`)."""
+        return self._cache is not None
+
+    def cache_size(self) -> int:
+        """Bytes the split takes decoded in memory (estimated from the manifest), to compare with `cache_bytes`."""
+        return _decoded_bytes(self.manifest, self.modalities, self.num_samples, int(np.prod(self._spec.month_shape)))
+
+    def _fill_cache(self) -> None:
+        """Decode the whole split once, if it fits in `cache_bytes` (see the module docstring)."""
+        self._cache_tried = True
+        if not self.cache_bytes or self.cache_size() > self.cache_bytes:
+            return
+        counts = np.array([int(sh["num_samples"]) for sh in self._shards], dtype=np.int64)
+        starts = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+        n = int(starts[-1])
+        if n == 0:
+            return
+        chunk = 4096
+        task = _ReaderTask(
+            shard_paths=tuple(str(self.shards_dir / sh["name"]) for sh in self._shards),
+            shard_sha256=tuple(str(sh.get("sha256") or "") for sh in self._shards),
+            shard_starts=starts,
+            positions=np.arange(n, dtype=np.int64),
+            batch_sizes=tuple(min(chunk, n - i) for i in range(0, n, chunk)),
+            skip_batches=0,
+            shuffle_buffer=0,
+            buffer_seed=0,
+            members=self._members,
+            verify=self.verify,
+            spec=self._spec,
+        )
+        parts = list(_read(task))
+        if any(p.get("skipped", 0) for p in parts):
+            return  # unreadable samples: the streaming path keeps their accounting and warnings
+        self._cache = _SplitCache(parts, starts)
+
+    def _cached_batches(self, tasks: list[_ReaderTask]) -> Iterator[dict[str, Any]]:
+        """The readers' batches, served from the cache: same rows, same order (see the module docstring)."""
+        cache = self._cache
+        assert cache is not None
+        order, _ = self._epoch_stream(self._epoch)
+        # stream shard j is manifest shard order[j]: row of stream position p
+        offset = cache.shard_starts[np.asarray(order, dtype=np.int64)] - tasks[0].shard_starts[:-1]
+
+        def reader(task: _ReaderTask) -> Iterator[dict[str, Any]]:
+            pos = task.positions
+            if task.shuffle_buffer > 1:
+                pos = pos[buffer_order(len(pos), task.shuffle_buffer, task.buffer_seed)]
+            rows = pos + offset[np.searchsorted(task.shard_starts, pos, side="right") - 1]
+            start = sum(task.batch_sizes[: task.skip_batches])
+            for size in task.batch_sizes[task.skip_batches :]:
+                yield cache.take(rows[start : start + size])
+                start += size
+
+        return _round_robin([reader(t) for t in tasks])
+
     def _epoch_batches(self) -> Iterator[dict[str, Any]]:
         tasks = self._tasks()
         if not tasks:
             return iter(())
+        if not self._cache_tried:
+            self._fill_cache()
+        if self._cache is not None:
+            return self._cached_batches(tasks)
         if self.workers == 0:
-            return _read(tasks[0])
+            return _Prefetch(_read(tasks[0]), self.prefetch) if self.prefetch else _read(tasks[0])
         loader = torch.utils.data.DataLoader(
             _EpochDataset(tasks),
             batch_size=None,

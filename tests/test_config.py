@@ -68,6 +68,8 @@ def test_hash_ignores_where_but_not_what(tmp_path):
     "execution",
     [
         "data.workers=3",
+        "data.cache_mb=0",
+        "data.prefetch=0",
         "train.threads=5",
         "train.log_every_steps=1",
         "train.keep_checkpoints=0",
@@ -78,6 +80,12 @@ def test_hash_ignores_where_but_not_what(tmp_path):
 def test_hash_ignores_how_a_run_executes(execution):
     cfg = load_config(CONFIGS / "fuel_moisture.yaml")
     assert load_config(CONFIGS / "fuel_moisture.yaml", [execution]).hash() == cfg.hash()
+
+
+@pytest.mark.parametrize("bad", ["data.cache_mb=-1", "data.prefetch=-2"])
+def test_data_path_keys_must_not_be_negative(bad):
+    with pytest.raises(ConfigError, match=bad.split("=")[0]):
+        load_config(CONFIGS / "fuel_moisture.yaml", [bad])
 
 
 @pytest.mark.parametrize("what", ["train.lr=0.01", "objective.con=0.5", "objective.main=2.0", "data.batch_size=64"])

@@ -426,3 +426,79 @@ def test_skip_keeps_lockstep_with_an_emptied_batch(tmp_path: Path, data: dict[st
     b = empty[0]
     assert b["inputs"]["s2"].shape == (0, 6, 4) and b["present"]["s2"].shape == (0,)
     assert b["month"].shape == (0, 6) and b["target"].shape == (0,) and b["skipped"] == 4
+
+
+# ------------------------------------------------------------------------------------ cache, read-ahead
+def _identical(a: list[dict[str, Any]], b: list[dict[str, Any]]) -> None:
+    """Every key of every batch equal (values, masks, targets, months, indices, ids)."""
+    assert len(a) == len(b)
+    for x, y in zip(a, b):
+        assert x.keys() == y.keys()
+        for key, value in x.items():
+            if isinstance(value, dict):
+                assert value.keys() == y[key].keys()
+                for m, t in value.items():
+                    assert t.dtype == y[key][m].dtype and torch.equal(t, y[key][m]), (key, m)
+            elif isinstance(value, torch.Tensor):
+                assert value.dtype == y[key].dtype and torch.equal(value, y[key]), key
+            else:
+                assert value == y[key], key
+
+
+@pytest.mark.parametrize("world,workers,shuffle", [(1, 0, True), (1, 2, True), (2, 2, True), (2, 0, False)])
+def test_cache_yields_the_streaming_batches(data: dict[str, Any], world: int, workers: int, shuffle: bool) -> None:
+    kw: dict[str, Any] = dict(batch_size=8, workers=workers, shuffle_buffer=24, shuffle=shuffle, seed=5, world_size=world)
+    for r in range(world):
+        stream = ShardLoader(data["shards"], "train", rank=r, **kw)
+        cached = ShardLoader(data["shards"], "train", rank=r, cache_bytes=1 << 30, **kw)
+        for _ in range(2):  # two epochs: another shard order and other buffer seeds
+            _identical(list(stream), list(cached))
+        assert cached.cached and not stream.cached
+        assert cached.position() == stream.position()
+
+
+@pytest.mark.parametrize("before,after", [(2, 1), (1, 1)])
+def test_cache_resumes_like_the_stream(data: dict[str, Any], before: int, after: int) -> None:
+    """Interrupted mid-epoch, resumed (other world size, other workers): the cached rest is the streamed rest."""
+    kw: dict[str, Any] = dict(batch_size=6, shuffle_buffer=30, seed=4)
+    old = [ShardLoader(data["shards"], "train", rank=r, world_size=before, workers=2, cache_bytes=1 << 30, **kw) for r in range(before)]
+    iters = [iter(loader) for loader in old]
+    for _ in range(3):
+        for it in iters:
+            next(it)
+    position = old[0].position()
+    del iters
+    for r in range(after):
+        stream = ShardLoader(data["shards"], "train", rank=r, world_size=after, **kw)
+        cached = ShardLoader(data["shards"], "train", rank=r, world_size=after, cache_bytes=1 << 30, **kw)
+        stream.set_position(position)
+        cached.set_position(position)
+        _identical(list(stream), list(cached))
+        assert cached.cached
+
+
+def test_cache_limit_and_prefetch(data: dict[str, Any]) -> None:
+    kw: dict[str, Any] = dict(batch_size=8, shuffle_buffer=24, seed=1)
+    reference = list(ShardLoader(data["shards"], "train", **kw))
+    small = ShardLoader(data["shards"], "train", cache_bytes=ShardLoader(data["shards"], "train", **kw).cache_size() - 1, **kw)
+    _identical(list(small), reference)
+    assert not small.cached  # over the limit: streamed
+    ahead = ShardLoader(data["shards"], "train", prefetch=3, **kw)
+    _identical(list(ahead), reference)
+    # stopping mid-epoch stops the reading thread; the next iteration continues exactly
+    ahead = ShardLoader(data["shards"], "train", prefetch=3, **kw)
+    it = iter(ahead)
+    head = [next(it) for _ in range(4)]
+    it.close()
+    _identical(head + list(ahead), reference)
+    with pytest.raises(ValueError, match="cache_bytes and prefetch"):
+        ShardLoader(data["shards"], "train", prefetch=-1, **kw)
+
+
+def test_prefetch_raises_reader_errors(tmp_path: Path, data: dict[str, Any]) -> None:
+    shards = _copy_shards(data["shards"], tmp_path / "s")
+    victim = shards / load_manifest(shards).splits["train"]["shards"][0]["name"]
+    victim.write_bytes(victim.read_bytes()[:700])
+    for kw in ({"prefetch": 2}, {"cache_bytes": 1 << 30}):
+        with pytest.raises(CorruptShardError, match=victim.name):
+            list(ShardLoader(shards, "train", batch_size=8, shuffle=False, **kw))
