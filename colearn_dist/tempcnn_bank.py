@@ -7,7 +7,7 @@ MDiCo runs all its TempCNN encoders as one computation; each member is still exa
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Optional, Union
+from typing import Any, Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -86,26 +86,65 @@ def fast_dropout(x: Tensor, p: float, training: bool) -> Tensor:
     return x * mask
 
 
+class _WindowMatmuls(torch.autograd.Function):
+    """out[:, :, T-1-t] = bias + xf @ Q[:, t:t+T] (as [T·C, H]) for t < T, with a hand-written backward.
+
+    Autograd's own backward of the T window slices zero-fills a whole Q-sized gradient per slice and
+    adds them up (six [G, K, C, H] fills per step for MDiCo); here the gradient of Q is one batched
+    matmul of all windows at once (xfᵀ · grad, [G, T·C, T·H]) whose column blocks are added into Q's
+    rows in place, and the input gradient is T matmuls accumulated in place."""
+
+    @staticmethod
+    def forward(ctx: Any, xf: Tensor, q: Tensor, bias: Tensor, steps: int) -> Tensor:  # type: ignore[override]
+        g, _, tc = xf.shape
+        windows = [q[:, t : t + steps].reshape(g, tc, -1) for t in range(steps)]
+        out = [torch.baddbmm(bias.unsqueeze(1), xf, w) for w in windows]
+        ctx.save_for_backward(xf, q)
+        ctx.steps = steps
+        return torch.stack(out[::-1], dim=2)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, Tensor | None, Tensor | None, None]:  # type: ignore[override]
+        xf, q = ctx.saved_tensors
+        steps = ctx.steps
+        g, b, tc = xf.shape
+        h = grad.shape[-1]
+        grad = grad.contiguous()  # [G, B, T, H]: output step T-1-t is window t
+        grad_x = grad_q = grad_b = None
+        if ctx.needs_input_grad[0]:
+            for t in range(steps):
+                w = q[:, t : t + steps].reshape(g, tc, h)
+                g_t = grad[:, :, steps - 1 - t]
+                grad_x = torch.bmm(g_t, w.transpose(1, 2)) if grad_x is None else grad_x.baddbmm_(g_t, w.transpose(1, 2))
+        if ctx.needs_input_grad[1]:
+            every = torch.bmm(xf.transpose(1, 2), grad.view(g, b, steps * h)).view(g, tc, steps, h)
+            grad_q = torch.zeros_like(q)
+            for t in range(steps):
+                grad_q[:, t : t + steps].view(g, tc, h).add_(every[:, :, steps - 1 - t])
+        if ctx.needs_input_grad[2]:
+            grad_b = grad.sum(dim=(1, 2))
+        return grad_x, grad_q, grad_b, None
+
+
 def _conv_as_matmuls(x: Tensor, weight: Tensor, bias: Tensor, steps: int, k: int) -> Tensor:
     """A "same" Conv1d on short series as T batched matmuls, for G groups at once.
 
     x [G, B, T, C], weight [G, K, C, H] (tap-major), bias [G, H] → [G, B, T, H]. Output step t sees input
     step s through tap s - t + left; read with the output time axis reversed (t' = T-1-t) that tap is
     Q[s + t'] for Q = the taps shifted by T-1-left, so each output step is one matmul with a contiguous
-    slice Q[t':t'+T]: no Toeplitz matrix is built, and Q is the weight itself when T = (K+1)/2.
+    slice Q[t':t'+T]: no Toeplitz matrix is built, and Q is the weight itself (no copy, no slice) when
+    T = (K+1)/2 — MDiCo's monthly 3 steps with kernel 5.
     """
     g, b, _, c = x.shape
     shift = steps - 1 - (k - 1) // 2  # position of tap 0 in Q (PyTorch's "same" pads (K-1)//2 on the left)
     before, drop = max(shift, 0), max(-shift, 0)
-    q = weight[:, drop:]
     after = 2 * steps - 1 - before - (k - drop)
+    q = weight[:, drop:] if drop else weight
     if before or after > 0:
         q = F.pad(q, (0, 0, 0, 0, before, max(after, 0)))
-    q = q[:, : 2 * steps - 1]
-    xf = x.reshape(g, b, steps * c)
-    bias = bias.unsqueeze(1)
-    out = [torch.baddbmm(bias, xf, q[:, t : t + steps].reshape(g, steps * c, -1)) for t in range(steps)]
-    return torch.stack(out[::-1], dim=2)
+    if q.shape[1] != 2 * steps - 1:
+        q = q[:, : 2 * steps - 1]
+    return _WindowMatmuls.apply(x.reshape(g, b, steps * c), q.contiguous(), bias, steps)
 
 
 _Selection = Union[None, slice, Tensor]
