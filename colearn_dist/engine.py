@@ -187,7 +187,10 @@ class Trainer:
             shuffle_buffer=cfg.data.shuffle_buffer,
             seed=cfg.train.seed,
             on_corrupt=cfg.data.on_corrupt,
+            cache_bytes=cfg.data.cache_mb << 20,
+            prefetch=cfg.data.prefetch,
         )
+        self._val_loader: ShardLoader | None = None  # made at the first validation, kept (its cache too)
         self.has_val = self.manifest.splits.get("val", {}).get("num_samples", 0) > 0
         # the epoch's last optimizer step may accumulate fewer micro-batches (see _train_epoch)
         self.steps_per_epoch = math.ceil(len(self.train_loader) / cfg.train.grad_accum)
@@ -231,10 +234,11 @@ class Trainer:
         self.average: WeightAverage | None = None
         if cfg.train.ema_epochs > 0 and not self.pretrain:
             self.average = WeightAverage(self.engine.module, decay_for(cfg.train.ema_epochs, self.steps_per_epoch))
-        self.step_fn = self._train_step
-        if cfg.train.compile:
-            self.step_fn = torch.compile(self._train_step, dynamic=True)
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        self._forward_loss = self._forward_objective
+        self.compile_seconds: float | None = None  # the first compiled step's time, once measured
+        if cfg.train.compile:
+            self._forward_loss = self._compiled_forward_objective()
         self.logger = RunLogger(self.run.log, self.run.tb, self.rank)
         if self._target_note:
             self.logger.line(self._target_note)
@@ -378,12 +382,56 @@ class Trainer:
         return self.checkpointer.save(self.engine, self.step, self._state(), tensors)
 
     # ----------------------------------------------------------------- steps
+    def _forward_objective(
+        self, inputs: dict[str, torch.Tensor], month: torch.Tensor | None, labels: dict[str, torch.Tensor]
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Model forward + objective: what `train.compile` compiles. It calls the model's forward, not
+        DeepSpeed's forward wrapper nor the pre/post-forward hooks DeepSpeed puts on the module (timers,
+        memory reports: per-step Python state a trace cannot hold, and per-step cost in eager mode).
+        With ZeRO ≤ 2 and no DeepSpeed autocast they add nothing that `engine.backward` does not do."""
+        return self.objective(self.engine.module.forward(inputs, month), labels)
+
+    def _compiled_forward_objective(self) -> Callable[..., tuple[torch.Tensor, dict[str, torch.Tensor]]]:
+        """torch.compile of forward + objective (never DeepSpeed's backward or step).
+
+        Inductor's caches go to the run directory unless TORCHINDUCTOR_CACHE_DIR is set, so a requeued
+        job (any node) reuses the compiled code. The batch axis is marked dynamic at each call, so the
+        epoch's uneven batches (sizes b and b+1) share one graph. On a GPU, mode "reduce-overhead" adds
+        CUDA graphs (one per batch size seen)."""
+        from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+        # Importing DeepSpeed already made inductor write its /tmp default into the variable: only
+        # another value is the user's choice.
+        user = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+        if not user or os.path.abspath(user) == os.path.abspath(default_cache_dir()):
+            os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(self.run_dir / "compile_cache")
+        backend = os.environ.get("COLEARN_COMPILE_BACKEND", "inductor")  # tests: "aot_eager" (no code generation)
+        mode = "reduce-overhead" if self.device.type == "cuda" and backend == "inductor" else None
+        compiled = torch.compile(self._forward_objective, backend=backend, mode=mode, dynamic=None)
+
+        def call(inputs: dict[str, torch.Tensor], month: torch.Tensor | None, labels: dict[str, torch.Tensor]):
+            for t in [*inputs.values(), *labels.values(), *([] if month is None else [month])]:
+                torch._dynamo.maybe_mark_dynamic(t, 0)
+            if self.compile_seconds is not None:
+                return compiled(inputs, month, labels)
+            t0 = time.perf_counter()
+            result = compiled(inputs, month, labels)
+            self.compile_seconds = time.perf_counter() - t0
+            self.logger.line(f"compiled forward + objective ({backend}{', ' + mode if mode else ''}) in {self.compile_seconds:.1f} s; "
+                             f"cache {os.environ['TORCHINDUCTOR_CACHE_DIR']}")  # fmt: skip
+            return result
+
+        return call
+
     def _train_step(self, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        out = self.engine(batch["inputs"], batch.get("month"))
+        labels = {"target": batch["target"]}
         if self.built.teacher is not None:
             with torch.no_grad():
-                batch["teacher_pred"] = self.built.teacher.predict(batch["inputs"], batch.get("month"))  # type: ignore[operator]
-        loss, terms = self.objective(out, batch)
+                labels["teacher_pred"] = self.built.teacher.predict(batch["inputs"], batch.get("month"))  # type: ignore[operator]
+        clear = getattr(self.engine.optimizer, "clear_backward_seen_flag", None)
+        if callable(clear):
+            clear()  # what DeepSpeed's forward does first for ZeRO optimizers
+        loss, terms = self._forward_loss(batch["inputs"], batch.get("month"), labels)
         self.engine.backward(loss)
         if self._grad_norm_due:
             self._grad_norm = _grad_norm(self.engine.module)
@@ -502,7 +550,7 @@ class Trainer:
                 and ((self.engine.global_steps + 1) % cfg.train.log_every_steps == 0 or epoch_ends)
             )
             trace_id = self.engine.global_steps * cfg.train.grad_accum + (micro - 1) % cfg.train.grad_accum
-            loss, terms = self.step_fn(batch)
+            loss, terms = self._train_step(batch)
             samples += int(batch["target"].shape[0])
             # One stacked add per step, not one per term (there are 5·M + pairs of them).
             step_terms = torch.stack([v.detach().float() for v in terms.values()])
@@ -599,20 +647,23 @@ class Trainer:
                 for name in sets:
                     self._save_best(name, {"score": None})
             return
-        val_loader = ShardLoader(
-            self.cfg.data.shards,
-            "val",
-            batch_size=max(256, self.cfg.data.batch_size),
-            modalities=self.built.modalities,
-            rank=self.rank,
-            world_size=self.world,
-            workers=0,
-            shuffle=False,
-        )
+        if self._val_loader is None:
+            self._val_loader = ShardLoader(
+                self.cfg.data.shards,
+                "val",
+                batch_size=max(256, self.cfg.data.batch_size),
+                modalities=self.built.modalities,
+                rank=self.rank,
+                world_size=self.world,
+                workers=0,
+                shuffle=False,
+                cache_bytes=self.cfg.data.cache_mb << 20,
+                prefetch=self.cfg.data.prefetch,
+            )
         self._agree_with_rank0()
         metrics = score_loader(
             self.engine.module,
-            val_loader,
+            self._val_loader,
             self.built.spec,
             self.manifest,
             sensor_sets(self.cfg.model.method, names),

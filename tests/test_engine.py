@@ -80,6 +80,49 @@ def test_single_process_run_end_to_end(shards, tmp_path):
     assert "samples/s" in log and "val" in log
 
 
+def test_compiled_forward_objective_no_recompiles_same_training(shards, tmp_path, monkeypatch):
+    """train.compile: forward + objective traced once (batch axis dynamic: the epoch's uneven batches
+    share the graph), no graph break, no recompile in later epochs; training matches eager mode.
+    aot_eager runs the traced graphs without generating code (what inductor adds is speed, benchmarked)."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    from colearn_dist.config import load_config
+    from colearn_dist.engine import Trainer
+
+    monkeypatch.setenv("COLEARN_COMPILE_BACKEND", "aot_eager")
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", default_cache_dir())  # as importing DeepSpeed leaves it; restored after
+    model = {**SMALL_MODEL, "encoders": {"default": {"type": "tempcnn", "hidden": 8, "depth": 2, "dropout": 0.0}}}
+    data = {"modalities": ["s1", "s2"], "batch_size": 24}
+
+    def trainer(name: str, compile_: bool) -> Trainer:
+        path = write_config(tmp_path / f"{name}.yaml", shards, tmp_path / name, data=data, model=model,
+                            train={"compile": compile_, "log_every_steps": 0})  # fmt: skip
+        return Trainer(load_config(path))
+
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = trainer("compiled", True)
+    sizes = {len(b["id"]) for b in compiled.train_loader}
+    assert len(sizes) == 2, sizes  # the plan's uneven batches: two sizes in one epoch
+    compiled.train_loader.set_position({"epoch": 0, "batch": 0})
+    compiled._train_epoch()
+    graphs = counters["stats"]["unique_graphs"]
+    assert graphs >= 1 and compiled.compile_seconds is not None
+    assert not counters["graph_break"], dict(counters["graph_break"])
+    compiled.epoch += 1
+    compiled._train_epoch()
+    assert counters["stats"]["unique_graphs"] == graphs, "recompiled after the first epoch"
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "compiled" / "compile_cache")
+    eager = trainer("eager", False)
+    for _ in range(2):
+        eager._train_epoch()
+        eager.epoch += 1
+    assert_same_weights(eager.engine.module.state_dict(), compiled.engine.module.state_dict(), atol=1e-5)
+
+
 @pytest.mark.slow
 def test_sigkill_and_restart_ends_with_the_same_weights(shards, tmp_path):
     common = {"train": {"epochs": 3, "checkpoint_every_steps": 4, "keep_checkpoints": 2}}
