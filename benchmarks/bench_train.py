@@ -1,13 +1,23 @@
-"""Training throughput of MDiCo with the paper's settings on the bundled fuel_moisture data.
+"""Training throughput of MDiCo (paper settings) on the bundled fuel_moisture data, against the hardware.
 
-Prints samples/s for: the engine (DeepSpeed) in 1 process and in N processes (weak scaling: each
-process keeps batch 32), the share of time spent waiting for data, and the same model, objective
-and loader in a plain single-process PyTorch loop without DeepSpeed (the overhead reference).
-Runs unchanged on a GPU node (nccl there; the plain loop uses the same device). Both sides run at
-the same `--precision` (fp32 by default; bf16 on a GPU: DeepSpeed's bf16 engine vs autocast in the
-plain loop), so the comparison stays fair.
+For each batch size × sensor set, one process runs, alternating round by round (A/B/C, the same
+batches in the same order):
+  * the engine (DeepSpeed `Trainer`, its own loader: data wait measured),
+  * the plain loop: the same model, objective and loader with torch.optim.Adam, no DeepSpeed,
+  * a reference-shaped plain PyTorch MDiCo written here from the paper (one TempCNN / MLP per
+    encoder, nn.Conv1d / nn.BatchNorm1d / nn.Linear modules called one by one, NT-Xent pair by pair),
+    with the same sizes,
+and reports samples/s (median over rounds) and the fraction of the FLOP limit: FLOPs per sample of
+forward + backward counted with torch.utils.flop_counter, divided into the matmul GFLOP/s measured
+in the same process on the model's own matrix shapes (between rounds).
 
-    python benchmarks/bench_train.py [--epochs 6] [--nproc 2] [--modalities s1,s2,era5,srtm,dw] [--precision bf16]
+`--baseline DIR` also runs the engine of another checkout (e.g. the main branch) against this one,
+in alternating subprocesses, at `--baseline-batch` with all sensors: the speed-up is a ratio from one
+run. One torch thread everywhere by default. Figures from a shared machine are noisy; the ratios of
+alternating runs are what to read.
+
+    python benchmarks/bench_train.py [--batches 32 256] [--sets s1,s2 s1,s2,era5,srtm,dw] [--rounds 3]
+                                     [--compile] [--baseline /path/to/other/checkout]
 """
 
 from __future__ import annotations
@@ -15,16 +25,21 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
 
 CONFIG = Path(__file__).resolve().parents[1] / "colearn_dist" / "configs" / "fuel_moisture.yaml"
+FIVE = "s1,s2,era5,srtm,dw"
 
 
 def prepare_shards(root: Path) -> Path:
@@ -38,152 +53,300 @@ def prepare_shards(root: Path) -> Path:
     return shards
 
 
-def overrides(shards: Path, run_dir: Path, args: argparse.Namespace) -> list[str]:
-    return [
+def overrides(shards: Path, run_dir: Path, mods: str, batch: int, compile_: bool) -> list[str]:
+    out = [
         f"data.shards={shards}",
         f"run_dir={run_dir}",
-        f"data.modalities=[{args.modalities}]",
-        f"data.workers={args.workers}",
-        f"train.epochs={args.epochs}",
+        f"data.modalities=[{mods}]",
+        f"data.batch_size={batch}",
+        "data.workers=0",
         "train.patience=0",
         "train.log_every_steps=0",
-        f"train.threads={args.threads}",
-        f"engine.precision={args.precision}",
+        "train.threads=1",
+        "engine.precision=fp32",
     ]
+    return out + (["train.compile=true"] if compile_ else [])
 
 
-def engine_rank(args: argparse.Namespace) -> None:
-    """One rank of the engine benchmark (run directly, or by torchrun for N processes)."""
+# ------------------------------------------------------------------------- the reference-shaped model
+class RefTempCNN(nn.Module):
+    """Pelletier et al.'s TempCNN as the paper's code writes it: conv blocks, flatten, dense block."""
+
+    def __init__(self, channels: int, steps: int, out: int, hidden: int = 64, depth: int = 3, k: int = 5, p: float = 0.2):
+        super().__init__()
+        layers: list[nn.Module] = []
+        for i in range(depth):
+            layers += [
+                nn.Conv1d(channels if i == 0 else hidden, hidden, k, padding="same"),
+                nn.BatchNorm1d(hidden),
+                nn.ReLU(),
+                nn.Dropout(p),
+            ]
+        self.convs = nn.Sequential(*layers)
+        self.dense = nn.Sequential(nn.Flatten(), nn.Linear(hidden * steps, out), nn.BatchNorm1d(out), nn.ReLU(), nn.Dropout(p))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.dense(self.convs(x.transpose(1, 2)))
+
+
+class RefMLP(nn.Module):
+    def __init__(self, channels: int, out: int, hidden: int = 64, depth: int = 2, p: float = 0.2):
+        super().__init__()
+        layers: list[nn.Module] = []
+        for i in range(depth):
+            layers += [nn.Linear(channels if i == 0 else hidden, hidden), nn.BatchNorm1d(hidden), nn.ReLU(), nn.Dropout(p)]
+        self.net = nn.Sequential(*layers, nn.Linear(hidden, out))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x)
+
+
+class RefMDiCo(nn.Module):
+    """Per sensor a unique encoder (z_spe | z_unu), a common encoder + Linear/BN/ReLU projection (z_sha)
+    and a head on [z_spe; z_sha]; shared: an auxiliary head and two modality classifiers."""
+
+    def __init__(self, inputs: dict[str, Any], emb: int = 128, out: int = 1, cat_dim: int = 8):
+        super().__init__()
+        self.mods = list(inputs)
+        half = emb // 2
+
+        def encoder(inp: Any) -> nn.Module:
+            if inp.kind == "static":
+                return RefMLP(inp.channels, emb)
+            if inp.kind == "categorical":
+                return nn.Sequential(nn.Embedding(inp.num_classes, cat_dim), RefTempCNN(cat_dim, inp.steps, emb))
+            return RefTempCNN(inp.channels, inp.steps, emb)
+
+        self.unique = nn.ModuleDict({m: encoder(i) for m, i in inputs.items()})
+        self.common = nn.ModuleDict({m: encoder(i) for m, i in inputs.items()})
+        self.project = nn.ModuleDict({m: nn.Sequential(nn.Linear(emb, half), nn.BatchNorm1d(half), nn.ReLU()) for m in inputs})
+        self.heads = nn.ModuleDict({m: nn.Linear(emb, out) for m in inputs})
+        self.aux = nn.Linear(half, out)
+        self.mod_spe = nn.Linear(half, len(inputs))
+        self.mod_unu = nn.Linear(half, len(inputs))
+        self.half = half
+        self.classes = {m: i.num_classes for m, i in inputs.items() if i.kind == "categorical"}
+
+    def forward(self, inputs: dict[str, Tensor]) -> dict[str, dict[str, Tensor]]:
+        out: dict[str, dict[str, Tensor]] = {k: {} for k in ("pred", "spe", "unu", "sha")}
+        for m in self.mods:
+            x = inputs[m]
+            if m in self.classes:  # missing / out-of-range codes → class 0 (the reference has no missing code)
+                x = x.clamp(0, self.classes[m] - 1)
+            u = self.unique[m](x)
+            spe, unu = u[:, : self.half], u[:, self.half :]
+            sha = self.project[m](self.common[m](x))
+            out["pred"][m], out["spe"][m], out["unu"][m], out["sha"][m] = self.heads[m](torch.cat([spe, sha], 1)), spe, unu, sha
+        return out
+
+
+def ref_nt_xent(a: Tensor, b: Tensor, tau: float = 0.1) -> Tensor:
+    z = F.normalize(torch.cat([a, b]), dim=1)
+    n = a.shape[0]
+    sim = (z @ z.T / tau).masked_fill(torch.eye(2 * n, dtype=torch.bool), float("-inf"))
+    positives = torch.cat([torch.arange(n, 2 * n), torch.arange(n)])
+    return F.cross_entropy(sim, positives)
+
+
+def ref_loss(model: RefMDiCo, out: dict[str, dict[str, Tensor]], target: Tensor) -> Tensor:
+    mods = model.mods
+    main = sum(F.mse_loss(out["pred"][m][:, 0], target) for m in mods) / len(mods)
+    aux = sum(F.mse_loss(model.aux(out[k][m])[:, 0], target) for m in mods for k in ("spe", "sha")) / (2 * len(mods))
+    pairs = [(a, b) for i, a in enumerate(mods) for b in mods[i + 1 :]]
+    con = sum(ref_nt_xent(out["sha"][a], out["sha"][b]) for a, b in pairs) / len(pairs)
+    mod = 0.0
+    for i, m in enumerate(mods):
+        label = torch.full((target.shape[0],), i)
+        mod = mod + F.cross_entropy(model.mod_spe(out["spe"][m]), label) + F.cross_entropy(model.mod_unu(out["unu"][m]), label)
+    return main + aux + con + mod / (2 * len(mods))
+
+
+# ------------------------------------------------------------------------------------------ one case
+def matmul_gflops(batch: int, repeats: int = 30) -> float:
+    """Best of the model's batched-matmul shapes (conv window, dense layer, and their backward forms)."""
+    g = 10
+    best = 0.0
+    for m, k, n in ((batch, 192, 64), (batch, 192, 128), (192, batch, 64), (batch, 64, 192)):
+        a, b = torch.randn(g, m, k), torch.randn(g, k, n)
+        for _ in range(3):
+            torch.bmm(a, b)
+        times = []
+        for _ in range(5):
+            t0 = time.perf_counter()
+            for _ in range(repeats):
+                torch.bmm(a, b)
+            times.append((time.perf_counter() - t0) / repeats)
+        best = max(best, 2 * g * m * k * n / statistics.median(times) / 1e9)
+    return best
+
+
+def flops_per_sample(step: Callable[[dict[str, Any]], None], batch: dict[str, Any]) -> float:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with counter:
+        step(batch)
+    return counter.get_total_flops() / int(batch["target"].shape[0])
+
+
+def run_case(args: argparse.Namespace) -> None:
     from colearn_dist.config import load_config
     from colearn_dist.engine import Trainer
 
-    cfg = load_config(CONFIG, overrides(Path(args.shards), Path(args.run_dir), args))
+    torch.set_num_threads(1)
+    shards = Path(args.shards)
+    cfg = load_config(CONFIG, overrides(shards, Path(tempfile.mkdtemp(prefix="bench-run-")), args.mods, args.batch, args.compile))
     trainer = Trainer(cfg)
     trainer.stop.install()
-    stats = []
-    for _ in range(args.epochs):
-        trainer._train_epoch()
-        trainer.epoch += 1
-        stats.append(dict(trainer.epoch_stats))
-    steady = stats[1:]  # the first epoch pays for warm-up
-    local = torch.tensor([sum(s["samples"] for s in steady), sum(s["wait_s"] for s in steady), sum(s["seconds"] for s in steady)])
-    from colearn_dist.distributed import all_reduce_sum
+    if args.engine_only:
+        rates, waits = [], []
+        for epoch in range(args.rounds + 1):
+            trainer._train_epoch()
+            trainer.epoch += 1
+            s = trainer.epoch_stats
+            if epoch:
+                rates.append(s["samples"] / s["seconds"])
+                waits.append(s["wait_s"] / s["seconds"])
+        print(json.dumps({"engine": statistics.median(rates), "data_wait": statistics.median(waits)}), flush=True)
+        return
 
-    total = all_reduce_sum(local) if trainer.world > 1 else local
-    if trainer.rank == 0:
-        seconds = float(total[2]) / trainer.world
-        print(
-            json.dumps(
-                {
-                    "world": trainer.world,
-                    "samples_per_s": float(total[0]) / seconds,
-                    "data_wait_share": float(total[1]) / trainer.world / seconds,
-                    "threads_per_rank": torch.get_num_threads(),
-                    "device": trainer.device.type,
-                }
-            ),
-            flush=True,
-        )
-
-
-def plain_loop(shards: Path, args: argparse.Namespace) -> dict[str, float]:
-    """The same model, objective and loader, with torch.optim.Adam and no DeepSpeed."""
     from colearn_dist.batch import to_device
-    from colearn_dist.config import load_config
-    from colearn_dist.distributed import configure_threads, threads_per_rank
     from colearn_dist.loader import ShardLoader
     from colearn_dist.manifest import load_manifest
     from colearn_dist.methods import build_objective
     from colearn_dist.runs import build
 
-    cfg = load_config(CONFIG, overrides(shards, Path(tempfile.mkdtemp()), args))
-    configure_threads(cfg.train.threads or threads_per_rank(1, cfg.data.workers))
+    manifest = load_manifest(shards)
     torch.manual_seed(0)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    built = build(cfg, load_manifest(shards))
-    model = built.model.to(device).train()
+    built = build(cfg, manifest)
+    model = built.model.train()
     objective = build_objective("mdico", cfg.objective, built.spec, built.model_modalities)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.train.lr, fused=True)
-    loader = ShardLoader(shards, "train", batch_size=cfg.data.batch_size, modalities=built.modalities, workers=cfg.data.workers)
-    samples, seconds = 0, 0.0
-    for epoch in range(args.epochs):
+    loader = ShardLoader(shards, "train", batch_size=args.batch, modalities=built.modalities, cache_bytes=cfg.data.cache_mb << 20)
+
+    def forward_loss(inputs: dict[str, Tensor], month: Tensor | None, labels: dict[str, Tensor]) -> Tensor:
+        return objective(model(inputs, month), labels)[0]
+
+    fl = torch.compile(forward_loss) if args.compile else forward_loss
+
+    def plain_step(batch: dict[str, Any]) -> None:
+        labels = {"target": batch["target"]}
+        if args.compile:
+            for t in [*batch["inputs"].values(), batch["target"], batch["month"]]:
+                torch._dynamo.maybe_mark_dynamic(t, 0)
+        loss = fl(batch["inputs"], batch.get("month"), labels)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    from colearn_dist.manifest import modality_inputs
+
+    torch.manual_seed(0)
+    ref = RefMDiCo(modality_inputs(manifest.modalities, built.modalities)).train()
+    ref_opt = torch.optim.Adam(ref.parameters(), lr=cfg.train.lr)
+
+    def ref_step(batch: dict[str, Any]) -> None:
+        loss = ref_loss(ref, ref(batch["inputs"]), built.spec.standardise(batch["target"]))
+        ref_opt.zero_grad(set_to_none=True)
+        loss.backward()
+        ref_opt.step()
+
+    def timed(step: Callable[[dict[str, Any]], None]) -> float:
+        batches = [to_device(b, torch.device("cpu"), torch.float32) for b in loader]
         t0 = time.perf_counter()
-        n = 0
-        for batch in loader:
-            batch = to_device(batch, device, torch.float32)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16"):
-                out = model(batch["inputs"], batch.get("month"))
-            loss, _ = objective(out, batch)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            n += int(batch["target"].shape[0])
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        if epoch:
-            samples += n
-            seconds += time.perf_counter() - t0
-    return {"samples_per_s": samples / seconds, "threads_per_rank": torch.get_num_threads()}
+        for b in batches:
+            step(b)
+        return sum(int(b["target"].shape[0]) for b in batches) / (time.perf_counter() - t0)
+
+    def engine_epoch() -> tuple[float, float]:
+        trainer._train_epoch()
+        trainer.epoch += 1
+        s = trainer.epoch_stats
+        return s["samples"] / s["seconds"], s["wait_s"] / s["seconds"]
+
+    first = to_device(
+        next(iter(ShardLoader(shards, "train", batch_size=args.batch, modalities=built.modalities))), torch.device("cpu"), torch.float32
+    )
+    flops = flops_per_sample(lambda b: forward_loss(b["inputs"], b.get("month"), {"target": b["target"]}).backward(), first)
+    ref_flops = flops_per_sample(lambda b: ref_loss(ref, ref(b["inputs"]), built.spec.standardise(b["target"])).backward(), first)
+    optimizer.zero_grad(set_to_none=True)
+    ref_opt.zero_grad(set_to_none=True)
+    engine_epoch(), timed(plain_step), timed(ref_step)  # warm-up (and compilation)
+    rows: dict[str, list[float]] = {"engine": [], "data_wait": [], "plain": [], "reference": [], "gflops": []}
+    for _ in range(args.rounds):
+        rate, wait = engine_epoch()
+        rows["engine"].append(rate)
+        rows["data_wait"].append(wait)
+        rows["plain"].append(timed(plain_step))
+        rows["reference"].append(timed(ref_step))
+        rows["gflops"].append(matmul_gflops(args.batch))
+    t0 = time.perf_counter()
+    n = sum(int(b["target"].shape[0]) for b in loader)
+    loader_rate = n / (time.perf_counter() - t0)
+    result = {k: statistics.median(v) for k, v in rows.items()}
+    result.update(flops_per_sample=flops, ref_flops_per_sample=ref_flops, loader=loader_rate, compile_s=trainer.compile_seconds)
+    print(json.dumps(result), flush=True)
 
 
-def run_engine(nproc: int, shards: Path, args: argparse.Namespace) -> dict[str, float]:
-    run_dir = Path(tempfile.mkdtemp(prefix="bench-run-"))
-    me = [str(Path(__file__).resolve()), "--rank-worker", "--shards", str(shards), "--run-dir", str(run_dir)]
-    me += ["--epochs", str(args.epochs), "--modalities", args.modalities, "--workers", str(args.workers), "--threads", str(args.threads)]
-    me += ["--precision", args.precision]
+def subprocess_case(argv: list[str], code: Path | None = None) -> dict[str, Any]:
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "LOCAL_RANK")}
-    if nproc == 1:
-        cmd = [sys.executable, *me]
-    else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", *me]
-    out = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    shutil.rmtree(run_dir, ignore_errors=True)
+    env["OMP_NUM_THREADS"] = "1"
+    if code is not None:
+        env["PYTHONPATH"] = str(code)
+    out = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--case", *argv], capture_output=True, text=True, env=env)
     lines = [line for line in out.stdout.splitlines() if line.startswith("{")]
     if out.returncode or not lines:
-        raise RuntimeError(f"engine benchmark with {nproc} process(es) failed:\n{out.stderr[-3000:]}")
+        raise RuntimeError(f"benchmark case {argv} failed:\n{out.stderr[-3000:]}")
     return json.loads(lines[-1])
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--epochs", type=int, default=6)
-    p.add_argument("--nproc", type=int, default=2)
-    p.add_argument("--workers", type=int, default=0)
-    p.add_argument("--threads", type=int, default=0, help="torch threads per rank (0: the engine's rule, cores // ranks - workers)")
-    p.add_argument("--modalities", default="s1,s2,era5,srtm,dw")
-    p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32", help="bf16 needs a GPU")
-    p.add_argument("--rank-worker", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--batches", type=int, nargs="+", default=[32, 256])
+    p.add_argument("--sets", nargs="+", default=["s1,s2", FIVE])
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--compile", action="store_true", help="train.compile for the engine, torch.compile for the plain loop")
+    p.add_argument("--baseline", type=Path, help="another checkout whose engine to compare with (alternating subprocesses)")
+    p.add_argument("--baseline-batch", type=int, default=32)
+    p.add_argument("--case", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--engine-only", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--shards", help=argparse.SUPPRESS)
-    p.add_argument("--run-dir", help=argparse.SUPPRESS)
+    p.add_argument("--mods", default=FIVE, help=argparse.SUPPRESS)
+    p.add_argument("--batch", type=int, default=32, help=argparse.SUPPRESS)
     args = p.parse_args()
-    if args.rank_worker:
-        engine_rank(args)
+    if args.case:
+        run_case(args)
         return
     root = Path(tempfile.gettempdir()) / "colearn-bench-train"
     root.mkdir(exist_ok=True)
     shards = prepare_shards(root)
+    print(f"MDiCo, TempCNN, embedding 128, Adam 1e-3, fp32, 1 thread; fuel_moisture train split; medians of {args.rounds} "
+          f"alternating rounds after a warm-up{'; compiled' if args.compile else ''}; {os.cpu_count()} cores (shared)\n")  # fmt: skip
     print(
-        f"MDiCo, TempCNN, embedding 128, batch 32/process, Adam 1e-3, {args.precision}; modalities {args.modalities}; "
-        f"fuel_moisture train split; {args.epochs - 1} timed epochs after one warm-up; {os.cpu_count()} cores"
+        "| batch | sensors | engine | plain loop | reference MDiCo | engine / plain | engine / reference | data wait | "
+        "loader alone | MFLOP/sample (ref) | matmul GFLOP/s | FLOP limit | engine share |"
     )
-    plain = plain_loop(shards, args)
-    one = run_engine(1, shards, args)
-    rows = [("plain PyTorch loop, 1 process", plain, 1), ("engine (DeepSpeed), 1 process", one, 1)]
-    if args.nproc > 1:
-        many = run_engine(args.nproc, shards, args)
-        rows.append((f"engine (DeepSpeed), {args.nproc} processes", many, args.nproc))
-    print("\n| run | samples/s (global) | per process | data wait | threads/rank |\n|---|---:|---:|---:|---:|")
-    for name, r, n in rows:
-        wait = r.get("data_wait_share")
-        print(
-            f"| {name} | {r['samples_per_s']:,.0f} | {r['samples_per_s'] / n:,.0f} | {'–' if wait is None else f'{wait:.0%}'} | {r['threads_per_rank']} |"
-        )
-    print(f"\nengine / plain loop, 1 process: {one['samples_per_s'] / plain['samples_per_s']:.0%} of the plain loop's throughput")
-    if args.nproc > 1:
-        print(
-            f"weak-scaling efficiency, {args.nproc} processes: {many['samples_per_s'] / (args.nproc * one['samples_per_s']):.0%} "
-            f"({os.cpu_count()} cores here, shared by the ranks)"
-        )
+    print("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for batch in args.batches:
+        for mods in args.sets:
+            argv = ["--shards", str(shards), "--mods", mods, "--batch", str(batch), "--rounds", str(args.rounds)]
+            r = subprocess_case(argv + (["--compile"] if args.compile else []))
+            limit = r["gflops"] * 1e9 / r["flops_per_sample"]
+            print(f"| {batch} | {mods} | {r['engine']:,.0f} | {r['plain']:,.0f} | {r['reference']:,.0f} | {r['engine'] / r['plain']:.0%} | "
+                  f"{r['engine'] / r['reference']:.1f}× | {r['data_wait']:.1%} | {r['loader']:,.0f} | {r['flops_per_sample'] / 1e6:.2f} "
+                  f"({r['ref_flops_per_sample'] / 1e6:.2f}) | {r['gflops']:.0f} | {limit:,.0f} | {r['engine'] / limit:.0%} |"
+                  + (f" compiled in {r['compile_s']:.0f} s" if r.get("compile_s") else ""), flush=True)  # fmt: skip
+    if args.baseline:
+        here = Path(__file__).resolve().parents[1]
+        argv = ["--engine-only", "--shards", str(shards), "--mods", FIVE, "--batch", str(args.baseline_batch), "--rounds", str(args.rounds)]
+        a, b = [], []
+        for _ in range(args.rounds):
+            a.append(subprocess_case(argv, args.baseline)["engine"])
+            b.append(subprocess_case(argv + (["--compile"] if args.compile else []), here)["engine"])
+        ratios = [y / x for x, y in zip(a, b)]
+        print(f"\nengine, batch {args.baseline_batch}, all sensors: {args.baseline} {statistics.median(a):,.0f} samples/s, "
+              f"this checkout {statistics.median(b):,.0f}; ratio per alternating pair {', '.join(f'{x:.2f}' for x in ratios)} "
+              f"(median {statistics.median(ratios):.2f}×)")  # fmt: skip
 
 
 if __name__ == "__main__":
