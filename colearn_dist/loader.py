@@ -496,7 +496,7 @@ class _Prefetch:
         except BaseException as exc:  # handed to the consumer
             self._put(exc)
 
-    def __iter__(self) -> "_Prefetch":
+    def __iter__(self) -> _Prefetch:
         return self
 
     def __next__(self) -> dict[str, Any]:
