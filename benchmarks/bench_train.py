@@ -308,6 +308,7 @@ def main() -> None:
     p.add_argument("--compile", action="store_true", help="train.compile for the engine, torch.compile for the plain loop")
     p.add_argument("--baseline", type=Path, help="another checkout whose engine to compare with (alternating subprocesses)")
     p.add_argument("--baseline-batch", type=int, default=32)
+    p.add_argument("--only-baseline", action="store_true", help="skip the table; only the A/B against --baseline")
     p.add_argument("--case", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--engine-only", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--shards", help=argparse.SUPPRESS)
@@ -327,7 +328,7 @@ def main() -> None:
         "loader alone | MFLOP/sample (ref) | matmul GFLOP/s | FLOP limit | engine share |"
     )
     print("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
-    for batch in args.batches:
+    for batch in [] if args.only_baseline else args.batches:
         for mods in args.sets:
             argv = ["--shards", str(shards), "--mods", mods, "--batch", str(batch), "--rounds", str(args.rounds)]
             r = subprocess_case(argv + (["--compile"] if args.compile else []))

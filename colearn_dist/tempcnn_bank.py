@@ -86,6 +86,13 @@ def fast_dropout(x: Tensor, p: float, training: bool) -> Tensor:
     return x * mask
 
 
+def _window_matmuls(xf: Tensor, q: Tensor, bias: Tensor, steps: int) -> Tensor:
+    """Output step T-1-t = bias + xf [G, B, T·C] @ Q[:, t:t+T] (a contiguous view, as [G, T·C, H])."""
+    g, _, tc = xf.shape
+    out = [torch.baddbmm(bias.unsqueeze(1), xf, q[:, t : t + steps].reshape(g, tc, -1)) for t in range(steps)]
+    return torch.stack(out[::-1], dim=2)
+
+
 class _WindowMatmuls(torch.autograd.Function):
     """out[:, :, T-1-t] = bias + xf @ Q[:, t:t+T] (as [T·C, H]) for t < T, with a hand-written backward.
 
@@ -96,12 +103,9 @@ class _WindowMatmuls(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, xf: Tensor, q: Tensor, bias: Tensor, steps: int) -> Tensor:  # type: ignore[override]
-        g, _, tc = xf.shape
-        windows = [q[:, t : t + steps].reshape(g, tc, -1) for t in range(steps)]
-        out = [torch.baddbmm(bias.unsqueeze(1), xf, w) for w in windows]
         ctx.save_for_backward(xf, q)
         ctx.steps = steps
-        return torch.stack(out[::-1], dim=2)
+        return _window_matmuls(xf, q, bias, steps)
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, Tensor | None, Tensor | None, None]:  # type: ignore[override]
@@ -144,7 +148,10 @@ def _conv_as_matmuls(x: Tensor, weight: Tensor, bias: Tensor, steps: int, k: int
         q = F.pad(q, (0, 0, 0, 0, before, max(after, 0)))
     if q.shape[1] != 2 * steps - 1:
         q = q[:, : 2 * steps - 1]
-    return _WindowMatmuls.apply(x.reshape(g, b, steps * c), q.contiguous(), bias, steps)
+    xf = x.reshape(g, b, steps * c)
+    if torch.is_grad_enabled() and (xf.requires_grad or q.requires_grad or bias.requires_grad):
+        return _WindowMatmuls.apply(xf, q.contiguous(), bias, steps)
+    return _window_matmuls(xf, q, bias, steps)  # no gradient (inference, tracing, export): plain ops
 
 
 _Selection = Union[None, slice, Tensor]
