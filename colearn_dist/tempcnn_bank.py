@@ -130,7 +130,7 @@ class _WindowMatmuls(torch.autograd.Function):
         return grad_x, grad_q, grad_b, None
 
 
-def _conv_as_matmuls(x: Tensor, weight: Tensor, bias: Tensor, steps: int, k: int) -> Tensor:
+def _conv_as_matmuls(x: Tensor, weight: Tensor, bias: Tensor, steps: int, k: int, training: bool = True) -> Tensor:
     """A "same" Conv1d on short series as T batched matmuls, for G groups at once.
 
     x [G, B, T, C], weight [G, K, C, H] (tap-major), bias [G, H] → [G, B, T, H]. Output step t sees input
@@ -146,12 +146,12 @@ def _conv_as_matmuls(x: Tensor, weight: Tensor, bias: Tensor, steps: int, k: int
     q = weight[:, drop:] if drop else weight
     if before or after > 0:
         q = F.pad(q, (0, 0, 0, 0, before, max(after, 0)))
-    if q.shape[1] != 2 * steps - 1:
+    if k - drop + before + max(after, 0) != 2 * steps - 1:  # from the sizes, not q.shape: a trace sees no shape test
         q = q[:, : 2 * steps - 1]
     xf = x.reshape(g, b, steps * c)
-    if torch.is_grad_enabled() and (xf.requires_grad or q.requires_grad or bias.requires_grad):
+    if training and torch.is_grad_enabled() and (xf.requires_grad or q.requires_grad or bias.requires_grad):
         return _WindowMatmuls.apply(xf, q.contiguous(), bias, steps)
-    return _window_matmuls(xf, q, bias, steps)  # no gradient (inference, tracing, export): plain ops
+    return _window_matmuls(xf, q, bias, steps)  # evaluation, tracing, export: plain ops (autograd if asked)
 
 
 _Selection = Union[None, slice, Tensor]
@@ -324,7 +324,7 @@ class TempCNNBank(nn.Module):
         for i in range(self.depth):
             weight, bias = _take(self.conv_weight[i], sel), _take(self.conv_bias[i], sel)
             if steps <= self.kernel_size:
-                y = _conv_as_matmuls(x, weight, bias, steps, self.kernel_size)
+                y = _conv_as_matmuls(x, weight, bias, steps, self.kernel_size, self.training)
             else:
                 conv = weight.permute(0, 3, 2, 1).reshape(g * hidden, -1, self.kernel_size)  # [G*H, C, K]
                 y = F.conv1d(x.permute(1, 0, 3, 2).reshape(batch, -1, steps), conv, bias.reshape(-1), padding="same", groups=g)

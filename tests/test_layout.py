@@ -39,7 +39,7 @@ RANK = {module: rank for rank, layer in enumerate(LAYERS) for module in layer}
 # Inside a function only these may be imported (heavy or optional; importers pull h5py/tifffile).
 LAZY_OK = (
     "deepspeed", "submitit", "matplotlib", "h5py", "tifffile", "pyarrow",
-    "google.protobuf", "tensorboard", "torch.utils.tensorboard",
+    "google.protobuf", "tensorboard", "torch.utils.tensorboard", "torch._inductor",
     "onnx", "onnxscript", "onnxruntime", "xarray",  # optional extras [onnx], [xarray]
 )  # fmt: skip
 
