@@ -13,6 +13,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .signals import catch_early
+
+# `colearn-dist train` may be a Slurm rank: a stop signal that arrives during the imports below
+# (torch takes seconds) is kept for the trainer instead of killing the rank unsaved (exit 138).
+if sys.argv[1:2] == ["train"]:
+    catch_early()
+
 from .archive import describe, open_archive
 from .config import load_config
 from .crossval import plan_crossval
@@ -21,7 +28,7 @@ from .evaluate import evaluate_runs
 from .export import export_sensor, load_exported, predict
 from .launch import launch_local
 from .shards import merge_shards, verify_shards, write_shards
-from .slurm import command_slurm, plan_submission, resume_config, status, submit_jobs, submit_planned
+from .slurm import command_slurm, note, plan_submission, preflight, resume_config, status, stop_action, submit_jobs, submit_planned
 from .stac import stac_path
 from .sweep import demo, load_reference, plan_sweep, run_sweep
 from .synthetic import write_synthetic_archive
@@ -156,9 +163,17 @@ def _shards_verify(args: argparse.Namespace) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
+    """Exit status 0: finished; 3: stopped at a checkpoint on a time-limit or preemption warning
+    (the job should requeue: launchers/sbatch_direct.sh does); 4: stopped at a checkpoint because
+    the job was cancelled or Slurm requeues it already (nothing to do)."""
     cfg = load_config(args.config, args.set)
     result = train(cfg, allow_config_change=args.allow_config_change, allow_shards_change=args.allow_shards_change)
-    return 0 if result["status"] == "finished" else 3
+    if result["status"] == "finished":
+        return 0
+    action, why = stop_action(result.get("signal"), cfg.run_dir)
+    if int(os.environ.get("RANK", "0")) == 0:
+        note(cfg.run_dir, why)
+    return 3 if action == "requeue" else 4
 
 
 def _launch(args: argparse.Namespace) -> int:
@@ -231,6 +246,11 @@ def _submit_training(args: argparse.Namespace) -> list:
     if not configs:
         raise ValueError("submit needs CONFIG, --resume RUN_DIR or --command")
     groups, slurm = plan_submission(configs, args.set, args.methods, args.seeds, args.root)
+    problems = [p for group in groups for r in group for p in preflight(r.load())]
+    if problems and not args.after:
+        raise ValueError("; ".join(dict.fromkeys(problems)) + " (with --after JOB, for shards a job writes, this is only a warning)")
+    for problem in dict.fromkeys(problems):
+        print(f"colearn-dist submit: warning: {problem} (must be fixed by the time the job starts)", file=sys.stderr)
     return submit_planned(groups, slurm, allow_config_change=args.allow_config_change, local=args.local, after=list(args.after))
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import re
 import types
 import typing
 from collections.abc import Mapping
@@ -21,6 +22,59 @@ import yaml
 
 class ConfigError(ValueError):
     """A configuration that cannot run; the message names the file and the key."""
+
+
+class _Loader(yaml.SafeLoader):
+    """YAML without YAML 1.1's base-60 integers: `time_min: 1:30` stays the text "1:30" (Slurm's
+    1 min 30 s, see slurm_minutes) instead of becoming the number 90."""
+
+
+_Loader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:int"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:int",
+    re.compile(r"^(?:[-+]?0b[0-1_]+|[-+]?0[0-7_]+|[-+]?(?:0|[1-9][0-9_]*)|[-+]?0x[0-9a-fA-F_]+)$"),
+    list("-+0123456789"),
+)
+
+
+def _yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_Loader)  # a SafeLoader: builds plain data only
+
+
+_SLURM_TIME = re.compile(r"^(?:(?P<days>\d+)-)?(?P<a>\d+)(?::(?P<b>\d+))?(?::(?P<c>\d+))?$")
+
+
+def slurm_minutes(value: int | str, where: str = "slurm.time_min") -> int:
+    """A time limit in whole minutes from minutes or from Slurm's `--time` formats: "MM", "MM:SS",
+    "HH:MM:SS", "D-HH", "D-HH:MM", "D-HH:MM:SS" (as sbatch reads them: "1:30" is 1 min 30 s)."""
+    if isinstance(value, bool):
+        raise ConfigError(f"{where}: expected minutes or a Slurm time such as '2:00:00', got {value!r}")
+    if isinstance(value, int):
+        seconds = value * 60
+    else:
+        m = _SLURM_TIME.match(str(value).strip())
+        if not m:
+            raise ConfigError(
+                f"{where}: {value!r} is not a Slurm time; expected minutes (90) or MM:SS, HH:MM:SS, D-HH, D-HH:MM, D-HH:MM:SS"
+            )
+        days, parts = int(m["days"] or 0), [int(p) for p in (m["a"], m["b"], m["c"]) if p is not None]
+        if days:  # D-HH[:MM[:SS]]
+            parts += [0] * (3 - len(parts))
+            hours, minutes, secs = parts
+        else:  # MM, MM:SS or HH:MM:SS
+            hours, minutes, secs = [0] * (3 - len(parts)) + parts if len(parts) == 3 else (0, parts[0], parts[1] if len(parts) > 1 else 0)
+        seconds = ((days * 24 + hours) * 60 + minutes) * 60 + secs
+        if seconds % 60:
+            raise ConfigError(
+                f"{where}: {value!r} is {seconds // 60} min {seconds % 60} s in Slurm's time format; the limit must be whole "
+                f"minutes, e.g. 90 or '1:30:00' for 1 h 30 min"
+            )
+    if seconds <= 0:
+        raise ConfigError(f"{where}: the time limit must be at least 1 minute, got {value!r}")
+    return seconds // 60
 
 
 Method = Literal["mdico", "single", "fusion", "dropout", "distill", "pretrain", "presto"]
@@ -160,7 +214,8 @@ class SlurmConfig:
     tasks_per_node: int = 0
     cpus_per_task: int = 2
     mem_gb: float = 8.0
-    time_min: int = 60
+    # the time limit: minutes, or a Slurm time string ("2:00:00" = 2 h, "1-12" = 1 day 12 h; quote it in YAML)
+    time_min: int | str = 60
     partition: str | None = None
     account: str | None = None
     qos: str | None = None
@@ -374,6 +429,7 @@ def validate(cfg: RunConfig, where: str = "config") -> RunConfig:
         )
     if cfg.model.freeze_encoders and not cfg.model.init_from:
         raise ConfigError(f"{where}: model.freeze_encoders needs model.init_from (a probe of random encoders measures nothing)")
+    validate_slurm(cfg.slurm, f"{where}: slurm")
     return cfg
 
 
@@ -418,13 +474,36 @@ def check_encoder_names(cfg: RunConfig, modalities: list[str], where: str = "con
         )
 
 
+def validate_slurm(slurm: SlurmConfig, where: str = "slurm") -> SlurmConfig:
+    """What sbatch would reject only after the job waited in the queue, or not at all."""
+    limit = slurm_minutes(slurm.time_min, f"{where}.time_min")
+    for key, low in (
+        ("nodes", 1),
+        ("gpus_per_node", 0),
+        ("tasks_per_node", 0),
+        ("cpus_per_task", 1),
+        ("signal_delay_s", 0),
+        ("max_requeues", 0),
+    ):
+        if getattr(slurm, key) < low:
+            raise ConfigError(f"{where}.{key} must be ≥ {low}, got {getattr(slurm, key)}")
+    if slurm.mem_gb <= 0:
+        raise ConfigError(f"{where}.mem_gb must be > 0, got {slurm.mem_gb}")
+    if slurm.signal_delay_s >= limit * 60:
+        raise ConfigError(
+            f"{where}.signal_delay_s ({slurm.signal_delay_s} s) must be shorter than the time limit ({limit} min): "
+            f"the warning would come before the job starts"
+        )
+    return slurm
+
+
 def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
     """Load a YAML config; `overrides` are `key.sub=value` strings (YAML values), applied in order."""
     path = Path(path)
     if not path.exists():
         raise ConfigError(f"{path}: no such config file")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = _yaml(path.read_text()) or {}
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML ({exc})") from exc
     for item in overrides or []:
@@ -442,7 +521,7 @@ def apply_override(data: dict[str, Any], item: str, where: str = "override") -> 
         node = node.setdefault(part, {})
         if not isinstance(node, dict):
             raise ConfigError(f"{where}: override {item!r}: {part!r} is not a mapping")
-    node[parts[-1]] = yaml.safe_load(raw)
+    node[parts[-1]] = _yaml(raw)
 
 
 def dump_config(cfg: RunConfig) -> str:

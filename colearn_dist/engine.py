@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import math
 import os
-import signal
 import time
 import weakref
 from collections.abc import Callable
@@ -36,6 +35,7 @@ from .norm import set_batch_stats
 from .runlock import RunLockedError, describe
 from .runs import RunDir, build
 from .scoring import evaluate_run, score_loader
+from .signals import StopRequested
 
 
 class ResumeError(RuntimeError):
@@ -72,27 +72,6 @@ def _lr_lambda(cfg: RunConfig, progress: Callable[[int], float]):
         return factor
 
     return fn
-
-
-class StopRequested:
-    """Set by SIGUSR2 (Submitit asks Slurm for it before the time limit), SIGUSR1 (the same warning
-    from a hand-written sbatch script) or SIGTERM (preemption): the loop checkpoints at the next step
-    boundary and returns, so nothing is lost."""
-
-    def __init__(self) -> None:
-        self.flag = False
-        self.signal: int | None = None
-
-    def install(self) -> None:
-        for sig in (signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM):
-            try:
-                signal.signal(sig, self._handle)
-            except ValueError:  # not the main thread
-                pass
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        self.flag = True
-        self.signal = signum
 
 
 def _all_ok(ok: bool, world: int) -> bool:
@@ -476,7 +455,7 @@ class Trainer:
             self.logger.line(f"stop requested (signal {self.stop.signal}): checkpoint {path.name} written")
             self.logger.close()
             self.lock.release()
-            return {"status": status, "step": self.step}
+            return {"status": status, "step": self.step, "signal": self.stop.signal}
         self.save_checkpoint()
         result = {"status": status, "step": self.step, "epoch": self.epoch}
         if self.pretrain:

@@ -13,9 +13,12 @@ import socket
 import subprocess
 import sys
 import tempfile
+import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
+from torch.utils.cpp_extension import _get_build_directory
 
 
 @dataclass(frozen=True)
@@ -64,11 +67,45 @@ def rendezvous_from_env() -> ProcessInfo:
     )
 
 
+# The op DeepSpeed compiles on CPU when it starts (deepspeed.comm.torch.build_shm_op), into the
+# user's torch extensions cache (TORCH_EXTENSIONS_DIR, default ~/.cache/torch_extensions/…).
+DEEPSPEED_CPU_OP = "deepspeed_shm_comm"
+
+
+def build_deepspeed_op() -> None:
+    """Compile DeepSpeed's CPU op once (launchers/setup.sh), so that jobs only load it."""
+    from deepspeed.comm.torch import build_shm_op
+
+    build_shm_op()
+
+
+def wait_for_op_build(timeout_s: float | None = None, poll_s: float = 2.0) -> None:
+    """torch holds `<build dir>/lock` while it compiles an op and every later process waits for it
+    to go, without a timeout: a lock left by an interrupted build hangs every job after it,
+    silently. Wait here with a message instead, and fail after COLEARN_OP_BUILD_TIMEOUT_S (600 s)."""
+    if timeout_s is None:
+        timeout_s = float(os.environ.get("COLEARN_OP_BUILD_TIMEOUT_S", "600"))
+    lock = Path(_get_build_directory(DEEPSPEED_CPU_OP, verbose=False)) / "lock"
+    if not lock.exists():
+        return
+    print(f"waiting for {lock} (DeepSpeed's CPU op being built by another process, or a stale lock)", file=sys.stderr, flush=True)
+    deadline = time.monotonic() + timeout_s
+    while lock.exists():
+        if time.monotonic() >= deadline:
+            raise RuntimeError(
+                f"{lock} is still there after {timeout_s:.0f} s: DeepSpeed's CPU op build is stuck, or an interrupted "
+                f"build left the lock. If no other job is building it, delete the lock (rm {lock}); "
+                f"launchers/setup.sh builds the op once for all jobs"
+            )
+        time.sleep(poll_s)
+
+
 def init_distributed() -> ProcessInfo:
     """Initialise the process group (nccl on GPU, gloo on CPU) through DeepSpeed."""
     import deepspeed
 
     info = rendezvous_from_env()
+    wait_for_op_build()
     if torch.cuda.is_available():
         torch.cuda.set_device(info.local_rank)
     backend = "nccl" if torch.cuda.is_available() else "gloo"

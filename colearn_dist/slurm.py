@@ -2,9 +2,11 @@
 
 Submitit's own signal handler checkpoints by calling a method *inside* the signal handler, on rank 0
 only. A DeepSpeed checkpoint is collective and must happen between steps, so instead the engine
-catches Slurm's warning signal on every rank, all ranks agree at the next step boundary, write the
-checkpoint together, and rank 0 requeues the job. The requeued job runs the same pickled `TrainJob`,
-which finds `latest` in the run directory and continues.
+catches Slurm's signals on every rank (colearn_dist.signals), all ranks agree at the next step
+boundary and write the checkpoint together. Then `stop_action` decides: a time-limit warning (USR2)
+or a time limit reached → rank 0 requeues the job; a preemption or `scontrol requeue` → Slurm
+requeues it already; `scancel` → the job ends there. The requeued job runs the same pickled
+`TrainJob`, which finds `latest` in the run directory and continues.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import dataclasses
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -23,10 +26,12 @@ from typing import Any
 
 import submitit
 
-from .config import ConfigError, RunConfig, SlurmConfig, apply_override, from_dict, load_config
+from .config import ConfigError, RunConfig, SlurmConfig, apply_override, from_dict, load_config, slurm_minutes, validate_slurm
 from .engine import train
+from .manifest import ShardError, load_manifest
 from .methods import method
-from .runs import RunDir
+from .runs import RunDir, resolve_modalities
+from .signals import WARNING_SIGNALS, catch_early
 from .sweep import PlannedRun, plan_sweep
 
 
@@ -39,17 +44,29 @@ class TrainJob:
     allow_config_change: bool = False
 
     def __call__(self) -> dict[str, Any]:
+        # Submitit's own handlers cover the start-up (USR2: requeue, SIGTERM: ignored); from here
+        # until the trainer's handler exists, stop signals are kept for it.
+        catch_early()
         submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
         cfg = load_config(self.config, self.overrides)
         result = train(cfg, allow_config_change=self.allow_config_change)
         if result["status"] == "stopped":
-            self._requeue_and_wait(cfg)
+            self._after_stop(cfg, result)
         return result
 
-    def _requeue_and_wait(self, cfg: RunConfig) -> None:
+    def _after_stop(self, cfg: RunConfig, result: dict[str, Any]) -> None:
         env = submitit.JobEnvironment()
         if env.cluster != "slurm":
             return  # local executor: the run simply stops, `submit --resume` continues it
+        action, why = stop_action(result.get("signal"), cfg.run_dir)
+        if env.global_rank == 0:
+            note(cfg.run_dir, why)
+        if action == "end":
+            result["status"] = "cancelled"
+            return  # the job ends here; its checkpoint is written
+        if action == "wait":
+            time.sleep(120)  # Slurm requeues and ends this allocation; returning would read as "job finished"
+            sys.exit(-1)
         refusal = requeue_refusal(cfg.slurm.max_requeues, cfg.run_dir)
         if refusal:
             if env.global_rank == 0:
@@ -65,6 +82,60 @@ class TrainJob:
     def checkpoint(self, *args: Any, **kwargs: Any) -> submitit.helpers.DelayedSubmission:
         """Submitit's fallback (should our handler not have run): requeue the same job; it resumes from `latest`."""
         return submitit.helpers.DelayedSubmission(dataclasses.replace(self))
+
+
+def stop_action(
+    signum: int | None,
+    run_dir: str | Path,
+    environ: Mapping[str, str] = os.environ,
+    show: Callable[[str], dict[str, str]] | None = None,
+) -> tuple[str, str]:
+    """What a Slurm job does after a stop request made it checkpoint: ("requeue", why) — it
+    requeues itself (a time-limit warning, a time limit reached, or COLEARN_STOP_AFTER_STEPS's
+    stand-in for one); ("wait", why) — Slurm requeues it already (preemption with
+    PreemptMode=REQUEUE, `scontrol requeue`); ("end", why) — cancelled (`scancel`, or a SIGTERM
+    Slurm gives no reason for): the job ends, `submit --resume` continues it.
+    SIGTERM says none of this by itself; `scontrol show job` does: a requeue has already counted
+    one more restart than this allocation started with, a time limit shows Reason=TimeLimit."""
+    if signum is None or signum in WARNING_SIGNALS:
+        name = signal.Signals(signum).name if signum else "COLEARN_STOP_AFTER_STEPS"
+        return "requeue", f"stopped by {name} (time limit or preemption ahead): checkpointed, requeueing"
+    job_id = environ.get("SLURM_JOB_ID")
+    if not job_id:
+        return "end", f"stopped by signal {signum} outside Slurm: checkpointed; continue it with the same command"
+    job = (show or show_job)(job_id)
+    restarts, started_with = int(job.get("Restarts") or 0), int(environ.get("SLURM_RESTART_COUNT") or 0)
+    if restarts > started_with:
+        return "wait", f"SIGTERM: Slurm is requeueing job {job_id} (preemption or scontrol requeue, restart {restarts}): checkpointed"
+    if job.get("Reason") == "TimeLimit" or job.get("JobState") in ("TIMEOUT", "PREEMPTED"):
+        return "requeue", f"SIGTERM at {job.get('Reason') or job.get('JobState')}: checkpointed, requeueing"
+    seen = f"JobState {job['JobState']}, Reason {job.get('Reason')}" if job else "scontrol show job failed"
+    return "end", (
+        f"SIGTERM: job {job_id} cancelled ({seen}, no requeue): checkpointed, not requeued; "
+        f"continue it with: colearn-dist submit --resume {run_dir}"
+    )
+
+
+def show_job(job_id: str) -> dict[str, str]:
+    """`scontrol show job`'s fields (JobState, Reason, Restarts, StdErr, …) of a job Slurm still
+    remembers (MinJobAge, 300 s by default, after its end); {} when it does not or scontrol fails."""
+    if shutil.which("scontrol") is None:
+        return {}
+    try:
+        out = subprocess.run(["scontrol", "-o", "show", "job", job_id], capture_output=True, text=True, timeout=30)
+    except subprocess.TimeoutExpired:
+        return {}
+    if out.returncode != 0:
+        return {}
+    first = out.stdout.strip().split("\n")[0]  # an array job lists its elements: the first is asked for
+    return dict(word.split("=", 1) for word in first.split() if "=" in word)
+
+
+def note(run_dir: str | Path, text: str) -> None:
+    """One line in the run's train.log (as the engine writes them) and on stderr (the job's error log)."""
+    print(text, file=sys.stderr, flush=True)
+    with open(RunDir(run_dir).log, "a") as log:
+        log.write(time.strftime("%Y-%m-%d %H:%M:%S ") + text + "\n")
 
 
 def requeue_refusal(max_requeues: int, run_dir: str | Path, environ: Mapping[str, str] = os.environ) -> str | None:
@@ -86,7 +157,7 @@ def command_slurm(overrides: list[str], command: str) -> SlurmConfig:
         if not item.startswith("slurm."):
             raise ConfigError(f"--command runs without a config: only slurm.* settings apply, got --set {item!r}")
         apply_override(data, item.removeprefix("slurm."), "--set")
-    slurm = from_dict(SlurmConfig, data, "--set: slurm")
+    slurm = validate_slurm(from_dict(SlurmConfig, data, "--set: slurm"), "--set: slurm")
     name = slurm.job_name if "job_name" in data else f"{slurm.job_name}-{command}"
     return dataclasses.replace(slurm, nodes=1, tasks_per_node=1, job_name=name)
 
@@ -99,7 +170,7 @@ def make_executor(folder: Path, slurm: SlurmConfig, local: bool = False) -> subm
         "tasks_per_node": tasks,
         "cpus_per_task": slurm.cpus_per_task,
         "mem_gb": slurm.mem_gb * tasks,
-        "timeout_min": slurm.time_min,
+        "timeout_min": slurm_minutes(slurm.time_min),
         "name": slurm.job_name,
     }
     if slurm.gpus_per_node:
@@ -156,7 +227,9 @@ def submit_runs(
         run_dir.mkdir(parents=True, exist_ok=True)
         record = RunDir(run_dir).jobs
         history = json.loads(record.read_text()) if record.exists() else []
-        history.append({"job_id": job.job_id, "submitted": time.strftime("%Y-%m-%dT%H:%M:%S"), "cluster": cluster})
+        history.append(
+            {"job_id": job.job_id, "submitted": time.strftime("%Y-%m-%dT%H:%M:%S"), "cluster": cluster, "stderr": str(job.paths.stderr)}
+        )
         record.write_text(json.dumps(history, indent=1))
     return submitted
 
@@ -167,7 +240,13 @@ def status(run_dir: str | Path) -> str:
     lines = [f"run {run.path}"]
     if run.jobs.exists():
         last = json.loads(run.jobs.read_text())[-1]
-        lines.append(f"  job {last['job_id']} ({last['cluster']}, submitted {last['submitted']}): {job_state(last['job_id'])}")
+        state = job_state(last["job_id"]) if last["cluster"] == "slurm" else f"{last['cluster']} executor (no Slurm state)"
+        lines.append(f"  job {last['job_id']} ({last['cluster']}, submitted {last['submitted']}): {state}")
+        err = Path(last.get("stderr") or run.slurm / f"{last['job_id']}_0_log.err")
+        if err.exists():
+            lines.append(f"  error log: {err}")
+            if state.split()[0] in _FAILED:
+                lines += ["  | " + t for t in err.read_text(errors="replace").strip().splitlines()[-3:]]
     else:
         lines.append("  no job submitted from here")
     latest = run.checkpointer().latest()
@@ -191,15 +270,42 @@ def status(run_dir: str | Path) -> str:
     return "\n".join(lines)
 
 
+_FAILED = ("FAILED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "BOOT_FAIL", "DEADLINE")
+
+
 def job_state(job_id: str) -> str:
-    for cmd in (["squeue", "-h", "-j", job_id, "-o", "%T"], ["sacct", "-n", "-X", "-j", job_id, "-o", "State"]):
-        if shutil.which(cmd[0]) is None:
-            continue
-        out = subprocess.run(cmd, capture_output=True, text=True)
+    """A job's state with what explains it: "PENDING (Resources)", "FAILED (exit 1:0)", "CANCELLED".
+    Slurm's controller remembers ended jobs for MinJobAge (300 s by default) without accounting:
+    `scontrol show job` first, then sacct (accounting on) for jobs that ended earlier."""
+    job = show_job(job_id)
+    if job.get("JobState"):
+        state, reason = job["JobState"], job.get("Reason", "None")
+        if state in ("PENDING", "REQUEUED") or state in _FAILED:
+            detail = reason if reason not in ("None", "") else ""
+            if state in _FAILED and job.get("ExitCode", "0:0") != "0:0":
+                detail = ", ".join(d for d in (detail, f"exit {job['ExitCode']}") if d)
+            return f"{state} ({detail})" if detail else state
+        return state
+    if shutil.which("sacct") is not None:
+        out = subprocess.run(["sacct", "-n", "-X", "-j", job_id, "-o", "State"], capture_output=True, text=True)
         state = out.stdout.strip().split("\n")[0].strip() if out.returncode == 0 else ""
         if state:
             return state
-    return "unknown (not in squeue/sacct)"
+    return "unknown: Slurm no longer lists it (ended more than MinJobAge ago) and accounting (sacct) has no record of it"
+
+
+def preflight(cfg: RunConfig) -> list[str]:
+    """What would make this run fail as soon as its job starts, found before it waits in the queue:
+    shards that are not there, modalities they do not have."""
+    try:
+        manifest = load_manifest(cfg.data.shards)
+    except ShardError as exc:
+        return [f"{cfg.run_dir}: data.shards: {exc}"]
+    try:
+        resolve_modalities(cfg, manifest)
+    except ValueError as exc:
+        return [f"{cfg.run_dir}: {exc}"]
+    return []
 
 
 def resume_config(run_dir: str | Path) -> tuple[str, RunConfig]:
@@ -257,11 +363,15 @@ def submit_planned(
 __all__ = [
     "TrainJob",
     "command_slurm",
+    "job_state",
     "make_executor",
     "plan_submission",
+    "preflight",
     "requeue_refusal",
     "resume_config",
+    "show_job",
     "status",
+    "stop_action",
     "submit_jobs",
     "submit_planned",
     "submit_runs",

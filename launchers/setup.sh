@@ -9,3 +9,7 @@ if ! "$PY" -c "import torch" 2>/dev/null; then
   "$PY" -m pip install -q torch==2.13.0
 fi
 "$PY" -m pip install -q -e '.[test]'
+# DeepSpeed compiles a small CPU op the first time it starts: once here, rather than by the first
+# jobs at the same time (a build they interrupt leaves a lock in the user's cache that blocks later jobs).
+"$PY" -c "from colearn_dist.launch import build_deepspeed_op; build_deepspeed_op()" >/dev/null 2>&1 ||
+  echo "setup.sh: DeepSpeed's CPU op did not build here; the first job builds it" >&2

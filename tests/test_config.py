@@ -1,3 +1,4 @@
+import re
 from pathlib import Path
 
 import pytest
@@ -155,3 +156,46 @@ def test_keys_added_later_keep_the_hash_of_earlier_runs_at_their_default():
     changed = RunConfig()
     changed.engine.batch_stats = "rank"
     assert changed.hash() != RunConfig().hash()
+
+
+@pytest.mark.parametrize(
+    "value, minutes", [("90", 90), ("'90'", 90), ("'1:30:00'", 90), ("2:00:00", 120), ("'2:00'", 2), ("'1-12'", 2160), ("'1-0:30'", 1470)]
+)
+def test_slurm_time_limits_read_as_sbatch_reads_them(tmp_path, value, minutes):
+    from colearn_dist.config import slurm_minutes
+
+    path = tmp_path / "c.yaml"
+    path.write_text(f"slurm: {{time_min: {value}, signal_delay_s: 30}}\n")
+    assert slurm_minutes(load_config(path).slurm.time_min) == minutes
+
+
+@pytest.mark.parametrize(
+    "value, message",
+    [
+        ("1:30", "'1:30' is 1 min 30 s in Slurm's time format; the limit must be whole minutes, e.g. 90 or '1:30:00'"),
+        ("-5", "slurm.time_min: the time limit must be at least 1 minute, got -5"),
+        ("0", "at least 1 minute"),
+        ("soon", "'soon' is not a Slurm time; expected minutes (90) or MM:SS, HH:MM:SS"),
+    ],
+)
+def test_bad_slurm_time_limits_are_named(tmp_path, value, message):
+    path = tmp_path / "c.yaml"
+    path.write_text(f"slurm: {{time_min: {value}}}\n")  # unquoted 1:30 is the YAML 1.1 number 90 elsewhere
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_config(path)
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_config(CONFIGS / "fuel_moisture.yaml", [f"slurm.time_min={value}"])
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("slurm.nodes=0", "slurm.nodes must be ≥ 1, got 0"),
+        ("slurm.cpus_per_task=0", "slurm.cpus_per_task must be ≥ 1"),
+        ("slurm.mem_gb=-1", "slurm.mem_gb must be > 0"),
+        ("slurm.signal_delay_s=3600", "slurm.signal_delay_s (3600 s) must be shorter than the time limit (60 min)"),
+    ],
+)
+def test_bad_slurm_settings_are_named(override, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_config(CONFIGS / "fuel_moisture.yaml", [override])

@@ -18,7 +18,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "colearn_dist"
 # Rank in the flow: a module imports only modules of a lower rank (or the same rank, without cycles).
 # Rank 0 holds the utilities every stage may use; they import nothing of the flow.
 LAYERS: list[tuple[str, ...]] = [
-    ("config", "metrics", "distributed", "launch", "logs", "checkpoint", "runlock", "report", "averaging"),
+    ("config", "metrics", "distributed", "launch", "logs", "checkpoint", "runlock", "report", "averaging", "signals"),
     ("archive",),
     ("synthetic", "importers"),
     ("manifest",),

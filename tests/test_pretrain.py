@@ -119,7 +119,7 @@ def test_pretrain_resumes_exactly_then_fine_tunes(run_shards, tmp_path, monkeypa
 
     cfg = load_config(write_config(tmp_path / "cut.yaml", run_shards, tmp_path / "cut", **common))
     monkeypatch.setenv("COLEARN_STOP_AFTER_STEPS", "7")
-    assert train(cfg) == {"status": "stopped", "step": 7}
+    assert train(cfg) == {"status": "stopped", "step": 7, "signal": None}
     monkeypatch.delenv("COLEARN_STOP_AFTER_STEPS")
     assert train(cfg)["step"] == 20
     a, b = _weights(tmp_path / "ref"), _weights(tmp_path / "cut")
