@@ -27,6 +27,11 @@ stop_slurm() {
 }
 
 stop() {
+  # Jobs still running (a failed test) first: their tasks are processes this script's daemons started.
+  if [ -f "$STATE/slurmctld.pid" ] && kill -0 "$(cat "$STATE/slurmctld.pid")" 2>/dev/null; then
+    scancel --quiet --full --signal=KILL --user="$(id -un)" 2>/dev/null || true
+    sleep 1
+  fi
   stop_slurm
   if [ -f "$STATE/munged.pid" ]; then
     kill "$(cat "$STATE/munged.pid")" 2>/dev/null || true
