@@ -89,7 +89,14 @@ def submit(cfg: Path, *extra: str) -> list[str]:
 
 
 def slurm_sets(tasks: int, time_min: int = 10, signal_delay_s: int = 120, nodes: int = 1) -> dict:
-    return {"nodes": nodes, "tasks_per_node": tasks, "cpus_per_task": 1, "mem_gb": 2, "time_min": time_min, "signal_delay_s": signal_delay_s}
+    return {
+        "nodes": nodes,
+        "tasks_per_node": tasks,
+        "cpus_per_task": 1,
+        "mem_gb": 2,
+        "time_min": time_min,
+        "signal_delay_s": signal_delay_s,
+    }
 
 
 ENDED = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "GONE")
@@ -97,6 +104,7 @@ ENDED = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "GONE")
 
 def wait_until_ended(job_id: str, timeout: float = 400) -> str:
     """The job's final state, releasing it at once whenever it is requeued."""
+
     def ended():
         release_if_pending(job_id)
         return job_state(job_id) in ENDED
@@ -203,7 +211,9 @@ def test_job_state_explains_pending_and_failed_jobs(monkeypatch):
 
 def test_submit_refuses_missing_shards_and_unknown_modalities(shards, tmp_path, monkeypatch, capsys):
     submitted = []
-    monkeypatch.setattr(slurm_module, "submit_runs", lambda jobs, run_dirs, slurm, **kw: submitted.append(run_dirs) or [type("J", (), {"job_id": "7"})()])
+    monkeypatch.setattr(
+        slurm_module, "submit_runs", lambda jobs, run_dirs, slurm, **kw: submitted.append(run_dirs) or [type("J", (), {"job_id": "7"})()]
+    )
     missing = write_config(tmp_path / "missing.yaml", tmp_path / "no-shards", tmp_path / "run")
     assert cli.main(["submit", str(missing)]) == 2
     assert f"data.shards: {tmp_path / 'no-shards' / 'manifest.json'}: no shard manifest" in capsys.readouterr().err
@@ -272,7 +282,9 @@ def test_preempted_two_node_job_is_requeued_by_slurm_and_ends_like_an_uninterrup
     wait_for_checkpoint(tmp_path / "run", 6)
     # A job in the higher-priority partition takes node n2: Slurm (PreemptMode=REQUEUE) sends
     # SIGTERM and requeues ours; every rank checkpoints first, none requeues it a second time.
-    urgent = sh("sbatch", "--parsable", "-p", "urgent", "-w", "n2", "--exclusive", "-o", str(tmp_path / "urgent.out"), "--wrap", "sleep 1").strip()
+    urgent = sh(
+        "sbatch", "--parsable", "-p", "urgent", "-w", "n2", "--exclusive", "-o", str(tmp_path / "urgent.out"), "--wrap", "sleep 1"
+    ).strip()
     wait_for(lambda: job_state(urgent) in ("COMPLETED", "GONE"), 120, "the preempting job", poll=1)
     assert wait_until_ended(job) == "COMPLETED"
     assert slurm_module.show_job(job)["Restarts"] == "1"
@@ -307,7 +319,9 @@ def test_scancel_ends_the_job_at_a_checkpoint_and_it_resumes_onto_one_node(slurm
 
 def submit_resume(run: Path) -> str:
     """`submit --resume` onto one node with two tasks: the same world size, on half the nodes."""
-    proc = run_cli(["submit", "--resume", str(run), "--set", "slurm.nodes=1", "--set", "slurm.tasks_per_node=2"], stdout=subprocess.PIPE, text=True)
+    proc = run_cli(
+        ["submit", "--resume", str(run), "--set", "slurm.nodes=1", "--set", "slurm.tasks_per_node=2"], stdout=subprocess.PIPE, text=True
+    )
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode == 0, out
     return next(line.split()[1] for line in out.splitlines() if line.startswith("submitted "))
@@ -342,13 +356,27 @@ def test_sbatch_direct_script_survives_a_warning_during_start_up(slurm, shards, 
     cfg = write_config(tmp_path / "c.yaml", shards, run, train={"epochs": 2})
     script = Path(__file__).resolve().parents[1] / "launchers" / "sbatch_direct.sh"
     job = sh(
-        "sbatch", "--parsable", "--nodes=1", "--ntasks-per-node=1", "--gpus-per-node=0", "--cpus-per-task=1", "--mem=2G",
-        "--time=10", f"--output={tmp_path / 'job.out'}", f"--chdir={tmp_path}", str(script), str(cfg),
+        "sbatch",
+        "--parsable",
+        "--nodes=1",
+        "--ntasks-per-node=1",
+        "--gpus-per-node=0",
+        "--cpus-per-task=1",
+        "--mem=2G",
+        "--time=10",
+        f"--output={tmp_path / 'job.out'}",
+        f"--chdir={tmp_path}",
+        str(script),
+        str(cfg),
     ).strip()
 
     def task_started() -> bool:
         out = subprocess.run(["scontrol", "listpids", job], capture_output=True, text=True).stdout.split()
-        return any("colearn" in Path(f"/proc/{pid}/cmdline").read_text(errors="replace") for pid in out if pid.isdigit() and Path(f"/proc/{pid}").exists())
+        return any(
+            "colearn" in Path(f"/proc/{pid}/cmdline").read_text(errors="replace")
+            for pid in out
+            if pid.isdigit() and Path(f"/proc/{pid}").exists()
+        )
 
     wait_for(task_started, 120, "the training task to start", poll=0.1)
     time.sleep(1.0)  # inside `import torch` (seconds): before the trainer's handler exists
