@@ -76,8 +76,11 @@ def wait_for(predicate, timeout: float, what: str, poll: float = 0.5):
 
 
 def release_if_pending(job_id: str) -> None:
-    """A requeued job waits (BeginTime) before it may start again; a test has no time to wait."""
+    """A requeued job waits (BeginTime) before it may start again; a test has no time to wait. Not
+    within the second of the requeue, though: slurmd refuses a launch whose credential is as old as
+    the requeue's revocation ("Job credential revoked", seen here) and the job fails."""
     if job_state(job_id) == "PENDING":
+        time.sleep(2)
         subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], capture_output=True)
 
 
