@@ -78,6 +78,7 @@ def slurm_minutes(value: int | str, where: str = "slurm.time_min") -> int:
 
 
 Method = Literal["mdico", "single", "fusion", "dropout", "distill", "pretrain", "presto"]
+Context = Literal["calendar", "location"]
 EncoderType = Literal["tempcnn", "attention", "gru", "lstm", "mlp", "cnn", "presto"]
 
 
@@ -121,6 +122,13 @@ class ModelConfig:
     # (docs/PRETRAINING.md); with freeze_encoders they stay fixed and only the heads learn (a probe).
     init_from: str | None = None
     freeze_encoders: bool = False
+    # What every encoder sees besides its sensor (colearn_dist/context.py): "calendar" (the month of
+    # each step), "location" (lat/lon). [] = nothing. Unset (None) = the behaviour of runs made before
+    # this key existed: the month reaches attention encoders only; shipped configs set it explicitly.
+    context: list[Context] | None = None
+    # Where the context joins: "input" (concatenated to each step's features; static layers get it
+    # flattened) or "output" (a linear map of it added to the encoder's embedding; images always).
+    context_join: Literal["input", "output"] = "input"
 
     def encoder_for(self, modality: str, role: str | None = None) -> EncoderConfig:
         """The encoder of `modality` (in MDiCo's `role`, "unique" or "common"; None = the baselines')."""
@@ -264,6 +272,8 @@ class RunConfig:
 _HASHED_WHEN_SET: dict[tuple[str, str], Any] = {
     ("model", "init_from"): None,
     ("model", "freeze_encoders"): False,
+    ("model", "context"): None,
+    ("model", "context_join"): "input",
     ("objective", "masked"): 0.0,
     ("train", "max_steps"): 0,
     ("train", "min_epochs"): 0,
@@ -427,6 +437,8 @@ def validate(cfg: RunConfig, where: str = "config") -> RunConfig:
         raise ConfigError(
             f"{where}: model.init_from initialises methods 'mdico' and 'single' from a pretrain run, not {cfg.model.method!r}"
         )
+    if cfg.model.context is not None and len(set(cfg.model.context)) != len(cfg.model.context):
+        raise ConfigError(f"{where}: model.context lists an entry twice: {cfg.model.context}")
     if cfg.model.freeze_encoders and not cfg.model.init_from:
         raise ConfigError(f"{where}: model.freeze_encoders needs model.init_from (a probe of random encoders measures nothing)")
     validate_slurm(cfg.slurm, f"{where}: slurm")

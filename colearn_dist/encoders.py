@@ -1,7 +1,9 @@
 """Per-modality encoders: every one maps one modality's batch to a `[B, out_dim]` embedding.
 
 All encoders share the call `forward(x, month=None)` so models can treat them alike; only the temporal
-attention encoder uses `month` (the others accept and ignore it). Inputs follow docs/DESIGN.md:
+attention encoder uses `month` (the others accept and ignore it): the behaviour of runs without
+`model.context`. With a context (colearn_dist/context.py), `build_encoder` wraps every encoder in
+`WithContext`, whose call is `forward(x, context)`: every kind then sees the calendar. Inputs follow docs/DESIGN.md:
 series `[B, T, C]` float, static `[B, C]` float, categorical `[B, T]` int64, image `[B, C, H, W]` float.
 
 The fused path (several TempCNNs stacked into one computation) lives in `tempcnn_bank`.
@@ -17,6 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .config import EncoderConfig
+from .context import ContextSpec, join_input, month_encoding
 from .manifest import Modality
 from .norm import BatchNorm1d, BatchNorm2d
 from .presto import PrestoEncoder
@@ -49,15 +52,6 @@ class TempCNN(nn.Module):
         for block in self.blocks:
             x = block(x)
         return self.fc(x.flatten(1))
-
-
-def month_encoding(month: Tensor, dim: int) -> Tensor:
-    """Sinusoids of the calendar angle, so December sits next to January (month 1..12 → [.., dim])."""
-    angle = (month.to(torch.float32) - 1.0) * (2.0 * math.pi / 12.0)
-    half = (dim + 1) // 2
-    k = torch.arange(1, half + 1, device=month.device, dtype=torch.float32)
-    a = angle.unsqueeze(-1) * k
-    return torch.cat([a.sin(), a.cos()], dim=-1)[..., :dim]
 
 
 def position_encoding(steps: int, dim: int, device: torch.device | None = None) -> Tensor:
@@ -202,6 +196,40 @@ class ImageCNN(nn.Module):
         return self.fc(self.dropout(h.mean(dim=(2, 3))))
 
 
+class WithContext(nn.Module):
+    """An encoder that also sees the sample's context [B, T, K]: joined to its input (each step's
+    features; flattened for a static layer) or, as a linear map of it, added to its output (images
+    always: a calendar is no pixel). A categorical sensor's embedding runs first, then the join."""
+
+    def __init__(self, core: nn.Module, spec: ContextSpec, out_dim: int, embed: Optional[nn.Module] = None, join: str | None = None):
+        super().__init__()
+        self.core = core
+        self.embed = embed
+        self.join = join or spec.join
+        self.proj = nn.Linear(spec.flat_dim, out_dim) if self.join == "output" else None
+
+    def forward(self, x: Tensor, context: Tensor) -> Tensor:
+        if self.embed is not None:
+            x = self.embed(x)
+        if self.proj is None:
+            return self.core(join_input(x, context))
+        return self.core(x) + self.proj(context.flatten(1).to(self.proj.weight.dtype))
+
+
+def context_width(inp: Modality, channels: int, spec: ContextSpec | None) -> int:
+    """Input channels of an encoder once the context is joined to its input (`channels` without)."""
+    if spec is None or spec.join != "input" or inp.kind == "image":
+        return channels
+    if inp.kind == "static":
+        return channels + spec.flat_dim
+    if inp.steps != spec.steps:
+        raise ValueError(
+            f"model.context_join: 'input' needs {inp.name!r} to have the calendar's {spec.steps} steps, it has {inp.steps}; "
+            "use context_join: output"
+        )
+    return channels + spec.step_dim
+
+
 def _series_encoder(cfg: EncoderConfig, channels: int, steps: int, out_dim: int) -> nn.Module:
     if cfg.type == "tempcnn":
         return TempCNN(channels, steps, out_dim, cfg.hidden, cfg.depth, cfg.kernel_size, cfg.dropout)
@@ -216,31 +244,44 @@ def _series_encoder(cfg: EncoderConfig, channels: int, steps: int, out_dim: int)
     raise ValueError(f"unknown encoder type {cfg.type!r}")
 
 
-def build_encoder(cfg: EncoderConfig, inp: Modality, out_dim: int) -> nn.Module:
+def build_encoder(cfg: EncoderConfig, inp: Modality, out_dim: int, context: ContextSpec | None = None) -> nn.Module:
     """The encoder for one modality. A static modality always gets the MLP, whatever temporal type is
-    configured: it has no time axis to convolve or attend over, and "default" usually names a temporal type."""
+    configured: it has no time axis to convolve or attend over, and "default" usually names a temporal type.
+    With a `context` that has kinds, the encoder is a `WithContext` (call it with the context tensor);
+    a Presto encoder gets it as an output join."""
     if cfg.type == "presto":
         # Pretrained Presto for any kind it has tokens for: series, static (e.g. SRTM, one token) and
         # Dynamic World; bands matched by name (errors name the band), other groups masked.
         if inp.kind != "categorical" and (inp.mean is None or inp.std is None):
             raise ValueError(f"encoder 'presto' for {inp.name!r} needs the manifest's band stats (modality_inputs(..., stats=...))")
-        return PrestoEncoder(
+        presto = PrestoEncoder(
             inp.name, inp.kind, inp.bands, out_dim, inp.mean, inp.std,
             freeze=cfg.freeze, weights=cfg.weights, missing_value=inp.missing_value,
         )  # fmt: skip
+        if context is not None and context.kinds:
+            return WithContext(presto, context, out_dim, join="output")
+        return presto
     if cfg.depth < 0 or (cfg.depth < 1 and cfg.type in ("attention", "gru", "lstm")):
         raise ValueError(f"encoder {cfg.type!r} for {inp.name!r}: depth {cfg.depth} is too small")
-    if inp.kind == "static":
-        return MLPEncoder(inp.channels, out_dim, cfg.hidden, cfg.depth, cfg.dropout)
-    if inp.kind == "image":
-        # Like static → MLP: an image has no time axis, so whatever temporal type "default" names, it gets the CNN.
-        return ImageCNN(inp.channels, out_dim, cfg.hidden, cfg.depth, cfg.dropout)
-    assert inp.steps is not None
+    spec = context if context is not None and context.kinds else None
+    embed = None
     if inp.kind == "categorical":
-        assert inp.num_classes is not None
+        assert inp.num_classes is not None and inp.steps is not None
         embed = CategoricalEmbedding(inp.num_classes, cfg.categorical_dim, inp.missing_value)
-        return CategoricalEncoder(embed, _series_encoder(cfg, cfg.categorical_dim, inp.steps, out_dim))
-    return _series_encoder(cfg, inp.channels, inp.steps, out_dim)
+    channels = cfg.categorical_dim if embed is not None else inp.channels
+    width = context_width(inp, channels, spec)
+    core: nn.Module
+    if inp.kind == "static":
+        core = MLPEncoder(width, out_dim, cfg.hidden, cfg.depth, cfg.dropout)
+    elif inp.kind == "image":
+        # Like static → MLP: an image has no time axis, so whatever temporal type "default" names, it gets the CNN.
+        core = ImageCNN(inp.channels, out_dim, cfg.hidden, cfg.depth, cfg.dropout)
+    else:
+        assert inp.steps is not None
+        core = _series_encoder(cfg, width, inp.steps, out_dim)
+    if spec is not None:
+        return WithContext(core, spec, out_dim, embed, join="output" if inp.kind == "image" else None)
+    return CategoricalEncoder(embed, core) if embed is not None else core
 
 
 __all__ = [
@@ -252,7 +293,9 @@ __all__ = [
     "ResidualBlock",
     "TempCNN",
     "TemporalAttention",
+    "WithContext",
     "build_encoder",
+    "context_width",
     "month_encoding",
     "position_encoding",
 ]

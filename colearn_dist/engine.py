@@ -24,6 +24,7 @@ from .averaging import WeightAverage, decay_for
 from .batch import to_device
 from .checkpoint import CheckpointError
 from .config import RunConfig, dump_config
+from .context import describe_context
 from .distributed import agree_with_rank0, all_reduce_sum, configure_threads, threads_per_rank
 from .launch import ProcessInfo, init_distributed
 from .loader import ShardLoader
@@ -249,6 +250,7 @@ class Trainer:
         self.bad_epochs = 0
         self.history: list[dict[str, Any]] = []
         self._resume(allow_config_change, allow_shards_change)
+        self.logger.line(f"context: {describe_context(self.built.context, self.built.has_month)}")
         if self.built.init_report is not None and self.step == 0:
             rep = self.built.init_report
             self.logger.line(
@@ -362,13 +364,17 @@ class Trainer:
 
     # ----------------------------------------------------------------- steps
     def _forward_objective(
-        self, inputs: dict[str, torch.Tensor], month: torch.Tensor | None, labels: dict[str, torch.Tensor]
+        self,
+        inputs: dict[str, torch.Tensor],
+        month: torch.Tensor | None,
+        labels: dict[str, torch.Tensor],
+        latlon: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Model forward + objective: what `train.compile` compiles. It calls the model's forward, not
         DeepSpeed's forward wrapper nor the pre/post-forward hooks DeepSpeed puts on the module (timers,
         memory reports: per-step Python state a trace cannot hold, and per-step cost in eager mode).
         With ZeRO ≤ 2 and no DeepSpeed autocast they add nothing that `engine.backward` does not do."""
-        return self.objective(self.engine.module.forward(inputs, month), labels)
+        return self.objective(self.engine.module.forward(inputs, month, latlon), labels)
 
     def _compiled_forward_objective(self) -> Callable[..., tuple[torch.Tensor, dict[str, torch.Tensor]]]:
         """torch.compile of forward + objective (never DeepSpeed's backward or step).
@@ -388,13 +394,15 @@ class Trainer:
         mode = "reduce-overhead" if self.device.type == "cuda" and backend == "inductor" else None
         compiled = torch.compile(self._forward_objective, backend=backend, mode=mode, dynamic=None)
 
-        def call(inputs: dict[str, torch.Tensor], month: torch.Tensor | None, labels: dict[str, torch.Tensor]):
-            for t in [*inputs.values(), *labels.values(), *([] if month is None else [month])]:
+        def call(
+            inputs: dict[str, torch.Tensor], month: torch.Tensor | None, labels: dict[str, torch.Tensor], latlon: torch.Tensor | None = None
+        ):
+            for t in [*inputs.values(), *labels.values(), *(t for t in (month, latlon) if t is not None)]:
                 torch._dynamo.maybe_mark_dynamic(t, 0)
             if self.compile_seconds is not None:
-                return compiled(inputs, month, labels)
+                return compiled(inputs, month, labels, latlon)
             t0 = time.perf_counter()
-            result = compiled(inputs, month, labels)
+            result = compiled(inputs, month, labels, latlon)
             self.compile_seconds = time.perf_counter() - t0
             self.logger.line(f"compiled forward + objective ({backend}{', ' + mode if mode else ''}) in {self.compile_seconds:.1f} s; "
                              f"cache {os.environ['TORCHINDUCTOR_CACHE_DIR']}")  # fmt: skip
@@ -406,11 +414,11 @@ class Trainer:
         labels = {"target": batch["target"]}
         if self.built.teacher is not None:
             with torch.no_grad():
-                labels["teacher_pred"] = self.built.teacher.predict(batch["inputs"], batch.get("month"))  # type: ignore[operator]
+                labels["teacher_pred"] = self.built.teacher.predict(batch["inputs"], batch.get("month"), latlon=batch.get("latlon"))  # type: ignore[operator]
         clear = getattr(self.engine.optimizer, "clear_backward_seen_flag", None)
         if callable(clear):
             clear()  # what DeepSpeed's forward does first for ZeRO optimizers
-        loss, terms = self._forward_loss(batch["inputs"], batch.get("month"), labels)
+        loss, terms = self._forward_loss(batch["inputs"], batch.get("month"), labels, batch.get("latlon"))
         self.engine.backward(loss)
         if self._grad_norm_due:
             self._grad_norm = _grad_norm(self.engine.module)

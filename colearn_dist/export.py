@@ -27,6 +27,7 @@ from torch import nn
 from .archive import FORMAT as ARCHIVE_FORMAT
 from .archive import open_archive
 from .batch import norm_stats, normalise
+from .context import context_label
 from .importers.xarray_cube import cube_latlon, open_cube, sensor_array
 from .loader import ShardLoader
 from .manifest import load_manifest
@@ -43,10 +44,15 @@ OUTPUT_NAME = "prediction"
 
 
 def context_inputs(trained: Trained, modality: str) -> tuple[str, ...]:
-    """The context the run's model reads besides the sensor's input, in `CONTEXT_DTYPES` order: the
-    month of each step when the archive has months and the sensor is time-indexed."""
-    mod = trained.manifest.modality(modality)
-    return ("month",) if trained.manifest.has_month and mod.steps is not None else ()
+    """The context the run's model reads besides the sensor's input, in `CONTEXT_DTYPES` order:
+    what `model.context` names ("calendar" → month, "location" → latlon), for every sensor kind.
+    Without the key (runs made before it), the month of each step when the archive has months and
+    the sensor is time-indexed (only attention encoders read it then)."""
+    context = trained.cfg.model.context
+    if context is None:
+        mod = trained.manifest.modality(modality)
+        return ("month",) if trained.manifest.has_month and mod.steps is not None else ()
+    return tuple(name for kind, name in (("calendar", "month"), ("location", "latlon")) if kind in context)
 
 
 class SensorModel(nn.Module):
@@ -106,6 +112,7 @@ def model_meta(trained: Trained, modality: str, fmt: str, example: tuple[torch.T
         "target_name": trained.manifest.target_name,
         "target_unit": trained.manifest.target_unit,
         "method": trained.cfg.model.method,
+        "context": context_label(trained.cfg.model.context),
         "run": str(trained.run_dir),
     }
 

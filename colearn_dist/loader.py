@@ -229,6 +229,7 @@ class _DecodeSpec:
     has_month: bool
     month_shape: tuple[int, ...]
     skip_corrupt: bool
+    has_latlon: bool = False
 
 
 _NPY_LAYOUTS: dict[bytes, tuple[np.dtype, tuple[int, ...], int, int]] = {}
@@ -257,7 +258,9 @@ def _load_npy(raw: dict[str, Any], member: str) -> np.ndarray:
     return np.frombuffer(b, dtype=dtype, count=count, offset=offset).reshape(shape)
 
 
-def _decode_one(raw: dict[str, Any], spec: _DecodeSpec) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray | None, dict]:
+def _decode_one(
+    raw: dict[str, Any], spec: _DecodeSpec
+) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray | None, dict, np.ndarray | None]:
     arrays = {}
     for m in spec.modalities:
         a = _load_npy(raw, f"{m.name}.npy")
@@ -268,12 +271,15 @@ def _decode_one(raw: dict[str, Any], spec: _DecodeSpec) -> tuple[dict[str, np.nd
     if target.shape != spec.target_shape:
         raise ValueError(f"target: shape {target.shape}, manifest says {spec.target_shape}")
     month = _load_npy(raw, "month.npy") if spec.has_month else None
+    latlon = _load_npy(raw, "latlon.npy") if spec.has_latlon else None
+    if latlon is not None and latlon.shape != (2,):
+        raise ValueError(f"latlon: shape {latlon.shape}, expected (2,)")
     if "meta.json" not in raw:
         raise KeyError("member 'meta.json' missing")
     meta = json.loads(raw["meta.json"])
     if int(meta["index"]) != int(raw["__key__"].rsplit("/", 1)[-1]):
         raise ValueError(f"meta index {meta['index']} does not match key {raw['__key__']}")
-    return arrays, target, month, meta
+    return arrays, target, month, meta, latlon
 
 
 def _collate(raws: Sequence[dict[str, Any]], spec: _DecodeSpec) -> dict[str, Any]:
@@ -322,6 +328,9 @@ def _collate(raws: Sequence[dict[str, Any]], spec: _DecodeSpec) -> dict[str, Any
     if spec.has_month:
         month = np.stack([d[2] for d in decoded]) if b else np.zeros((0,) + spec.month_shape)  # type: ignore[misc]
         batch["month"] = torch.from_numpy(month.astype(np.int64, copy=False))
+    if spec.has_latlon:
+        latlon = np.stack([d[4] for d in decoded]) if b else np.zeros((0, 2))
+        batch["latlon"] = torch.from_numpy(latlon.astype(np.float32))
     batch["index"] = torch.from_numpy(np.array([int(d[3]["index"]) for d in decoded], dtype=np.int64))
     batch["id"] = [str(d[3]["id"]) for d in decoded]
     if spec.skip_corrupt:
@@ -638,6 +647,8 @@ class ShardLoader:
         members = {f"{m}.npy" for m in self.modalities} | {"target.npy", "meta.json"}
         if self.manifest.has_month:
             members.add("month.npy")
+        if self.manifest.has_latlon:
+            members.add("latlon.npy")
         self._members = frozenset(members)
 
         self.skipped = 0  # samples dropped as unreadable (on_corrupt="skip"), all readers of this rank
@@ -682,6 +693,7 @@ class ShardLoader:
             has_month=bool(self.manifest.has_month),
             month_shape=steps[0] if steps else (0,),
             skip_corrupt=self.on_corrupt == "skip",
+            has_latlon=bool(self.manifest.has_latlon),
         )
 
     def denormalise(self, modality: str, x: Any, valid: Any = None) -> np.ndarray:

@@ -134,6 +134,8 @@ class Manifest:
       ([T, C], [C], [T] or [C, H, W]), "dtype": numpy dtype name, "bands", "units", "time_step",
       "num_classes", "missing_value"}; in archive order.
     * `has_month`: whether each sample has a `month.npy` member (int64 [T], 1..12).
+    * `has_latlon`: whether each sample has a `latlon.npy` member (float64 [2], degrees); absent in
+      manifests written before latlon was carried (read as false).
     * `stats`: modality -> {"mean": [C], "std": [C]} per band (images: per channel over H×W; NaN-aware, train split only,
       std floored to 1 for constant bands); categorical modalities are absent.
     * `target_stats`: regression {"mean", "std"}; binary/multiclass {"class_counts": [K]};
@@ -171,6 +173,7 @@ class Manifest:
     # Shards of one fold of a k-fold experiment (`crossval`): {"dataset", "index", "of", "by", "seed"},
     # carried from the archive's `fold` attribute; None for ordinary shards (and absent from their JSON).
     fold: dict[str, Any] | None = None
+    has_latlon: bool = False
 
     def modality(self, name: str) -> Modality:
         """The typed description of one modality."""
@@ -212,6 +215,7 @@ class Manifest:
             "target_shape": list(self.target_shape),
             "modalities": self.modalities,
             "has_month": self.has_month,
+            "has_latlon": self.has_latlon,
             "stats": self.stats,
             "target_stats": self.target_stats,
             "val_split": self.val_split,
@@ -276,6 +280,7 @@ def load_manifest(out_dir: str | Path) -> Manifest:
         version=int(data["version"]),
         train_sums=dict(data.get("train_sums") or {}),
         rows=list(data["rows"]) if data.get("rows") is not None else None,
+        has_latlon=bool(data.get("has_latlon", False)),
     )
 
 

@@ -12,12 +12,13 @@ from dataclasses import dataclass, replace
 from torch import nn
 
 from .config import EncoderConfig, ModelConfig, ObjectiveConfig
+from .context import ContextSpec
 from .manifest import Modality
 from .model import FusionModel, MDiCo
 from .objective import DistillObjective, MDiCoObjective, Objective, PretrainObjective, SupervisedObjective, TaskSpec
 
-# (model config, inputs, outputs, second modality classifier on, masked-sensor predictor) → model
-ModelBuilder = Callable[[ModelConfig, dict[str, Modality], int, str, bool], nn.Module]
+# (model config, inputs, outputs, second modality classifier on, masked-sensor predictor, context) → model
+ModelBuilder = Callable[[ModelConfig, dict[str, Modality], int, str, bool, "ContextSpec | None"], nn.Module]
 # (objective config, task, model modalities, distill weight, distill temperature) → objective
 ObjectiveBuilder = Callable[[ObjectiveConfig, TaskSpec, list[str], float, float], Objective]
 
@@ -47,16 +48,19 @@ def _check_modality(cfg: ModelConfig, inputs: dict[str, Modality]) -> None:
         raise KeyError(f"model.modality {cfg.modality!r} must name one of {list(inputs)} for method {cfg.method!r}")
 
 
-def _mdico(cfg: ModelConfig, inputs: dict[str, Modality], out_dim: int, second_on: str, predictor: bool) -> nn.Module:
-    return MDiCo(inputs, cfg, out_dim, second_classifier_on=second_on, predictor=predictor)
+Context = ContextSpec | None
 
 
-def _single(cfg: ModelConfig, inputs: dict[str, Modality], out_dim: int, second_on: str, predictor: bool) -> nn.Module:
+def _mdico(cfg: ModelConfig, inputs: dict[str, Modality], out_dim: int, second_on: str, predictor: bool, context: Context) -> nn.Module:
+    return MDiCo(inputs, cfg, out_dim, second_classifier_on=second_on, predictor=predictor, context=context)
+
+
+def _single(cfg: ModelConfig, inputs: dict[str, Modality], out_dim: int, second_on: str, predictor: bool, context: Context) -> nn.Module:
     _check_modality(cfg, inputs)
-    return FusionModel(inputs, cfg, out_dim, [str(cfg.modality)])
+    return FusionModel(inputs, cfg, out_dim, [str(cfg.modality)], context=context)
 
 
-def _presto(cfg: ModelConfig, inputs: dict[str, Modality], out_dim: int, second_on: str, predictor: bool) -> nn.Module:
+def _presto(cfg: ModelConfig, inputs: dict[str, Modality], out_dim: int, second_on: str, predictor: bool, context: Context) -> nn.Module:
     """The peer baseline: the sensor through pretrained Presto (its other band groups masked), a head on
     the pooled embedding. The sensor's configured encoder applies when it is a Presto one (freeze,
     weights); any other configured type is replaced by a fine-tuned Presto."""
@@ -64,15 +68,15 @@ def _presto(cfg: ModelConfig, inputs: dict[str, Modality], out_dim: int, second_
     m = str(cfg.modality)
     enc = cfg.encoder_for(m)
     presto = replace(cfg, encoders={m: enc if enc.type == "presto" else EncoderConfig(type="presto")})
-    return FusionModel(inputs, presto, out_dim, [m])
+    return FusionModel(inputs, presto, out_dim, [m], context=context)
 
 
-def _fusion(cfg: ModelConfig, inputs: dict[str, Modality], out_dim: int, second_on: str, predictor: bool) -> nn.Module:
-    return FusionModel(inputs, cfg, out_dim, list(inputs))
+def _fusion(cfg: ModelConfig, inputs: dict[str, Modality], out_dim: int, second_on: str, predictor: bool, context: Context) -> nn.Module:
+    return FusionModel(inputs, cfg, out_dim, list(inputs), context=context)
 
 
-def _dropout(cfg: ModelConfig, inputs: dict[str, Modality], out_dim: int, second_on: str, predictor: bool) -> nn.Module:
-    return FusionModel(inputs, cfg, out_dim, list(inputs), sensor_dropout=cfg.sensor_dropout)
+def _dropout(cfg: ModelConfig, inputs: dict[str, Modality], out_dim: int, second_on: str, predictor: bool, context: Context) -> nn.Module:
+    return FusionModel(inputs, cfg, out_dim, list(inputs), sensor_dropout=cfg.sensor_dropout, context=context)
 
 
 def _supervised(cfg: ObjectiveConfig, spec: TaskSpec, modalities: list[str], weight: float, temperature: float) -> Objective:
@@ -127,9 +131,11 @@ def build_model(
     out_dim: int,
     second_classifier_on: str = "unused",
     predictor: bool = False,
+    context: ContextSpec | None = None,
 ) -> nn.Module:
-    """The model of `cfg.method`; distill builds the student only (runs.build loads the teacher)."""
-    return method(cfg.method).model(cfg, inputs, out_dim, second_classifier_on, predictor)
+    """The model of `cfg.method`; distill builds the student only (runs.build loads the teacher).
+    `context`: what every encoder sees besides its sensor (None: `model.context` unset, the old behaviour)."""
+    return method(cfg.method).model(cfg, inputs, out_dim, second_classifier_on, predictor, context)
 
 
 def build_objective(

@@ -1,8 +1,11 @@
 """Models: `MDiCo` (train with every sensor, predict with any one) and `FusionModel` (the baselines).
 
-Both take the loader's `inputs` dict (docs/DESIGN.md), accept `month=None`, expose `.modalities`, and
-offer `predict(inputs, month=None, modalities=None) -> [B, out_dim]` for any subset of sensors, so the
-engine, evaluation and export treat every method alike.
+Both take the loader's `inputs` dict (docs/DESIGN.md), accept `month=None` and `latlon=None`, expose
+`.modalities`, and offer `predict(inputs, month=None, modalities=None, latlon=None) -> [B, out_dim]`
+for any subset of sensors, so the engine, evaluation and export treat every method alike.
+
+`context` (colearn_dist/context.py): None = the pre-context behaviour (the month reaches attention
+encoders only); a spec = every encoder sees those context features (none when its kinds are empty).
 """
 
 from __future__ import annotations
@@ -14,7 +17,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .config import ModelConfig
-from .encoders import CategoricalEmbedding, CategoricalEncoder, build_encoder
+from .context import ContextSpec, context_features, join_input
+from .encoders import CategoricalEmbedding, CategoricalEncoder, build_encoder, context_width
 from .manifest import Modality
 from .norm import BatchNorm1d
 from .tempcnn_bank import TempCNNBank, group_batch_norm
@@ -40,6 +44,26 @@ def _check_known(modalities: list[str], names: list[str]) -> None:
     unknown = [m for m in names if m not in modalities]
     if unknown:
         raise KeyError(f"modalities {unknown} are not modalities of this model ({modalities})")
+
+
+class _Context(nn.Module):
+    """What a model passes as the second argument of its encoders: the month (no `model.context`,
+    the old behaviour), nothing (an empty context) or the context features."""
+
+    def __init__(self, spec: ContextSpec | None):
+        super().__init__()
+        self.spec = spec
+
+    @property
+    def active(self) -> bool:
+        return self.spec is not None and bool(self.spec.kinds)
+
+    def forward(self, month: Optional[Tensor], latlon: Optional[Tensor], like: Tensor) -> Optional[Tensor]:
+        if self.spec is None:
+            return month
+        if not self.spec.kinds:
+            return None
+        return context_features(self.spec, month, latlon, like)
 
 
 def _stacked_linear(layers: list[nn.Linear], x: Tensor) -> Tensor:
@@ -82,6 +106,7 @@ class MDiCo(nn.Module):
         second_classifier_on: str = "unused",
         fused: bool = True,
         predictor: bool = False,
+        context: ContextSpec | None = None,
     ):
         super().__init__()
         if second_classifier_on not in SECOND_CLASSIFIER:
@@ -100,6 +125,10 @@ class MDiCo(nn.Module):
         self.embeddings = nn.ModuleDict({role: nn.ModuleDict() for role in ROLES})
         self.banks = nn.ModuleList()
         self.slots: dict[tuple[str, str], tuple[int, int]] = {}  # (role, modality) → (bank, member)
+        self.context = _Context(context)
+        spec = context if self.context.active else None
+        # Output join of a bank member's context: a linear map of it added to the member's embedding.
+        self.context_proj = nn.ModuleDict({role: nn.ModuleDict() for role in ROLES})
         members: dict[tuple, list[tuple[str, str, int]]] = {}
         for m, inp in inputs.items():
             for role in ROLES:
@@ -110,10 +139,13 @@ class MDiCo(nn.Module):
                         assert inp.num_classes is not None
                         channels = enc.categorical_dim
                         self.embeddings[role][m] = CategoricalEmbedding(inp.num_classes, channels, inp.missing_value)
+                    channels = context_width(inp, channels, spec)
+                    if spec is not None and spec.join == "output":
+                        self.context_proj[role][m] = nn.Linear(spec.flat_dim, emb)
                     key = (inp.steps, enc.hidden, enc.depth, enc.kernel_size, enc.dropout)
                     members.setdefault(key, []).append((role, m, channels))
                 else:
-                    self.encoders[role][m] = build_encoder(enc, inp, emb)
+                    self.encoders[role][m] = build_encoder(enc, inp, emb, spec)
         for (steps, hidden, depth, kernel, dropout), group in members.items():
             self.banks.append(TempCNNBank([c for _, _, c in group], steps, emb, hidden, depth, kernel, dropout))
             self.slots.update({(role, m): (len(self.banks) - 1, g) for g, (role, m, _) in enumerate(group)})
@@ -128,7 +160,7 @@ class MDiCo(nn.Module):
 
     def representation(self) -> list[nn.Module]:
         """The parts that map inputs to z_spe / z_unu / z_sha: what pretraining learns and a probe freezes."""
-        return [self.encoders, self.embeddings, self.banks, self.project]
+        return [self.encoders, self.embeddings, self.banks, self.context_proj, self.project]
 
     def freeze_encoders(self) -> None:
         """Linear-probe mode: the representation gets no gradient and its BatchNorm statistics stay
@@ -156,19 +188,31 @@ class MDiCo(nn.Module):
         return core
 
     # ------------------------------------------------------------------------------------- encoding
-    def _encode(self, inputs: dict[str, Tensor], names: list[str], month: Optional[Tensor]) -> dict[tuple[str, str], Tensor]:
+    def _encode(
+        self, inputs: dict[str, Tensor], names: list[str], month: Optional[Tensor], latlon: Optional[Tensor] = None
+    ) -> dict[tuple[str, str], Tensor]:
         """(role, modality) → [B, embedding_dim] for the modalities `names`."""
-        out = {(role, m): self.encoders[role][m](inputs[m], month) for role in ROLES for m in names if m in self.encoders[role]}
+        like = inputs[names[0]]
+        ctx = self.context(month, latlon, like if like.is_floating_point() else self.mod_spe.weight)
+        out = {(role, m): self.encoders[role][m](inputs[m], ctx) for role in ROLES for m in names if m in self.encoders[role]}
+        joined = self.context.active and self.context.spec.join == "input"  # type: ignore[union-attr]
         for b, bank in enumerate(self.banks):
             keys = [(key, g) for key, (bi, g) in self.slots.items() if bi == b and key[1] in names]
             if not keys:
                 continue
             xs = [self.embeddings[role][m](inputs[m]) if m in self.embeddings[role] else inputs[m] for (role, m), _ in keys]
+            if joined:
+                xs = [join_input(x, ctx) for x in xs]  # type: ignore[arg-type]
             if self.fused:
                 ys = list(bank(xs, [g for _, g in keys]).unbind(0))
             else:
                 ys = [bank.forward_one(g, x) for (_, g), x in zip(keys, xs)]  # type: ignore[operator]
             out.update({key: y for (key, _), y in zip(keys, ys)})
+        if self.context.active and not joined:
+            flat = ctx.flatten(1)  # type: ignore[union-attr]
+            for (role, m), y in list(out.items()):
+                if m in self.context_proj[role]:
+                    out[(role, m)] = y + self.context_proj[role][m](flat)
         return out
 
     def _project(self, names: list[str], common: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -186,19 +230,21 @@ class MDiCo(nn.Module):
         y = _stacked_head([self.heads[m] for m in names], x)  # type: ignore[misc]
         return dict(zip(names, y.unbind(0)))
 
-    def _embed(self, inputs: dict[str, Tensor], names: list[str], month: Optional[Tensor]):
-        z = self._encode(inputs, names, month)
+    def _embed(self, inputs: dict[str, Tensor], names: list[str], month: Optional[Tensor], latlon: Optional[Tensor] = None):
+        z = self._encode(inputs, names, month, latlon)
         spe = {m: z[("unique", m)][:, : self.half] for m in names}
         unu = {m: z[("unique", m)][:, self.half :] for m in names}
         return spe, unu, self._project(names, {m: z[("common", m)] for m in names})
 
     # ------------------------------------------------------------------------------------- public
-    def forward(self, inputs: dict[str, Tensor], month: Optional[Tensor] = None) -> dict[str, dict[str, Tensor]]:
+    def forward(
+        self, inputs: dict[str, Tensor], month: Optional[Tensor] = None, latlon: Optional[Tensor] = None
+    ) -> dict[str, dict[str, Tensor]]:
         """Every MDiCo output for the modalities present in `inputs` (the objective needs all of them)."""
         names = _present(self.modalities, inputs)
         if not names:
             raise KeyError(f"inputs hold none of the model's modalities {self.modalities} (got {list(inputs)})")
-        spe, unu, sha = self._embed(inputs, names, month)
+        spe, unu, sha = self._embed(inputs, names, month, latlon)
         second = unu if self.second_classifier_on == "unused" else sha
         out: dict[str, dict[str, Tensor]] = {
             "pred": self._heads(names, spe, sha),
@@ -222,7 +268,13 @@ class MDiCo(nn.Module):
             out["z_sha_pred"] = dict(zip(names, self.predictor(others.flatten(0, 1)).split(sizes)))
         return out
 
-    def predict(self, inputs: dict[str, Tensor], month: Optional[Tensor] = None, modalities: Optional[list[str]] = None) -> Tensor:
+    def predict(
+        self,
+        inputs: dict[str, Tensor],
+        month: Optional[Tensor] = None,
+        modalities: Optional[list[str]] = None,
+        latlon: Optional[Tensor] = None,
+    ) -> Tensor:
         """Mean of the heads P_m over `modalities` (default: those in `inputs`): any subset of sensors.
         Raw outputs (logits / regression values) are averaged; apply softmax / sigmoid afterwards."""
         names = _present(self.modalities, inputs) if modalities is None else list(modalities)
@@ -230,7 +282,7 @@ class MDiCo(nn.Module):
         absent = [m for m in names if m not in inputs]
         if absent or not names:
             raise KeyError(f"predict needs inputs for {absent or 'at least one modality'} (got {list(inputs)})")
-        spe, _, sha = self._embed(inputs, names, month)
+        spe, _, sha = self._embed(inputs, names, month, latlon)
         preds = self._heads(names, spe, sha)
         return torch.stack([preds[m] for m in names]).mean(dim=0)
 
@@ -255,6 +307,7 @@ class FusionModel(nn.Module):
         out_dim: int,
         modalities: list[str],
         sensor_dropout: float = 0.0,
+        context: ContextSpec | None = None,
     ):
         super().__init__()
         if not modalities:
@@ -284,12 +337,13 @@ class FusionModel(nn.Module):
             width = sum(enc_cfg.categorical_dim if inp.kind == "categorical" else inp.channels for inp in self.inputs.values())
             fused = Modality("+".join(self.modalities), "series" if t else "static", t, width)
             self.steps = t
-            self.encoder = build_encoder(enc_cfg, fused, emb)
+            self.encoder = build_encoder(enc_cfg, fused, emb, context)
             head_in = emb
         else:
-            self.encoders = nn.ModuleDict({m: build_encoder(cfg.encoder_for(m), inp, emb) for m, inp in self.inputs.items()})
+            self.encoders = nn.ModuleDict({m: build_encoder(cfg.encoder_for(m), inp, emb, context) for m, inp in self.inputs.items()})
             head_in = emb * len(self.modalities)
         self.head = make_head(head_in, out_dim, cfg.head_hidden)
+        self.context = _Context(context)
         self.frozen = False  # a probe of a pretrained single-sensor encoder (see freeze_encoders)
 
     def train(self, mode: bool = True) -> FusionModel:
@@ -322,8 +376,16 @@ class FusionModel(nn.Module):
             return x
         return x.masked_fill(~keep.view((-1,) + (1,) * (x.dim() - 1)), blank)
 
-    def _run(self, inputs: dict[str, Tensor], names: list[str], keep: Optional[Tensor], month: Optional[Tensor]) -> Tensor:
+    def _run(
+        self,
+        inputs: dict[str, Tensor],
+        names: list[str],
+        keep: Optional[Tensor],
+        month: Optional[Tensor],
+        latlon: Optional[Tensor] = None,
+    ) -> Tensor:
         like = inputs[names[0]]
+        month = self.context(month, latlon, like if like.is_floating_point() else self.head[0].weight)
         xs = {}
         for m in self.modalities:
             k = keep[:, names.index(m)] if keep is not None and m in names else None
@@ -340,16 +402,22 @@ class FusionModel(nn.Module):
             parts.append(x)
         return self.head(self.encoder(torch.cat(parts, dim=-1), month))
 
-    def forward(self, inputs: dict[str, Tensor], month: Optional[Tensor] = None) -> dict[str, Tensor]:
+    def forward(self, inputs: dict[str, Tensor], month: Optional[Tensor] = None, latlon: Optional[Tensor] = None) -> dict[str, Tensor]:
         names = _present(self.modalities, inputs)
         if not names:
             raise KeyError(f"inputs hold none of the model's modalities {self.modalities} (got {list(inputs)})")
         keep = None
         if self.training and self.sensor_dropout > 0 and len(names) > 1:
             keep = self.sensor_mask(inputs[names[0]].shape[0], len(names), inputs[names[0]].device)
-        return {"pred": self._run(inputs, names, keep, month)}
+        return {"pred": self._run(inputs, names, keep, month, latlon)}
 
-    def predict(self, inputs: dict[str, Tensor], month: Optional[Tensor] = None, modalities: Optional[list[str]] = None) -> Tensor:
+    def predict(
+        self,
+        inputs: dict[str, Tensor],
+        month: Optional[Tensor] = None,
+        modalities: Optional[list[str]] = None,
+        latlon: Optional[Tensor] = None,
+    ) -> Tensor:
         """Prediction from `modalities` (default: those in `inputs`); every other sensor is blanked."""
         if modalities is not None:
             _check_known(self.modalities, list(modalities))
@@ -357,7 +425,7 @@ class FusionModel(nn.Module):
         names = [m for m in self.modalities if m in wanted and m in inputs]
         if not names:
             raise KeyError(f"predict needs an input for at least one of {wanted} (got {list(inputs)})")
-        return self._run(inputs, names, None, month)
+        return self._run(inputs, names, None, month, latlon)
 
 
 def _set_encoder(model: MDiCo, role: str, modality: str, source: nn.Module) -> None:

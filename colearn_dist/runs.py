@@ -25,6 +25,7 @@ import torch
 
 from .checkpoint import Checkpointer, load_weights
 from .config import RunConfig, check_encoder_names, from_dict, load_config
+from .context import ContextSpec, context_spec
 from .manifest import Manifest, load_manifest, modality_inputs
 from .methods import build_model, method
 from .model import MDiCo, freeze_encoders, load_pretrained
@@ -111,6 +112,9 @@ class Built:
     teacher: torch.nn.Module | None = None
     # fine-tuning: what `model.init_from` provided ({"from", "loaded", "skipped"}); None otherwise
     init_report: dict[str, Any] | None = None
+    # what the encoders see besides their sensor (None: `model.context` unset, the old behaviour)
+    context: ContextSpec | None = None
+    has_month: bool = False
 
 
 def resolve_modalities(cfg: RunConfig, manifest: Manifest) -> list[str]:
@@ -133,12 +137,16 @@ def build(cfg: RunConfig, manifest: Manifest, *, init: bool = True) -> Built:
     spec = TaskSpec.from_manifest(manifest)
     inputs = modality_inputs(manifest.modalities, names, manifest.stats)
     how = method(cfg.model.method)
+    context = context_spec(
+        cfg.model.context, cfg.model.context_join, manifest.modalities, manifest.has_month, manifest.has_latlon, str(manifest.path)
+    )
     model = build_model(
         cfg.model,
         inputs,
         spec.num_outputs,
         second_classifier_on=cfg.objective.modality_classifier_on,
         predictor=how.endless and cfg.objective.masked > 0,
+        context=context,
     )
     init_report = None
     if cfg.model.init_from and init:
@@ -153,7 +161,16 @@ def build(cfg: RunConfig, manifest: Manifest, *, init: bool = True) -> Built:
         for p in teacher.parameters():
             p.requires_grad_(False)
         modalities = list(dict.fromkeys(names + list(cast(list[str], teacher.modalities))))
-    return Built(modalities=modalities, model_modalities=model_modalities, model=model, spec=spec, teacher=teacher, init_report=init_report)
+    return Built(
+        modalities=modalities,
+        model_modalities=model_modalities,
+        model=model,
+        spec=spec,
+        teacher=teacher,
+        init_report=init_report,
+        context=context,
+        has_month=manifest.has_month,
+    )
 
 
 def init_from_pretrained(model: torch.nn.Module, run_dir: str | Path) -> dict[str, Any]:

@@ -61,7 +61,7 @@ def predict_loader(
     for batch in loader:
         batch = to_device(batch, torch.device(device), dtype)
         for sensors in sets:
-            pred = model.predict(batch["inputs"], batch.get("month"), modalities=sensors)  # type: ignore[operator]
+            pred = model.predict(batch["inputs"], batch.get("month"), modalities=sensors, latlon=batch.get("latlon"))  # type: ignore[operator]
             part = parts[set_name(sensors, names)]
             part["pred"].append(spec.to_target_units(pred.float()).cpu().numpy())
             part["target"].append(batch["target"].cpu().numpy())
@@ -213,7 +213,7 @@ def _write_embeddings(trained: Trained, loader: Any, split: str) -> None:
     specific: list[np.ndarray] = []
     meta: list[list[str]] = []
     for batch in loader:
-        out = trained.model(batch["inputs"], batch.get("month"))
+        out = trained.model(batch["inputs"], batch.get("month"), batch.get("latlon"))
         target = _target_labels(batch["target"], trained.manifest)
         for m in trained.modalities:
             shared.append(out["z_sha"][m].numpy())

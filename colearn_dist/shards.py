@@ -37,7 +37,7 @@ from .archive import SPLIT_CODES, SPLITS, Archive, channel_axis, modality_array,
 from .manifest import MANIFEST_NAME, Manifest, ShardError, load_manifest
 
 KEY_DIGITS = 10
-RESERVED_MEMBERS = ("target", "month", "meta")
+RESERVED_MEMBERS = ("target", "month", "latlon", "meta")
 
 # Seed-stream tags, so every random draw is independent of the others and of the worker count.
 _TAG_WINDOW_ORDER = 1
@@ -88,6 +88,7 @@ class _Window:
     task: str
     has_month: bool
     with_stats: bool
+    has_latlon: bool = False
 
 
 @dataclass
@@ -197,6 +198,7 @@ def _write_window(w: _Window) -> _WindowResult:
     data = {m.name: _take(modality_array(root, m.name), rows) for m in w.modalities}
     target = _take(root["target"], rows)
     month = _take(root["month"], rows).astype(np.int64) if w.has_month else None
+    latlon = _take(root["latlon"], rows).astype(np.float64) if w.has_latlon else None
     # Ids and groups are read here, per window, like the data: the parent never holds per-sample strings.
     ids = _take(root["ids"], rows)
     group = _take(root["group"], rows) if w.has_group else None
@@ -223,6 +225,8 @@ def _write_window(w: _Window) -> _WindowResult:
                 _add(tar, f"{key}.target.npy", _npy_bytes(np.asarray(t, dtype=np.float32) if float_target else np.asarray(t)))
                 if month is not None:
                     _add(tar, f"{key}.month.npy", _npy_bytes(month[i]))
+                if latlon is not None:
+                    _add(tar, f"{key}.latlon.npy", _npy_bytes(latlon[i]))
                 meta = {
                     "id": str(ids[i]),
                     "index": row,
@@ -340,6 +344,7 @@ def _plan(
     window_size: int,
     mods: list[_ModInfo],
     has_month: bool,
+    has_latlon: bool = False,
 ) -> tuple[dict[str, list[int]], Iterator[_Window]]:
     """Shard counts per window (known up front) and a lazy stream of window tasks."""
     counts: dict[str, list[int]] = {}
@@ -379,6 +384,7 @@ def _plan(
                 task=archive.task,
                 has_month=has_month,
                 with_stats=name == "train",
+                has_latlon=has_latlon,
             )
 
     return counts, tasks()
@@ -566,6 +572,7 @@ def _write_shards(
         split[: rows[0]] = split[rows[1] :] = _NO_SPLIT  # rows outside the range belong to no split
     mods = [_ModInfo(name, spec.kind) for name, spec in archive.modalities.items()]
     has_month = archive.month is not None
+    has_latlon = archive.latlon is not None
     counts, tasks = _plan(
         archive,
         str(archive_path),
@@ -576,6 +583,7 @@ def _write_shards(
         window_size=window_size,
         mods=mods,
         has_month=has_month,
+        has_latlon=has_latlon,
     )
     n_tasks = sum(len(c) for c in counts.values())
     n_shards = sum(sum(c) for c in counts.values())
@@ -644,6 +652,7 @@ def _write_shards(
         train_sums={"modalities": sums, "target": _target_sums_json([r.target_sums for r in train_results])},
         rows=rows,
         fold=archive.attrs.get("fold"),
+        has_latlon=has_latlon,
     )
     _write_json_atomic(out / MANIFEST_NAME, manifest.to_json())
     if progress:
@@ -694,7 +703,7 @@ def _target_sums_json(parts: list[dict[str, Any] | None]) -> dict[str, Any]:
 # --------------------------------------------------------------------------------------------
 # Merging shards written by separate jobs
 
-_SAME_IN_EVERY_PART = ("task", "class_names", "target_shape", "has_month")
+_SAME_IN_EVERY_PART = ("task", "class_names", "target_shape", "has_month", "has_latlon")
 
 
 def merge_shards(out_dir: str | Path, parts: list[str | Path], *, overwrite: bool = False, copy: bool = False) -> Manifest:
@@ -756,6 +765,7 @@ def merge_shards(out_dir: str | Path, parts: list[str | Path], *, overwrite: boo
         target_shape=list(first.target_shape),
         modalities=dict(first.modalities),
         has_month=first.has_month,
+        has_latlon=first.has_latlon,
         stats=stats,
         target_stats=target_stats,
         splits=splits,
@@ -818,6 +828,8 @@ def verify_shards(out_dir: str | Path) -> list[str]:
     expected = {f"{m}.npy" for m in manifest.modalities} | {"target.npy", "meta.json"}
     if manifest.has_month:
         expected.add("month.npy")
+    if manifest.has_latlon:
+        expected.add("latlon.npy")
     problems: list[str] = []
     seen: dict[str, str] = {}
     listed: set[str] = set()

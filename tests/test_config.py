@@ -199,3 +199,24 @@ def test_bad_slurm_time_limits_are_named(tmp_path, value, message):
 def test_bad_slurm_settings_are_named(override, message):
     with pytest.raises(ConfigError, match=re.escape(message)):
         load_config(CONFIGS / "fuel_moisture.yaml", [override])
+
+
+def test_context_key_absent_is_the_old_behaviour_and_the_old_hash(tmp_path):
+    """A run directory written before `model.context` existed resumes: same hash, old behaviour (None)."""
+    path = tmp_path / "old.yaml"
+    path.write_text("model: {method: mdico}\n")  # a config of before the key
+    cfg = load_config(path)
+    assert cfg.model.context is None and cfg.model.context_join == "input"
+    assert cfg.hash() == "ecbe68c7bf7f1416"  # RunConfig().hash() before model.context existed
+    unset = [load_config(path, ["model.context=null"]), load_config(path, ["model.context_join=input"])]
+    assert all(c.hash() == cfg.hash() for c in unset)
+    assert load_config(path, ["model.context=[calendar]"]).hash() != cfg.hash()
+    assert load_config(path, ["model.context=[]"]).hash() != cfg.hash()
+    assert load_config(path, ["model.context_join=output"]).hash() != cfg.hash()
+
+
+def test_context_values_are_checked(tmp_path):
+    with pytest.raises(ConfigError, match=r"model.context\[0\]: 'weather' is not one of \['calendar', 'location'\]"):
+        load_config(CONFIGS / "fuel_moisture.yaml", ["model.context=[weather]"])
+    with pytest.raises(ConfigError, match="model.context lists an entry twice"):
+        load_config(CONFIGS / "fuel_moisture.yaml", ["model.context=[calendar, calendar]"])

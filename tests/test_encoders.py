@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from colearn_dist.config import EncoderConfig
+from colearn_dist.context import ContextSpec, context_features
 from colearn_dist.encoders import (
     CategoricalEmbedding,
     CategoricalEncoder,
@@ -18,6 +19,7 @@ from colearn_dist.encoders import (
     Recurrent,
     TempCNN,
     TemporalAttention,
+    WithContext,
     build_encoder,
     month_encoding,
 )
@@ -244,3 +246,56 @@ def test_bank_dropout_is_active_in_training_only():
     assert not torch.allclose(bank(xs), bank(xs))
     bank.eval()
     assert torch.allclose(bank(xs), bank(xs))
+
+
+# ------------------------------------------------------------------------------------------- context
+CALENDAR = {join: ContextSpec(("calendar",), T, join) for join in ("input", "output")}
+IMAGE = Modality("aerial", "image", None, 3, height=8, width=8)
+
+
+def _context_input(kind: str) -> torch.Tensor:
+    torch.manual_seed(0)
+    if kind == "categorical":
+        return torch.randint(0, 9, (B, T))
+    if kind == "image":
+        return torch.randn(B, 3, 8, 8)
+    return torch.randn(B, T, 4) if kind == "series" else torch.randn(B, 2)
+
+
+# an image gets the CNN and a static layer the MLP whatever temporal type is configured: one case each
+CASES = [(t, k) for t in TYPES for k in ("series", "categorical")] + [("tempcnn", "static"), ("tempcnn", "image")]
+
+
+@pytest.mark.parametrize("join", ["input", "output"])
+@pytest.mark.parametrize(("type_", "kind"), CASES)
+def test_every_encoder_sees_the_calendar(type_, kind, join):
+    """Changing only the months changes the embedding, for every encoder type × input kind × join."""
+    inp = IMAGE if kind == "image" else INPUTS[kind]
+    enc = build_encoder(EncoderConfig(type=type_, hidden=8, depth=2, heads=2, dropout=0.0), inp, 6, CALENDAR[join]).eval()
+    assert isinstance(enc, WithContext)
+    x = _context_input(kind)
+    months = torch.tensor([[1, 2, 3]] * B)
+    with torch.no_grad():
+        a = enc(x, context_features(CALENDAR[join], months, None, torch.zeros(1)))
+        b = enc(x, context_features(CALENDAR[join], months + 6, None, torch.zeros(1)))
+        again = enc(x, context_features(CALENDAR[join], months, None, torch.zeros(1)))
+    assert a.shape == (B, 6)
+    assert torch.equal(a, again) and not torch.allclose(a, b)
+
+
+def test_no_context_keeps_the_old_encoders():
+    """Without a context (or an empty one) build_encoder gives the pre-context modules, parameter for parameter."""
+    cfg = EncoderConfig(hidden=8, depth=2)
+    for inp in INPUTS.values():
+        torch.manual_seed(0)
+        old = build_encoder(cfg, inp, 6)
+        torch.manual_seed(0)
+        empty = build_encoder(cfg, inp, 6, ContextSpec((), T))
+        assert not isinstance(old, WithContext) and type(old) is type(empty)
+        assert all(torch.equal(p, q) for p, q in zip(old.state_dict().values(), empty.state_dict().values()))
+
+
+def test_input_join_needs_the_calendar_steps():
+    with pytest.raises(ValueError, match="model.context_join: 'input' needs 's2' to have the calendar's 5 steps"):
+        build_encoder(EncoderConfig(), INPUTS["series"], 6, ContextSpec(("calendar",), 5, "input"))
+    build_encoder(EncoderConfig(), INPUTS["series"], 6, ContextSpec(("calendar",), 5, "output"))  # any length

@@ -287,3 +287,28 @@ def test_exported_models_run_without_the_package(exported):
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert out.stdout.strip() == "ok", out.stderr
+
+
+@pytest.mark.parametrize("modality", ["s1", "srtm", "dw"])
+def test_exported_model_takes_the_context(tmp_path_factory, modality):
+    """With model.context [calendar, location] every sensor's file takes x, month and latlon; it
+    matches the framework on the shards, and the month and the location both change its output."""
+    from colearn_dist.archive import open_archive
+    from colearn_dist.export import export_sensor, load_exported
+
+    root = tmp_path_factory.mktemp(f"export-context-{modality}")
+    archive = make_synthetic_archive(root / "a.zarr", n=160, t=4, groups=8)
+    model = {"context": ["calendar", "location"], "context_join": "output"}
+    run = train_run(root, archive, model=model, train={"epochs": 1})
+    path = export_sensor(run, modality, root / f"{modality}.pt2", fmt="pt2")
+    _check_against_loader(run, archive, modality, path)
+    loaded = load_exported(path)
+    assert loaded.meta["inputs"] == ["x", "month", "latlon"] and loaded.meta["context"] == "calendar + location"
+    a = open_archive(archive)
+    rows = a.split_indices("test")[:8]
+    x = np.asarray(a.array(modality).oindex[rows])
+    x = x.astype(np.int64) if a.modalities[modality].kind == "categorical" else x.astype(np.float32)
+    month, latlon = np.asarray(a.month.oindex[rows]).astype(np.int64), np.asarray(a.latlon.oindex[rows]).astype(np.float32)
+    base = loaded.run(x, month, latlon)
+    assert not np.allclose(base, loaded.run(x, month % 12 + 1, latlon))
+    assert not np.allclose(base, loaded.run(x, month, latlon + 20.0))

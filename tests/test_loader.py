@@ -502,3 +502,23 @@ def test_prefetch_raises_reader_errors(tmp_path: Path, data: dict[str, Any]) -> 
     for kw in ({"prefetch": 2}, {"cache_bytes": 1 << 30}):
         with pytest.raises(CorruptShardError, match=victim.name):
             list(ShardLoader(shards, "train", batch_size=8, shuffle=False, **kw))
+
+
+def test_latlon_reaches_the_batch_and_shards_without_it_still_load(synthetic_shards):
+    import json
+
+    manifest = synthetic_shards(n=96)
+    latlon = open_archive(manifest.archive).latlon[:]
+    batch = next(iter(ShardLoader(manifest.path, "train", batch_size=8, shuffle=False)))
+    assert batch["latlon"].dtype == torch.float32 and batch["latlon"].shape == (8, 2)
+    np.testing.assert_allclose(batch["latlon"].numpy(), latlon[batch["index"].numpy()].astype(np.float32))
+    # an archive without latlon: no member, no key
+    plain = synthetic_shards(n=96, latlon=False)
+    assert not plain.has_latlon and "latlon" not in next(iter(ShardLoader(plain.path, "train", batch_size=8)))
+    # a manifest of before latlon was carried (no "has_latlon" key) reads as shards without latlon
+    file = plain.path / "manifest.json"
+    data = json.loads(file.read_text())
+    del data["has_latlon"]
+    file.write_text(json.dumps(data))
+    assert not load_manifest(plain.path).has_latlon
+    assert "latlon" not in next(iter(ShardLoader(plain.path, "train", batch_size=8)))

@@ -308,3 +308,74 @@ def test_shared_heads_see_the_embeddings_the_paper_gives_them(fused, mode):
         assert torch.allclose(out["mod_second"][m], model.mod_second(out[second][m]), atol=1e-6)
         # the three embeddings differ, so feeding a head the wrong one cannot pass by coincidence
         assert not torch.allclose(out["z_spe"][m], out["z_unu"][m]) and not torch.allclose(out["z_spe"][m], out["z_sha"][m])
+
+
+# ------------------------------------------------------------------------------------------ context
+MONTHS = torch.tensor([[1, 2, 3]] * B)
+LATLON = torch.tensor([[40.0, -3.0]] * B)
+
+
+def _with_context(kinds, join="input", method="mdico", fused=True, encoder="tempcnn"):
+    from colearn_dist.context import ContextSpec
+
+    enc = EncoderConfig(encoder, hidden=8, depth=2, dropout=0.0, heads=2, categorical_dim=3)
+    cfg = config(method, encoders={"default": enc, "srtm": EncoderConfig("mlp", hidden=8, depth=1, dropout=0.0)})
+    spec = None if kinds is None else ContextSpec(tuple(kinds), T, join)
+    torch.manual_seed(0)
+    if method == "mdico":
+        return MDiCo(INPUTS, cfg, OUT, fused=fused, context=spec).eval()
+    return build_model(ModelConfig(**{**cfg.__dict__, "modality": "s1"}), INPUTS, OUT, context=spec).eval()
+
+
+@pytest.mark.parametrize("join", ["input", "output"])
+@pytest.mark.parametrize("encoder", ["tempcnn", "attention"])  # banked and unbanked encoders
+@pytest.mark.parametrize("method", ["mdico", "single", "fusion"])
+def test_every_sensor_of_every_method_sees_the_calendar(method, encoder, join):
+    model = _with_context(["calendar"], join, method, encoder=encoder)
+    x = batch()
+    sensors = list(INPUTS) if method != "single" else ["s1"]
+    with torch.no_grad():
+        for m in sensors:
+            a = model.predict(x, MONTHS, modalities=[m])
+            b = model.predict(x, MONTHS + 6, modalities=[m])
+            assert not torch.allclose(a, b), m
+            # calendar only: the location is not an input
+            assert torch.equal(a, model.predict(x, MONTHS, modalities=[m], latlon=-LATLON))
+
+
+@pytest.mark.parametrize("join", ["input", "output"])
+def test_location_is_an_input_only_when_asked(join):
+    x = batch()
+    both = _with_context(["calendar", "location"], join)
+    with torch.no_grad():
+        for m in INPUTS:
+            a = both.predict(x, MONTHS, modalities=[m], latlon=LATLON)
+            assert not torch.allclose(a, both.predict(x, MONTHS, modalities=[m], latlon=LATLON + 30.0)), m
+    with pytest.raises(ValueError, match="'location': the batch needs 'latlon'"):
+        both.predict(x, MONTHS)
+
+
+@pytest.mark.parametrize("join", ["input", "output"])
+def test_fused_and_plain_paths_agree_with_context(join):
+    fused, plain = _with_context(["calendar", "location"], join), _with_context(["calendar", "location"], join, fused=False)
+    plain.load_state_dict(fused.state_dict())
+    x = batch()
+    with torch.no_grad():
+        for m in INPUTS:
+            a = fused.predict(x, MONTHS, modalities=[m], latlon=LATLON)
+            torch.testing.assert_close(a, plain.predict(x, MONTHS, modalities=[m], latlon=LATLON))
+
+
+def test_without_the_context_key_tempcnn_ignores_months_as_before():
+    """`model.context` unset = the old behaviour: TempCNN / MLP models ignore the month, attention
+    encoders see it; an empty context removes it from attention too."""
+    x = batch()
+    old, empty = _with_context(None), _with_context([])
+    assert set(old.state_dict()) == set(empty.state_dict())  # no context parameters: old checkpoints load
+    with torch.no_grad():
+        for model in (old, empty):
+            assert torch.equal(model.predict(x, MONTHS), model.predict(x, MONTHS + 6))
+    attention_old, attention_empty = _with_context(None, encoder="attention"), _with_context([], encoder="attention")
+    with torch.no_grad():
+        assert not torch.allclose(attention_old.predict(x, MONTHS), attention_old.predict(x, MONTHS + 6))
+        assert torch.equal(attention_empty.predict(x, MONTHS), attention_empty.predict(x, MONTHS + 6))

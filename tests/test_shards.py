@@ -73,11 +73,14 @@ def test_every_row_once_and_members_match_archive(archive, tmp_path):
     keys = [k for split in samples.values() for k in split]
     assert sorted(keys) == [sample_key(i) for i in range(a.num_samples)]  # each row exactly once
     assert {s: len(v) for s, v in samples.items()} == {s: m.split_size(s) for s in samples}
-    s2, dw, month, target = a.array("s2")[:], a.array("dw")[:], a.month[:], a.target[:]
+    s2, dw, month, target, latlon = a.array("s2")[:], a.array("dw")[:], a.month[:], a.target[:], a.latlon[:]
+    assert m.has_latlon
     for split, by_key in samples.items():
         for key, members in by_key.items():
             row = int(key)
-            assert set(members) == {"s1.npy", "s2.npy", "srtm.npy", "dw.npy", "target.npy", "month.npy", "meta.json"}
+            expected = {"s1.npy", "s2.npy", "srtm.npy", "dw.npy", "target.npy", "month.npy", "latlon.npy", "meta.json"}
+            assert set(members) == expected
+            np.testing.assert_array_equal(_npy(members["latlon.npy"]), latlon[row])
             meta = json.loads(members["meta.json"])
             assert meta == {"id": a.ids[row], "index": row, "group": a.group[row], "split": split}
             np.testing.assert_array_equal(_npy(members["s2.npy"]), s2[row])  # NaNs in the same places
@@ -206,12 +209,12 @@ def test_manifest_fields(archive, tmp_path):
     data = json.loads((tmp_path / "s" / MANIFEST_NAME).read_text())
     assert list(data) == [
         "format", "version", "archive", "seed", "samples_per_shard", "shuffle_window", "task", "class_names", "target_name",
-        "target_unit", "target_shape", "modalities", "has_month", "stats", "target_stats", "val_split", "splits", "train_sums", "rows",
+        "target_unit", "target_shape", "modalities", "has_month", "has_latlon", "stats", "target_stats", "val_split", "splits", "train_sums", "rows",
     ]  # fmt: skip
     assert data["format"] == FORMAT and data["version"] == 1 and data["seed"] == 7
     assert data["shuffle_window"] == 16 * 32
     assert data["archive"] == str(Path(archive).resolve())
-    assert data["task"] == "regression" and data["target_shape"] == [] and data["has_month"] is True
+    assert data["task"] == "regression" and data["target_shape"] == [] and data["has_month"] is True and data["has_latlon"] is True
     assert data["target_name"] == "synthetic target" and data["target_unit"] == "u"
     assert data["modalities"]["s2"] == {
         "kind": "series", "shape": [6, 4], "dtype": "float32", "bands": ["B2", "B4", "B8", "NDVI"],
@@ -323,7 +326,7 @@ def test_webdataset_and_tar_read_our_shards(archive, tmp_path):
     np.testing.assert_array_equal(_npy(raw["s1.npy"]), s1[int(raw["__key__"])])
 
     listing = subprocess.run(["tar", "-tvf", urls[0]], check=True, capture_output=True, text=True).stdout.splitlines()
-    assert len(listing) == 32 * 7
+    assert len(listing) == 32 * 8  # members: 4 modalities, target, month, latlon, meta
     assert all(line.startswith("-rw-r--r-- 0/0") and "1970-01-01" in line for line in listing)
     names = [line.split()[-1] for line in listing]
     assert names[:7] == [f"{names[0][:10]}.{e}" for e in ("s1.npy", "s2.npy", "srtm.npy", "dw.npy", "target.npy", "month.npy", "meta.json")]
