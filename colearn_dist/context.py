@@ -95,6 +95,13 @@ def join_input(x: Tensor, context: Tensor) -> Tensor:
     return torch.cat([x, context.flatten(1)], dim=-1)
 
 
+def context_label(kinds: Sequence[str] | None) -> str:
+    """The context a run's config asks for, as result tables name it."""
+    if kinds is None:
+        return "month to attention only"
+    return " + ".join(k for k in CONTEXTS if k in kinds) or "none"
+
+
 def describe_context(spec: ContextSpec | None, has_month: bool) -> str:
     """One line for logs and result tables: which context a model used."""
     if spec is None:
@@ -134,6 +141,7 @@ __all__ = [
     "ContextSpec",
     "FEATURES",
     "context_features",
+    "context_label",
     "context_spec",
     "describe_context",
     "join_input",

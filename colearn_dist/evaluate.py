@@ -8,6 +8,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from .context import context_label
 from .methods import TABLE_ORDER
 from .metrics import PRIMARY, TABLE_METRICS
 from .report import aggregate, cross_fold, cross_fold_markdown, markdown_table, plot_scores, write_csv
@@ -29,6 +30,7 @@ def load_records(run_dirs: Iterable[str | Path], split: str = "test", extra_sets
         if recs is None or not wanted <= {r["sensors"] for r in recs}:
             recs = evaluate_run(run, split, extra_sets=extra_sets)
         for r in recs:
+            r.setdefault("context", context_label(None))  # written before the key existed
             records.append({k: v for k, v in r.items() if k != "metrics"} | r["metrics"])
     return records
 
@@ -89,8 +91,8 @@ def _seed_tables(records: list[dict[str, Any]], out_dir: Path, split: str, refer
     sections: list[str] = []
     others: list[str] = []
     for dataset in sorted({r["dataset"] for r in rows}):
-        for setting in sorted({r["setting"] for r in rows if r["dataset"] == dataset}):
-            sub = [r for r in rows if r["dataset"] == dataset and r["setting"] == setting]
+        for setting, context in sorted({(r["setting"], str(r.get("context"))) for r in rows if r["dataset"] == dataset}):
+            sub = [r for r in rows if r["dataset"] == dataset and r["setting"] == setting and str(r.get("context")) == context]
             ref = (reference or {}).get(dataset)
             if ref is not None and setting in ref:  # the row "all" of this setting is the setting's sensor set
                 ref = {**ref, "all": ref[setting]}
@@ -101,10 +103,10 @@ def _seed_tables(records: list[dict[str, Any]], out_dir: Path, split: str, refer
             for metric in TABLE_METRICS[task]:
                 reference_column = ref if metric == task_metric else None  # reference scores are primary-metric scores
                 table = markdown_table(sub, metric, reference_column, reference_name=REFERENCE_NAME, **order)
-                (sections if metric == task_metric else others).append(
-                    f"### {dataset} — trained with {setting} ({split} {metric})\n\n" + table
-                )
-            png = out_dir / f"scores_{dataset}_{setting.replace('+', '-')}_{split}.png"
+                title = f"### {dataset} — trained with {setting}, context: {context} ({split} {metric})"
+                (sections if metric == task_metric else others).append(f"{title}\n\n" + table)
+            slug = "" if context == context_label(None) else "_" + context.replace(" + ", "-").replace(" ", "-")
+            png = out_dir / f"scores_{dataset}_{setting.replace('+', '-')}{slug}_{split}.png"
             plot_scores(sub, task_metric, png, reference=ref, reference_name=REFERENCE_NAME, **order)
     text = "\n\n".join(sections) + "\n"
     (out_dir / f"results_{split}.md").write_text("\n\n".join(sections + others) + "\n")

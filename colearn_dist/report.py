@@ -20,8 +20,9 @@ import numpy as np
 
 from colearn_dist.metrics import metric_direction
 
-GROUP_KEYS = ("dataset", "setting", "method", "sensors", "split")
-_TABLE_KEYS = ("dataset", "setting", "split")  # one table / figure shows a single one of these
+GROUP_KEYS = ("dataset", "setting", "context", "method", "sensors", "split")
+_TABLE_KEYS = ("dataset", "setting", "context", "split")  # one table / figure shows a single one of these
+_OPTIONAL_KEYS = ("context",)  # records written before the key existed group as None
 
 PathLike = str | os.PathLike[str]
 
@@ -44,10 +45,10 @@ def aggregate(records: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
     """
     groups: dict[tuple, list[Mapping[str, Any]]] = {}
     for i, rec in enumerate(records):
-        missing = [k for k in (*GROUP_KEYS, "seed") if k not in rec]
+        missing = [k for k in (*GROUP_KEYS, "seed") if k not in rec and k not in _OPTIONAL_KEYS]
         if missing:
             raise ValueError(f"record {i} lacks {missing}: {dict(rec)}")
-        groups.setdefault(tuple(rec[k] for k in GROUP_KEYS), []).append(rec)
+        groups.setdefault(tuple(rec.get(k) for k in GROUP_KEYS), []).append(rec)
 
     rows = []
     for key, recs in groups.items():
@@ -61,7 +62,7 @@ def aggregate(records: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
                 if k in GROUP_KEYS or k == "seed" or not _is_number(v):
                     continue
                 metrics.setdefault(k, []).append(float(v))
-        row: dict[str, Any] = dict(zip(GROUP_KEYS, key))
+        row: dict[str, Any] = {k: v for k, v in zip(GROUP_KEYS, key) if v is not None or k not in _OPTIONAL_KEYS}
         row["n_seeds"] = len(recs)
         for k, vals in metrics.items():
             a = np.asarray(vals, dtype=np.float64)

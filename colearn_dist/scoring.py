@@ -17,6 +17,7 @@ import torch.distributed as dist
 
 from .batch import to_device
 from .config import RunConfig
+from .context import context_label
 from .distributed import is_distributed, rank, world_size
 from .loader import ShardLoader
 from .manifest import Manifest, load_manifest
@@ -127,6 +128,7 @@ def evaluate_run(
                     "dataset": (trained.manifest.fold or {}).get("dataset", Path(cfg.data.shards).name),
                     **({"fold": trained.manifest.fold["index"]} if trained.manifest.fold else {}),
                     "setting": "+".join(cfg.data.modalities or list(trained.manifest.modalities)),
+                    "context": context_label(cfg.model.context),
                     "method": cfg.model.method,
                     "task": trained.manifest.task,
                     "seed": cfg.train.seed,

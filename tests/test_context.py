@@ -60,3 +60,11 @@ def test_build_refuses_a_context_the_shards_lack(synthetic_shards):
         build(cfg, manifest)
     cfg.model.context = None  # unset: archives without months work as before
     assert build(cfg, manifest).context is None
+
+
+def test_labels_in_result_tables():
+    from colearn_dist.context import context_label
+
+    assert context_label(["location", "calendar"]) == "calendar + location"
+    assert context_label(["calendar"]) == "calendar" and context_label([]) == "none"
+    assert context_label(None) == "month to attention only"

@@ -100,6 +100,7 @@ def test_tables_cover_every_scalar_metric_and_print_the_primary_one(mdico_run, t
     printed = evaluate_runs([mdico_run], tmp_path / "tables")
     written = (tmp_path / "tables" / "results_test.md").read_text()
     assert "(test rmse)" in printed and "(test mae)" not in printed
+    assert "context: month to attention only (test rmse)" in printed  # the run's config has no model.context
     for metric, word in (("rmse", "lower"), ("mae", "lower"), ("r2", "higher"), ("bias", "closer to 0")):
         assert f"(test {metric})" in written and f"| sensors ({metric}, {word} is better) |" in written
     assert written.startswith(printed.rstrip("\n"))
