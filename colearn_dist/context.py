@@ -13,8 +13,9 @@ attention encoders only (as sinusoids of their width). That path is kept so thos
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any, Optional
 
 import torch
 from torch import Tensor

@@ -22,7 +22,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("archive",),
     ("synthetic", "importers"),
     ("manifest",),
-    ("batch",),
+    ("batch", "context"),
     ("shards", "loader"),
     ("presto",),
     ("norm", "encoders", "tempcnn_bank", "model", "objective"),
