@@ -471,6 +471,12 @@ def load_pretrained(model: nn.Module, source: MDiCo) -> dict[str, list[str]]:
                 continue
             for role in ROLES:
                 attempt(f"{role}/{m}", lambda role=role, m=m: _set_encoder(model, role, m, source.encoder(role, m)))
+                if m in model.context_proj[role]:  # a banked encoder's output join of the context
+                    proj = model.context_proj[role][m]
+                    attempt(
+                        f"{role}/{m}/context",
+                        lambda proj=proj, role=role, m=m: proj.load_state_dict(source.context_proj[role][m].state_dict()),
+                    )
             attempt(f"project/{m}", lambda m=m: model.project[m].load_state_dict(source.project[m].state_dict()))
         if model.modalities == source.modalities:
             for key in ("mod_spe", "mod_second"):
