@@ -329,7 +329,8 @@ def test_webdataset_and_tar_read_our_shards(archive, tmp_path):
     assert len(listing) == 32 * 8  # members: 4 modalities, target, month, latlon, meta
     assert all(line.startswith("-rw-r--r-- 0/0") and "1970-01-01" in line for line in listing)
     names = [line.split()[-1] for line in listing]
-    assert names[:7] == [f"{names[0][:10]}.{e}" for e in ("s1.npy", "s2.npy", "srtm.npy", "dw.npy", "target.npy", "month.npy", "meta.json")]
+    members = ("s1.npy", "s2.npy", "srtm.npy", "dw.npy", "target.npy", "month.npy", "latlon.npy", "meta.json")
+    assert names[:8] == [f"{names[0][:10]}.{e}" for e in members]
 
 
 def test_bundled_fuel_moisture_shards(presto_archive, tmp_path):
