@@ -329,7 +329,7 @@ def _collate(raws: Sequence[dict[str, Any]], spec: _DecodeSpec) -> dict[str, Any
         month = np.stack([d[2] for d in decoded]) if b else np.zeros((0,) + spec.month_shape)  # type: ignore[misc]
         batch["month"] = torch.from_numpy(month.astype(np.int64, copy=False))
     if spec.has_latlon:
-        latlon = np.stack([d[4] for d in decoded]) if b else np.zeros((0, 2))
+        latlon = np.stack([d[4] for d in decoded]) if b else np.zeros((0, 2))  # type: ignore[misc]
         batch["latlon"] = torch.from_numpy(latlon.astype(np.float32))
     batch["index"] = torch.from_numpy(np.array([int(d[3]["index"]) for d in decoded], dtype=np.int64))
     batch["id"] = [str(d[3]["id"]) for d in decoded]
