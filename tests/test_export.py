@@ -289,18 +289,24 @@ def test_exported_models_run_without_the_package(exported):
     assert out.stdout.strip() == "ok", out.stderr
 
 
+@pytest.fixture(scope="module")
+def context_run(tmp_path_factory):
+    """MDiCo with calendar and location (output join: the input join is the shipped default, tested in test_model)."""
+    root = tmp_path_factory.mktemp("export-context")
+    archive = make_synthetic_archive(root / "a.zarr", n=160, t=4, groups=8)
+    model = {"context": ["calendar", "location"], "context_join": "output"}
+    return train_run(root, archive, model=model, train={"epochs": 1}), archive
+
+
 @pytest.mark.parametrize("modality", ["s1", "srtm", "dw"])
-def test_exported_model_takes_the_context(tmp_path_factory, modality):
+def test_exported_model_takes_the_context(context_run, modality, tmp_path):
     """With model.context [calendar, location] every sensor's file takes x, month and latlon; it
     matches the framework on the shards, and the month and the location both change its output."""
     from colearn_dist.archive import open_archive
     from colearn_dist.export import export_sensor, load_exported
 
-    root = tmp_path_factory.mktemp(f"export-context-{modality}")
-    archive = make_synthetic_archive(root / "a.zarr", n=160, t=4, groups=8)
-    model = {"context": ["calendar", "location"], "context_join": "output"}
-    run = train_run(root, archive, model=model, train={"epochs": 1})
-    path = export_sensor(run, modality, root / f"{modality}.pt2", fmt="pt2")
+    run, archive = context_run
+    path = export_sensor(run, modality, tmp_path / f"{modality}.pt2", fmt="pt2")
     _check_against_loader(run, archive, modality, path)
     loaded = load_exported(path)
     assert loaded.meta["inputs"] == ["x", "month", "latlon"] and loaded.meta["context"] == "calendar + location"
