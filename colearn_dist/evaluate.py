@@ -69,13 +69,14 @@ def _cross_fold_tables(records: list[dict[str, Any]], out_dir: Path, split: str)
     sections: list[str] = []
     others: list[str] = []
     for dataset in sorted({r["dataset"] for r in records}):
-        for setting in sorted({r["setting"] for r in records if r["dataset"] == dataset}):
-            sub = [r for r in records if r["dataset"] == dataset and r["setting"] == setting]
+        for setting, context in sorted({(r["setting"], str(r.get("context"))) for r in records if r["dataset"] == dataset}):
+            sub = [r for r in records if r["dataset"] == dataset and r["setting"] == setting and str(r.get("context")) == context]
             methods = [m for m in TABLE_ORDER if any(r["method"] == m for r in sub)]
             for metric in TABLE_METRICS[task]:
                 got = cross_fold([r for r in sub if metric in r], metric)
                 rows += got
-                title = f"### {dataset} — trained with {setting}, {max(g['n_folds'] for g in got)}-fold cross-validation ({split} {metric})"
+                folds = max(g["n_folds"] for g in got)
+                title = f"### {dataset} — trained with {setting}, context {context}, {folds}-fold cross-validation ({split} {metric})"
                 table = cross_fold_markdown(got, methods=methods, sensors=_sensor_order(sub))
                 (sections if metric == task_metric else others).append(f"{title}\n\n{table}")
     write_csv(rows, out_dir / f"crossfold_{split}.csv")

@@ -163,7 +163,7 @@ def cross_fold(records: Iterable[Mapping[str, Any]], metric: str, baseline: str 
                 "epochs": " ".join(epochs.get(key, [])),
             }
         )
-        base_key = (*key[:2], baseline, *key[3:])
+        base_key = tuple(baseline if k == "method" else v for k, v in zip(keys, key))
         if row["method"] != baseline and base_key in fold_means:
             base = fold_means[base_key]
             common = [f for f in folds if f in base]

@@ -48,7 +48,7 @@ def test_crossval_runs_every_fold_and_evaluate_aggregates_over_folds(tmp_path):
         assert manifest.split_size("val") > 0  # carved out of the other folds, grouped
         assert (root / f"fold{i}" / "single-s2" / "seed0" / "metrics_test.json").exists()
     table = (root / "results" / "crossfold_test.md").read_text()
-    assert "### syn — trained with s1+s2, 2-fold cross-validation (test rmse)" in table
+    assert "### syn — trained with s1+s2, context month to attention only, 2-fold cross-validation (test rmse)" in table
     assert "difference vs `single`" in table and "deployed epoch" in table
     rows = [r for r in (root / "results" / "crossfold_test.csv").read_text().splitlines()[1:] if ",mdico,s1,test,rmse," in r]
     assert len(rows) == 1  # one row over both folds, not one table per fold

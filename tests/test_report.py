@@ -225,7 +225,7 @@ def _fold_records(gain: float = 1.0, folds: int = 10, seeds=(0, 1)):
             for method, offset in (("single", 0.0), ("mdico", -gain)):
                 recs.append(
                     {
-                        "dataset": "fm", "setting": "s1+s2", "method": method, "sensors": "s1",
+                        "dataset": "fm", "setting": "s1+s2", "context": "calendar", "method": method, "sensors": "s1",
                         "split": "test", "seed": seed, "fold": f, "epoch": 1 + f,
                         "rmse": 30.0 + f + 0.1 * seed + offset,
                     }
