@@ -58,7 +58,12 @@ def synthetic_shards(root: Path, samples: int, workers: int) -> tuple[Path, dict
 
 
 def overrides(shards: Path, run_dir: Path, modalities: str, batch: int, args: argparse.Namespace, workers: int) -> list[str]:
+    from colearn_dist.manifest import load_manifest
+
+    # the shipped config's calendar context where the shards have months (synthetic archives have none)
+    context = [] if load_manifest(shards).has_month else ["model.context=[]"]
     return [
+        *context,
         f"data.shards={shards}",
         f"run_dir={run_dir}",
         f"data.modalities=[{modalities}]",
@@ -93,7 +98,7 @@ def throughput(shards: Path, run_dir: Path, modalities: str, batch: int, args: a
 
     it = batches(trainer.train_loader)
     for _ in range(args.warmup):
-        trainer.step_fn(to_device(next(it), trainer.device, trainer.dtype))
+        trainer._train_step(to_device(next(it), trainer.device, trainer.dtype))
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -104,7 +109,7 @@ def throughput(shards: Path, run_dir: Path, modalities: str, batch: int, args: a
         tw = time.perf_counter()
         raw = next(it)
         wait += time.perf_counter() - tw
-        trainer.step_fn(to_device(raw, trainer.device, trainer.dtype))
+        trainer._train_step(to_device(raw, trainer.device, trainer.dtype))
         samples += int(raw["target"].shape[0])
         steps += 1
         if cuda and steps % 20 == 0:
