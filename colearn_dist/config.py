@@ -476,9 +476,11 @@ def _check_ranges(cfg: RunConfig, where: str) -> None:
 
 
 def check_encoder_names(cfg: RunConfig, modalities: list[str], where: str = "config") -> None:
-    """An encoder override must name a modality of the shards (or be "default"): a misspelt name
-    would silently leave that sensor on the default encoder."""
-    unknown = sorted(k for k in cfg.model.encoders if k != "default" and k not in modalities)
+    """An encoder override must name a modality of the shards, a role ("unique", "common"), a role
+    of a modality ("common/s1") or be "default": a misspelt name would silently leave that sensor on
+    the default encoder."""
+    named = [k.split("/", 1)[1] if k.split("/", 1)[0] in ENCODER_ROLES and "/" in k else k for k in cfg.model.encoders]
+    unknown = sorted(k for k, m in zip(cfg.model.encoders, named) if k not in ("default", *ENCODER_ROLES) and m not in modalities)
     if unknown:
         raise ConfigError(
             f"{where}: model.encoders has {unknown}, which are not modalities of the shards {cfg.data.shards} "

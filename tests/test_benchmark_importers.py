@@ -574,7 +574,7 @@ def test_image_shards_loader_and_mdico_forward(tmp_path):
         assert not valid[k, 1].any() and (x[k, 1] == 0).all()
 
     inputs = modality_inputs(manifest.modalities)
-    assert inputs["aerial"] == Modality("aerial", "image", None, 3, height=8, width=8)
+    assert inputs["aerial"] == Modality("aerial", "image", None, 3, height=8, width=8, bands=("R", "G", "NIR"))
     cfg = ModelConfig(
         embedding_dim=16,
         encoders={"default": EncoderConfig(hidden=8, depth=1), "aerial": EncoderConfig(type="cnn", hidden=8, depth=2)},

@@ -18,7 +18,7 @@ class Noisy(torch.nn.Module):
         torch.manual_seed(0)
         self.net = torch.nn.Sequential(torch.nn.Linear(3, 16), torch.nn.BatchNorm1d(16), torch.nn.Dropout(0.5), torch.nn.Linear(16, 1))
 
-    def predict(self, inputs, month=None, modalities=None):
+    def predict(self, inputs, month=None, modalities=None, latlon=None):
         return self.net(inputs["s1"])
 
 
