@@ -13,7 +13,6 @@ here (nn.BatchNorm subclasses, same parameters, buffers and state-dict keys) bot
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from typing import NamedTuple
 
@@ -61,7 +60,9 @@ def batch_stats(x: Tensor, dims: Sequence[int]) -> BatchStats:
     them into raw moments in float64 and all-reduces those: the variance stays exact when the mean is large
     against the spread, where a plain sum of squares would cancel."""
     dims = [d % x.dim() for d in dims]
-    n = math.prod(x.shape[d] for d in dims)
+    n = 1
+    for d in dims:  # not math.prod over a generator: torch.compile breaks its graph there
+        n = n * x.shape[d]
     if not global_batch_stats():
         mean = x.mean(dim=dims, keepdim=True)
         centred = x - mean

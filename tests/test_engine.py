@@ -288,7 +288,8 @@ def test_resume_on_other_shards_is_refused_unless_asked(tmp_path, monkeypatch):
     write_shards(archive, tmp_path / "shards", samples_per_shard=40, workers=1, progress=False)
     cfg = load_config(write_config(tmp_path / "c.yaml", tmp_path / "shards", tmp_path / "run", train={"epochs": 1}))
     monkeypatch.setenv("COLEARN_STOP_AFTER_STEPS", "3")
-    assert train(cfg) == {"status": "stopped", "step": 3}
+    result = train(cfg)
+    assert (result["status"], result["step"]) == ("stopped", 3)
     monkeypatch.delenv("COLEARN_STOP_AFTER_STEPS")
     write_shards(archive, tmp_path / "shards", samples_per_shard=40, seed=1, workers=1, progress=False, overwrite=True)
     with pytest.raises(
