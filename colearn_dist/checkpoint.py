@@ -49,7 +49,11 @@ _TAG = re.compile(r"step\d{9}")
 
 def _deepspeed_globals() -> list[Any]:
     """The non-tensor objects DeepSpeed 0.19 puts in its checkpoints (ZeRO optimizer state: the loss
-    scaler, each parameter's fragment address, the stage enum): plain data, safe to rebuild."""
+    scaler, each parameter's fragment address, the stage enum): plain data, safe to rebuild. Only a
+    process that runs DeepSpeed reads its checkpoints; elsewhere (export, evaluate of best/*.pt)
+    DeepSpeed is not imported for this, so its start-up notices stay off the command's stdout."""
+    if "deepspeed" not in sys.modules:
+        return []
     from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
     from deepspeed.runtime.zero.config import ZeroStageEnum
     from deepspeed.utils.tensor_fragment import fragment_address
