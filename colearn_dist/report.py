@@ -22,6 +22,8 @@ from colearn_dist.metrics import metric_direction
 
 GROUP_KEYS = ("dataset", "setting", "context", "method", "sensors", "split")
 _TABLE_KEYS = ("dataset", "setting", "context", "split")  # one table / figure shows a single one of these
+# How a table header says which way a metric is better (`metrics.metric_direction`).
+_BETTER = {"lower": "lower", "higher": "higher", "zero": "closer to 0"}
 _OPTIONAL_KEYS = ("context",)  # records written before the key existed group as None
 
 PathLike = str | os.PathLike[str]
@@ -199,7 +201,7 @@ def cross_fold_markdown(
         raise ValueError(f"rows mix several {_TABLE_KEYS}: {sorted(map(str, combos))}; filter them to one first")
     metric = str(rows[0]["metric"])
     direction = metric_direction(metric)
-    word = {"lower": "lower", "higher": "higher", "zero": "closer to 0"}[direction]
+    word = _BETTER[direction]
     cells = {(r["sensors"], r["method"]): r for r in rows}
     methods = list(methods or dict.fromkeys(r["method"] for r in rows))
     sensors = list(sensors or dict.fromkeys(r["sensors"] for r in rows))
@@ -346,7 +348,7 @@ def markdown_table(
     _single_table(rows, metric)
     methods, sensors, cells = _layout(rows, metric, methods, sensors)
     direction = metric_direction(metric)
-    word = {"lower": "lower", "higher": "higher", "zero": "closer to 0"}[direction]
+    word = _BETTER[direction]
 
     columns = [*methods, *([reference_name] if reference is not None else [])]
     header = [f"sensors ({metric}, {word} is better)", *map(_md_escape, columns)]
@@ -419,7 +421,7 @@ def plot_scores(
         ax.axhline(0.0, color="0.5", linewidth=0.8)
     ax.set_xticks(x, [str(s) for s in sensors], rotation=30 if len(sensors) > 6 else 0)
     ax.set_xlabel("sensors at inference")
-    word = {"lower": "lower", "higher": "higher", "zero": "closer to 0"}[direction]
+    word = _BETTER[direction]
     ax.set_ylabel(f"{metric} ({word} is better)")
     title = " · ".join(str(v) for v in where.values() if v is not None)
     ax.set_title(title)
