@@ -20,8 +20,7 @@ from .config import ModelConfig
 from .context import ContextSpec, context_features, join_input
 from .encoders import CategoricalEmbedding, CategoricalEncoder, build_encoder, context_width
 from .manifest import Modality
-from .norm import BatchNorm1d
-from .tempcnn_bank import TempCNNBank, group_batch_norm
+from .tempcnn_bank import LinearBank, TempCNNBank
 
 OUTPUT_KEYS = ("pred", "z_spe", "z_unu", "z_sha", "aux_spe", "aux_sha", "mod_spe", "mod_second")
 SECOND_CLASSIFIER = ("unused", "shared")
@@ -66,23 +65,6 @@ class _Context(nn.Module):
         return context_features(self.spec, month, latlon, like)
 
 
-def _stacked_linear(layers: list[nn.Linear], x: Tensor) -> Tensor:
-    """G Linear layers of one shape on x [G, B, in] → [G, B, out], as one batched matmul."""
-    weight = torch.stack([layer.weight for layer in layers]).transpose(1, 2)
-    bias = torch.stack([layer.bias for layer in layers]).unsqueeze(1)
-    return torch.baddbmm(bias, x, weight)
-
-
-def _stacked_head(heads: list[nn.Sequential], x: Tensor) -> Tensor:
-    """G heads from `make_head` (same shape) on x [G, B, in]."""
-    for i, layer in enumerate(heads[0]):
-        if isinstance(layer, nn.Linear):
-            x = _stacked_linear([head[i] for head in heads], x)  # type: ignore[misc]
-        else:
-            x = F.relu(x)
-    return x
-
-
 class MDiCo(nn.Module):
     """Multi-modal disentanglement for co-learning (Mena et al. 2025).
 
@@ -92,9 +74,10 @@ class MDiCo(nn.Module):
     ("unused": z_unu, the paper; "shared": z_sha, the public code's behaviour, kept for comparison).
     Inference with modality m needs only m's input.
 
-    TempCNN encoders (unique and common, all modalities) of one shape live in a `TempCNNBank`. With
-    `fused=True` each bank runs as one computation and the per-modality projections / heads as batched
-    matmuls; `fused=False` runs every encoder and head one by one. Same parameters, same numbers (up to
+    TempCNN encoders (unique and common, all modalities) of one shape live in a `TempCNNBank`, the
+    per-modality projections and heads in a `LinearBank` each (weights stacked by modality). With
+    `fused=True` each bank runs as one computation; `fused=False` runs every encoder and head one by
+    one. Same parameters, same numbers (up to
     float rounding; dropout masks are drawn differently), so the switch can change at any time.
     """
 
@@ -149,8 +132,9 @@ class MDiCo(nn.Module):
         for (steps, hidden, depth, kernel, dropout), group in members.items():
             self.banks.append(TempCNNBank([c for _, _, c in group], steps, emb, hidden, depth, kernel, dropout))
             self.slots.update({(role, m): (len(self.banks) - 1, g) for g, (role, m, _) in enumerate(group)})
-        self.project = nn.ModuleDict({m: nn.Sequential(nn.Linear(emb, self.half), BatchNorm1d(self.half), nn.ReLU()) for m in inputs})
-        self.heads = nn.ModuleDict({m: make_head(emb, out_dim, cfg.head_hidden) for m in inputs})
+        # Per modality: projection Linear, BatchNorm, ReLU; head `make_head` — stacked by modality.
+        self.project = LinearBank(self.modalities, [emb, emb // 2], norm=True)
+        self.heads = LinearBank(self.modalities, [emb, cfg.head_hidden, out_dim] if cfg.head_hidden > 0 else [emb, out_dim])
         self.aux_head = make_head(self.half, out_dim, cfg.head_hidden)
         self.mod_spe = nn.Linear(self.half, len(inputs))
         self.mod_second = nn.Linear(self.half, len(inputs))
@@ -216,19 +200,17 @@ class MDiCo(nn.Module):
         return out
 
     def _project(self, names: list[str], common: dict[str, Tensor]) -> dict[str, Tensor]:
-        if not self.fused or len(names) < 2:
-            return {m: self.project[m](common[m]) for m in names}
-        linears = [self.project[m][0] for m in names]
-        y = _stacked_linear(linears, torch.stack([common[m] for m in names]))  # [M, B, half]
-        y = F.relu(group_batch_norm([self.project[m][1] for m in names], y))
-        return dict(zip(names, y.unbind(0)))
+        return self._per_modality(self.project, names, [common[m] for m in names])
 
     def _heads(self, names: list[str], spe: dict[str, Tensor], sha: dict[str, Tensor]) -> dict[str, Tensor]:
+        return self._per_modality(self.heads, names, [torch.cat([spe[m], sha[m]], dim=1) for m in names])
+
+    def _per_modality(self, bank: LinearBank, names: list[str], xs: list[Tensor]) -> dict[str, Tensor]:
+        """Modality names[j]'s member of `bank` on xs[j]: one batched computation when fused."""
+        members = [self.modalities.index(m) for m in names]
         if not self.fused or len(names) < 2:
-            return {m: self.heads[m](torch.cat([spe[m], sha[m]], dim=1)) for m in names}
-        x = torch.stack([torch.cat([spe[m], sha[m]], dim=1) for m in names])
-        y = _stacked_head([self.heads[m] for m in names], x)  # type: ignore[misc]
-        return dict(zip(names, y.unbind(0)))
+            return {m: bank.forward_one(g, x) for m, g, x in zip(names, members, xs)}
+        return dict(zip(names, bank(torch.stack(xs), members).unbind(0)))
 
     def _embed(self, inputs: dict[str, Tensor], names: list[str], month: Optional[Tensor], latlon: Optional[Tensor] = None):
         z = self._encode(inputs, names, month, latlon)
@@ -477,7 +459,10 @@ def load_pretrained(model: nn.Module, source: MDiCo) -> dict[str, list[str]]:
                         f"{role}/{m}/context",
                         lambda proj=proj, role=role, m=m: proj.load_state_dict(source.context_proj[role][m].state_dict()),
                     )
-            attempt(f"project/{m}", lambda m=m: model.project[m].load_state_dict(source.project[m].state_dict()))
+            attempt(
+                f"project/{m}",
+                lambda m=m: model.project.load_member(model.modalities.index(m), source.project.member(source.modalities.index(m))),
+            )
         if model.modalities == source.modalities:
             for key in ("mod_spe", "mod_second"):
                 attempt(key, lambda key=key: getattr(model, key).load_state_dict(getattr(source, key).state_dict()))

@@ -1,7 +1,8 @@
 """The fused TempCNN path: several TempCNNs of one shape with their parameters stacked.
 
 MDiCo runs all its TempCNN encoders as one computation; each member is still exactly a TempCNN
-(see the bank's tests). Also the stacked batch-norm and dropout kernels the bank and MDiCo share.
+(see the bank's tests). `LinearBank` does the same for its per-modality projections and heads.
+Also the stacked batch-norm and dropout kernels they share.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .encoders import TempCNN
-from .norm import batch_norm, batch_stats
+from .norm import BatchNorm1d, batch_norm, batch_stats
 
 # ------------------------------------------------------------------------------------------ fused path
 #
@@ -49,29 +50,6 @@ def batch_norm_stacked(
     return out, new_mean, new_var
 
 
-def group_batch_norm(norms: Sequence[nn.BatchNorm1d], x: Tensor) -> Tensor:
-    """G BatchNorm1d modules (same width) on x [G, N, W], group g through norms[g]; statistics written back."""
-    first = norms[0]
-    assert first.momentum is not None and first.running_mean is not None, "needs running statistics with a momentum"
-    out, mean, var = batch_norm_stacked(
-        x,
-        torch.stack([n.weight for n in norms]),
-        torch.stack([n.bias for n in norms]),
-        torch.stack([n.running_mean for n in norms]),  # type: ignore[misc]
-        torch.stack([n.running_var for n in norms]),  # type: ignore[misc]
-        first.training,
-        first.momentum,
-        first.eps,
-    )
-    if mean is not None and var is not None:
-        with torch.no_grad():
-            for n, m, v in zip(norms, mean, var):
-                n.running_mean.copy_(m)  # type: ignore[union-attr]
-                n.running_var.copy_(v)  # type: ignore[union-attr]
-                n.num_batches_tracked.add_(1)  # type: ignore[union-attr,operator]
-    return out
-
-
 def fast_dropout(x: Tensor, p: float, training: bool) -> Tensor:
     """Inverted dropout drawing 16 random bits per element from 64-bit words: a quarter of the generator
     calls of F.dropout, whose CPU random draws dominate these small layers. p is rounded to 1/65536."""
@@ -98,8 +76,9 @@ class _WindowMatmuls(torch.autograd.Function):
 
     Autograd's own backward of the T window slices zero-fills a whole Q-sized gradient per slice and
     adds them up (six [G, K, C, H] fills per step for MDiCo); here the gradient of Q is one batched
-    matmul of all windows at once (xfᵀ · grad, [G, T·C, T·H]) whose column blocks are added into Q's
-    rows in place, and the input gradient is T matmuls accumulated in place."""
+    matmul of all windows at once (xfᵀ · grad, [G, T·C, T·H]) whose column blocks are written into
+    Q's rows in place (no zero-filled gradient), and the input gradient is T matmuls accumulated in
+    place."""
 
     @staticmethod
     def forward(ctx: Any, xf: Tensor, q: Tensor, bias: Tensor, steps: int) -> Tensor:  # type: ignore[override]
@@ -121,10 +100,17 @@ class _WindowMatmuls(torch.autograd.Function):
                 g_t = grad[:, :, steps - 1 - t]
                 grad_x = torch.bmm(g_t, w.transpose(1, 2)) if grad_x is None else grad_x.baddbmm_(g_t, w.transpose(1, 2))
         if ctx.needs_input_grad[1]:
-            every = torch.bmm(xf.transpose(1, 2), grad.view(g, b, steps * h)).view(g, tc, steps, h)
-            grad_q = torch.zeros_like(q)
-            for t in range(steps):
-                grad_q[:, t : t + steps].view(g, tc, h).add_(every[:, :, steps - 1 - t])
+            # Q has 2T-1 rows; window t covers rows t..t+T-1. The first window and the last one's
+            # rows 1.. are copied in (every row written once: no zero fill), the rest added.
+            every = torch.bmm(xf.transpose(1, 2), grad.view(g, b, steps * h)).view(g, steps, tc // steps, steps, h)
+            grad_q = torch.empty_like(q)
+            grad_q[:, :steps].copy_(every[:, :, :, steps - 1])
+            if steps > 1:
+                last = every[:, :, :, 0]  # window T-1
+                grad_q[:, steps:].copy_(last[:, 1:])
+                grad_q[:, steps - 1].add_(last[:, 0])
+                for t in range(1, steps - 1):
+                    grad_q[:, t : t + steps].add_(every[:, :, :, steps - 1 - t])
         if ctx.needs_input_grad[2]:
             grad_b = grad.sum(dim=(1, 2))
         return grad_x, grad_q, grad_b, None
@@ -154,6 +140,11 @@ def _conv_as_matmuls(x: Tensor, weight: Tensor, bias: Tensor, steps: int, k: int
     return _window_matmuls(xf, q, bias, steps)  # evaluation, tracing, export: plain ops (autograd if asked)
 
 
+def _dense_from_linear(weight: Tensor, hidden: int, steps: int) -> Tensor:
+    """TempCNN's dense weight [out, H·T] (channel-major input) → the bank's [T·H, out] (time-major)."""
+    return weight.reshape(-1, hidden, steps).permute(2, 1, 0).reshape(steps * hidden, -1)
+
+
 _Selection = Union[None, slice, Tensor]
 
 
@@ -180,6 +171,31 @@ def _put(t: Tensor, sel: _Selection, value: Tensor) -> None:
         t[sel].copy_(value)
     else:
         t.index_copy_(0, sel, value)
+
+
+def _norm_rows(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor,
+    mean: Tensor,
+    var: Tensor,
+    count: Tensor,
+    sel: _Selection,
+    training: bool,
+    momentum: float,
+    eps: float,
+) -> Tensor:
+    """`batch_norm_stacked` with the rows `sel` of stacked BatchNorm parameters / statistics [G, W]
+    (count [G]); the new statistics are written back into those rows."""
+    out, new_mean, new_var = batch_norm_stacked(
+        x, _take(weight, sel), _take(bias, sel), _take(mean, sel), _take(var, sel), training, momentum, eps
+    )
+    if new_mean is not None and new_var is not None:
+        with torch.no_grad():
+            _put(mean, sel, new_mean)
+            _put(var, sel, new_var)
+            _put(count, sel, _take(count, sel) + 1)
+    return out
 
 
 class TempCNNBank(nn.Module):
@@ -217,7 +233,10 @@ class TempCNNBank(nn.Module):
             nn.Parameter(torch.zeros(g, kernel_size, widest if i == 0 else hidden, hidden)) for i in range(depth)
         )
         self.conv_bias = nn.ParameterList(nn.Parameter(torch.zeros(g, hidden)) for _ in range(depth))
-        self.fc_weight = nn.Parameter(torch.zeros(g, out_dim, hidden * steps))
+        # The dense layer [G, T·H, out], rows time-major (t·H + h): the activations [G, B, T, H] flatten
+        # into it as a view. (TempCNN's nn.Linear flattens [H, T]; `fc_weight` [G, out, H·T] was
+        # that layout: a transposed operand and an activation copy per step. Older state dicts load.)
+        self.dense_weight = nn.Parameter(torch.zeros(g, steps * hidden, out_dim))
         self.fc_bias = nn.Parameter(torch.zeros(g, out_dim))
         widths = [hidden] * depth + [out_dim]  # one BatchNorm per conv block, one after the dense layer
         self.norm_weight = nn.ParameterList(nn.Parameter(torch.ones(g, w)) for w in widths)
@@ -228,6 +247,12 @@ class TempCNNBank(nn.Module):
             self.register_buffer(f"num_batches_tracked_{i}", torch.zeros(g, dtype=torch.long))
         for i, c in enumerate(self.channels):
             self.load_member(i, self._new_member(c))
+
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
+        legacy = state_dict.pop(prefix + "fc_weight", None)  # [G, out, H·T]: before the dense layout
+        if legacy is not None:
+            state_dict[prefix + "dense_weight"] = torch.stack([_dense_from_linear(w, self.hidden, self.steps) for w in legacy])
+        super()._load_from_state_dict(state_dict, prefix, *args)
 
     def _new_member(self, channels: int) -> TempCNN:
         return TempCNN(channels, self.steps, self.out_dim, self.hidden, self.depth, self.kernel_size, self.dropout)
@@ -246,7 +271,7 @@ class TempCNNBank(nn.Module):
             self.conv_weight[i][g].zero_()
             self.conv_weight[i][g, :, : conv.in_channels].copy_(conv.weight.permute(2, 1, 0))
             self.conv_bias[i][g].copy_(conv.bias)
-        self.fc_weight[g].copy_(core.fc[0].weight)
+        self.dense_weight[g].copy_(_dense_from_linear(core.fc[0].weight, self.hidden, self.steps))
         self.fc_bias[g].copy_(core.fc[0].bias)
         for i, norm in enumerate(self._norms(core)):
             self.norm_weight[i][g].copy_(norm.weight)
@@ -264,7 +289,7 @@ class TempCNNBank(nn.Module):
             conv = block[0]
             conv.weight.copy_(self.conv_weight[i][g, :, : conv.in_channels].permute(2, 1, 0))
             conv.bias.copy_(self.conv_bias[i][g])
-        core.fc[0].weight.copy_(self.fc_weight[g])
+        core.fc[0].weight.copy_(self.dense_weight[g].view(self.steps, self.hidden, -1).permute(2, 1, 0).reshape(self.out_dim, -1))
         core.fc[0].bias.copy_(self.fc_bias[g])
         for i, norm in enumerate(self._norms(core)):
             norm.weight.copy_(self.norm_weight[i][g])
@@ -293,22 +318,12 @@ class TempCNNBank(nn.Module):
                 weight = weight[:, : self.channels[g]]
             x = F.conv1d(x, weight.permute(2, 1, 0), self.conv_bias[i][g], padding="same")
             x = F.dropout(F.relu(self._norm_one(i, g, x)), self.dropout, self.training)
-        x = F.linear(x.flatten(1), self.fc_weight[g], self.fc_bias[g])
+        x = torch.addmm(self.fc_bias[g], x.transpose(1, 2).flatten(1), self.dense_weight[g])
         return F.dropout(F.relu(self._norm_one(self.depth, g, x)), self.dropout, self.training)
 
     # ---------------------------------------------------------------------------------- fused path
     def _norm_group(self, i: int, sel: _Selection, x: Tensor) -> Tensor:
-        mean, var, count = self._stats(i)
-        out, new_mean, new_var = batch_norm_stacked(
-            x, _take(self.norm_weight[i], sel), _take(self.norm_bias[i], sel), _take(mean, sel), _take(var, sel),
-            self.training, self.momentum, self.eps,
-        )  # fmt: skip
-        if new_mean is not None and new_var is not None:
-            with torch.no_grad():
-                _put(mean, sel, new_mean)
-                _put(var, sel, new_var)
-                _put(count, sel, _take(count, sel) + 1)
-        return out
+        return _norm_rows(x, self.norm_weight[i], self.norm_bias[i], *self._stats(i), sel, self.training, self.momentum, self.eps)
 
     def forward(self, xs: Sequence[Tensor], members: Optional[Sequence[int]] = None) -> Tensor:
         """Members `members` (default: all, in order) on xs[j] [B, T, C_j] → [len(xs), B, out_dim]."""
@@ -331,11 +346,139 @@ class TempCNNBank(nn.Module):
                 y = y.view(batch, g, hidden, steps).permute(1, 0, 3, 2)
             y = self._norm_group(i, sel, y.reshape(g, -1, hidden))
             x = fast_dropout(F.relu(y), self.dropout, self.training).view(g, batch, steps, hidden)
-        # TempCNN flattens [H, T] (channel-major): transpose the activations to match the dense weights.
-        flat = x.transpose(2, 3).reshape(g, batch, -1)
-        y = torch.baddbmm(_take(self.fc_bias, sel).unsqueeze(1), flat, _take(self.fc_weight, sel).transpose(1, 2))
+        flat = x.reshape(g, batch, steps * hidden)  # a view, time-major, as the dense weight's rows
+        y = torch.baddbmm(_take(self.fc_bias, sel).unsqueeze(1), flat, _take(self.dense_weight, sel))
         y = self._norm_group(self.depth, sel, y)
         return fast_dropout(F.relu(y), self.dropout, self.training)
 
 
-__all__ = ["TempCNNBank", "batch_norm_stacked", "fast_dropout", "group_batch_norm"]
+class LinearBank(nn.Module):
+    """G small MLPs of one shape by name — Linear layers with ReLU between them and, with `norm`,
+    BatchNorm + ReLU after the last: MDiCo's projections (Linear, BatchNorm, ReLU) and heads
+    (`make_head`) — stored stacked in the layout the batched matmul reads: weights [G, in, out],
+    biases [G, out], BatchNorm parameters and statistics [G, W]. Nothing is stacked or transposed
+    per step.
+
+    Member g is exactly the nn.Sequential it replaces (`member`, `load_member`; `forward_one` is its
+    computation), and a state dict of those modules under their names — the ModuleDict this bank
+    replaced, `<name>.<layer>.weight` … — still loads.
+    """
+
+    momentum = 0.1  # nn.BatchNorm1d's defaults
+    eps = 1e-5
+
+    def __init__(self, names: Sequence[str], sizes: Sequence[int], norm: bool = False):
+        super().__init__()
+        if len(sizes) < 2:
+            raise ValueError(f"LinearBank needs at least an input and an output size, got {list(sizes)}")
+        self.names = list(names)
+        self.sizes = [int(n) for n in sizes]
+        self.norm = norm
+        g = len(self.names)
+        self.weight = nn.ParameterList(nn.Parameter(torch.zeros(g, a, b)) for a, b in zip(self.sizes[:-1], self.sizes[1:]))
+        self.bias = nn.ParameterList(nn.Parameter(torch.zeros(g, b)) for b in self.sizes[1:])
+        if norm:
+            width = self.sizes[-1]
+            self.norm_weight = nn.Parameter(torch.ones(g, width))
+            self.norm_bias = nn.Parameter(torch.zeros(g, width))
+            self.register_buffer("running_mean", torch.zeros(g, width))
+            self.register_buffer("running_var", torch.ones(g, width))
+            self.register_buffer("num_batches_tracked", torch.zeros(g, dtype=torch.long))
+        for i in range(g):  # nn.Linear's initialisation, member by member (the same draws as the modules)
+            self.load_member(i, self._new_member())
+
+    def _new_member(self) -> nn.Sequential:
+        layers: list[nn.Module] = []
+        for i, (a, b) in enumerate(zip(self.sizes[:-1], self.sizes[1:])):
+            layers += [nn.ReLU(), nn.Linear(a, b)] if i else [nn.Linear(a, b)]
+        if self.norm:
+            layers += [BatchNorm1d(self.sizes[-1]), nn.ReLU()]
+        return nn.Sequential(*layers)
+
+    def _linears(self, member: nn.Sequential) -> list[nn.Linear]:
+        return [layer for layer in member if isinstance(layer, nn.Linear)]
+
+    @torch.no_grad()
+    def load_member(self, g: int, member: nn.Sequential) -> None:
+        """Copy an nn.Sequential of this bank's shape (see `member`) into slot g."""
+        for i, linear in enumerate(self._linears(member)):
+            self.weight[i][g].copy_(linear.weight.T)
+            self.bias[i][g].copy_(linear.bias)
+        if self.norm:
+            bn = member[-2]
+            self.norm_weight[g].copy_(bn.weight)
+            self.norm_bias[g].copy_(bn.bias)
+            self.running_mean[g].copy_(bn.running_mean)
+            self.running_var[g].copy_(bn.running_var)
+            self.num_batches_tracked[g].copy_(bn.num_batches_tracked)
+
+    @torch.no_grad()
+    def member(self, g: int) -> nn.Sequential:
+        """Member g as a standalone nn.Sequential (a copy), in this bank's train/eval mode."""
+        out = self._new_member()
+        for i, linear in enumerate(self._linears(out)):
+            linear.weight.copy_(self.weight[i][g].T)
+            linear.bias.copy_(self.bias[i][g])
+        if self.norm:
+            bn = out[-2]
+            bn.weight.copy_(self.norm_weight[g])
+            bn.bias.copy_(self.norm_bias[g])
+            bn.running_mean.copy_(self.running_mean[g])
+            bn.running_var.copy_(self.running_var[g])
+            bn.num_batches_tracked.copy_(self.num_batches_tracked[g])
+        return out.train(self.training)
+
+    def member_keys(self) -> dict[str, str]:
+        """Bank tensor name → the member nn.Sequential's state-dict key holding its row."""
+        last = len(self.sizes) - 2
+        keys = {}
+        for i in range(last + 1):
+            keys.update({f"weight.{i}": f"{2 * i}.weight", f"bias.{i}": f"{2 * i}.bias"})
+        if self.norm:
+            norm = 2 * last + 1
+            keys.update(
+                {name: f"{norm}.{key}" for name, key in [("norm_weight", "weight"), ("norm_bias", "bias"),
+                 ("running_mean", "running_mean"), ("running_var", "running_var"), ("num_batches_tracked", "num_batches_tracked")]}
+            )  # fmt: skip
+        return keys
+
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
+        """Before the bank, one nn.Sequential per name (`<prefix><name>.<layer>.<tensor>`): stacked here
+        when every one of those tensors is there (otherwise strict loading names what is missing)."""
+        old = {ours: [f"{prefix}{name}.{key}" for name in self.names] for ours, key in self.member_keys().items()}
+        if all(k in state_dict for keys in old.values() for k in keys):
+            for ours, keys in old.items():
+                rows = [state_dict.pop(k) for k in keys]
+                state_dict[prefix + ours] = torch.stack([r.T if ours.startswith("weight.") else r for r in rows])
+        super()._load_from_state_dict(state_dict, prefix, *args)
+
+    # ---------------------------------------------------------------------------------- computation
+    def forward_one(self, g: int, x: Tensor) -> Tensor:
+        """Member g on x [B, in] → [B, out]: the nn.Sequential's computation."""
+        for i, (weight, bias) in enumerate(zip(self.weight, self.bias)):
+            x = torch.addmm(bias[g], F.relu(x) if i else x, weight[g])
+        if not self.norm:
+            return x
+        if self.training:
+            self.num_batches_tracked[g] += 1
+        # running_mean[g] / running_var[g] are views: batch_norm updates the bank's statistics in place.
+        x = batch_norm(
+            x, self.running_mean[g], self.running_var[g], self.norm_weight[g], self.norm_bias[g], self.training, self.momentum, self.eps
+        )
+        return F.relu(x)
+
+    def forward(self, x: Tensor, members: Optional[Sequence[int]] = None) -> Tensor:
+        """Members `members` (default: all, in order) on x [len(members), B, in] → [len(members), B, out]."""
+        members = list(range(len(self.names))) if members is None else list(members)
+        if len(members) != x.shape[0]:
+            raise ValueError(f"{x.shape[0]} inputs for {len(members)} members")
+        sel = _selection(members, len(self.names), x.device)
+        for i, (weight, bias) in enumerate(zip(self.weight, self.bias)):
+            x = torch.baddbmm(_take(bias, sel).unsqueeze(1), F.relu(x) if i else x, _take(weight, sel))
+        if not self.norm:
+            return x
+        stats = (self.running_mean, self.running_var, self.num_batches_tracked)
+        return F.relu(_norm_rows(x, self.norm_weight, self.norm_bias, *stats, sel, self.training, self.momentum, self.eps))
+
+
+__all__ = ["LinearBank", "TempCNNBank", "batch_norm_stacked", "fast_dropout"]

@@ -379,3 +379,71 @@ def test_without_the_context_key_tempcnn_ignores_months_as_before():
     with torch.no_grad():
         assert not torch.allclose(attention_old.predict(x, MONTHS), attention_old.predict(x, MONTHS + 6))
         assert torch.equal(attention_empty.predict(x, MONTHS), attention_empty.predict(x, MONTHS + 6))
+
+
+def _old_layout(model: MDiCo) -> dict[str, torch.Tensor]:
+    """`model`'s state dict as MDiCo wrote it before its projections, heads and TempCNN dense layers
+    were stored stacked: project.<m>.<layer>.*, heads.<m>.<layer>.*, banks.<b>.fc_weight [G, out, H·T]."""
+    state = {k: v for k, v in model.state_dict().items() if not k.startswith(("project.", "heads.")) and "dense_weight" not in k}
+    for part in ("project", "heads"):
+        bank = getattr(model, part)
+        for g, m in enumerate(model.modalities):
+            state.update({f"{part}.{m}.{k}": v for k, v in bank.member(g).state_dict().items()})
+    for b, bank in enumerate(model.banks):
+        state[f"banks.{b}.fc_weight"] = torch.stack([bank.member(g).fc[0].weight for g in range(len(bank.channels))])
+    return state
+
+
+@pytest.mark.parametrize("head_hidden", [0, 5])
+def test_mdico_loads_state_dicts_of_the_unstacked_layout(head_hidden):
+    """Checkpoints and best-weight files written before the stacked layout load, to the same model."""
+    trained = mdico(head_hidden=head_hidden).train()
+    for seed in range(3):  # non-trivial BatchNorm statistics and counters
+        trained(batch(seed=seed))
+    old = _old_layout(trained)
+    assert "project.s1.1.running_mean" in old and "heads.dw.0.weight" in old and "banks.0.fc_weight" in old
+    torch.manual_seed(1)
+    fresh = MDiCo(INPUTS, config(head_hidden=head_hidden), OUT)
+    fresh.load_state_dict(old)
+    for key, value in trained.state_dict().items():
+        assert torch.equal(fresh.state_dict()[key], value), key
+    trained.eval(), fresh.eval()
+    for subset in (None, ["s1"], ["s2", "dw"]):
+        assert torch.equal(fresh.predict(batch(), modalities=subset), trained.predict(batch(), modalities=subset))
+
+
+def test_fused_mdico_step_relays_out_no_weight():
+    """A fused training step (forward + backward) stacks, copies or zero-fills no parameter and no
+    tensor of a parameter's shape: every weight is read in the layout it is stored in."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    aten = torch.ops.aten
+    relayouts = {aten.stack.default, aten.cat.default, aten.clone.default, aten.copy_.default, aten._to_copy.default}
+    fills = {aten.zeros.default, aten.zeros_like.default, aten.new_zeros.default, aten.zero_.default, aten.fill_.Scalar}
+    model = mdico().train()
+    params = list(model.parameters())
+    shapes = {tuple(p.shape) for p in params if p.dim() > 1}
+    storages = {p.untyped_storage().data_ptr() for p in params}
+    statistics = {b.untyped_storage().data_ptr() for b in model.buffers()}  # written in place each step: fine
+    seen: list[str] = []
+
+    def tensors(args):
+        for a in args:
+            yield from (x for x in (a if isinstance(a, (list, tuple)) else [a]) if isinstance(x, torch.Tensor))
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            reads_weight = any(t.untyped_storage().data_ptr() in storages for t in tensors(args))
+            weight_sized = isinstance(out, torch.Tensor) and tuple(out.shape) in shapes
+            if func == aten.copy_.default and args[0].untyped_storage().data_ptr() in statistics:
+                return out
+            if (func in relayouts and (reads_weight or weight_sized)) or (func in fills and weight_sized):
+                seen.append(f"{func}{[tuple(t.shape) for t in tensors(args)]}")
+            return out
+
+    with Record():
+        out = model(batch(8))
+        sum(t.square().sum() for k in ("pred", "z_sha", "z_spe", "z_unu") for t in out[k].values()).backward()
+    assert all(p.grad is not None for part in (model.banks, model.project, model.heads) for p in part.parameters())
+    assert not seen, seen
