@@ -13,7 +13,8 @@ in the same process on the model's own matrix shapes (between rounds).
 
 `--baseline DIR` also runs the engine of another checkout (e.g. the main branch) against this one,
 in alternating subprocesses, at `--baseline-batch` with all sensors: the speed-up is a ratio from one
-run. One torch thread everywhere by default. Figures from a shared machine are noisy; the ratios of
+run. Each side reads the fuel_moisture config shipped with its own code, without `model.context`
+(older checkouts have none), so both train the same model. One torch thread everywhere by default. Figures from a shared machine are noisy; the ratios of
 alternating runs are what to read.
 
     python benchmarks/bench_train.py [--batches 32 256] [--sets s1,s2 s1,s2,era5,srtm,dw] [--rounds 3]
@@ -23,6 +24,7 @@ alternating runs are what to read.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import statistics
@@ -195,7 +197,16 @@ def run_case(args: argparse.Namespace) -> None:
 
     torch.set_num_threads(1)
     shards = Path(args.shards)
-    cfg = load_config(CONFIG, overrides(shards, Path(tempfile.mkdtemp(prefix="bench-run-")), args.mods, args.batch, args.compile))
+    config, extra = CONFIG, []
+    if args.engine_only:
+        # Another checkout's engine (--baseline): the config shipped with the code being imported,
+        # without the input context (which older code does not have), so both run the same model.
+        import colearn_dist
+        from colearn_dist.config import ModelConfig
+
+        config = Path(colearn_dist.__file__).parent / "configs" / CONFIG.name
+        extra = ["model.context=null"] if "context" in {f.name for f in dataclasses.fields(ModelConfig)} else []
+    cfg = load_config(config, overrides(shards, Path(tempfile.mkdtemp(prefix="bench-run-")), args.mods, args.batch, args.compile) + extra)
     trainer = Trainer(cfg)
     trainer.stop.install()
     if args.engine_only:

@@ -80,6 +80,30 @@ def test_single_process_run_end_to_end(shards, tmp_path):
     assert "samples/s" in log and "val" in log
 
 
+@pytest.mark.parametrize("grad_accum", [1, 2])
+def test_own_backward_is_deepspeeds_backward_bit_for_bit(shards, tmp_path, grad_accum):
+    """One process, ZeRO 0, fp32: the engine's own backward of loss / grad_accum (skipping DeepSpeed's
+    wrapper) trains the weights DeepSpeed's backward trains, bit for bit (accumulation and clipping on)."""
+    from colearn_dist.config import load_config
+    from colearn_dist.engine import Trainer
+
+    def trained(name: str, own: bool) -> dict[str, torch.Tensor]:
+        path = write_config(tmp_path / f"{name}.yaml", shards, tmp_path / name, data={"modalities": ["s1", "s2"]},
+                            train={"grad_accum": grad_accum, "grad_clip": 0.5, "log_every_steps": 0})  # fmt: skip
+        trainer = Trainer(load_config(path))
+        assert trainer._own_backward
+        trainer._own_backward = own
+        before = {k: v.clone() for k, v in trainer.engine.module.state_dict().items()}
+        trainer._train_epoch()
+        trainer.lock.release()
+        after = trainer.engine.module.state_dict()
+        assert trainer.engine.global_steps == trainer.steps_per_epoch
+        assert not all(torch.equal(before[k], v) for k, v in after.items())
+        return after
+
+    assert_same_weights(trained("own", True), trained("deepspeed", False))
+
+
 def test_compiled_forward_objective_no_recompiles_same_training(shards, tmp_path, monkeypatch):
     """train.compile: forward + objective traced once (batch axis dynamic: the epoch's uneven batches
     share the graph), no graph break, no recompile in later epochs; training matches eager mode.
