@@ -181,7 +181,8 @@ def test_nt_xent_is_symmetric_and_scale_invariant():
     torch.testing.assert_close(nt_xent(3 * a, 0.5 * b), nt_xent(a, b))
 
 
-def test_contrastive_terms_match_pytorch_metric_learning_value_and_gradient():
+@pytest.mark.parametrize("temperature", [0.1, 0.01])  # 0.01: the max-shifted logsumexp (no fixed shift)
+def test_contrastive_terms_match_pytorch_metric_learning_value_and_gradient(temperature):
     """Five sensors at once: every pair's term and the gradient of their sum equal pml pair by pair."""
     from pytorch_metric_learning.losses import NTXentLoss, SelfSupervisedLoss
 
@@ -189,9 +190,9 @@ def test_contrastive_terms_match_pytorch_metric_learning_value_and_gradient():
     gen = torch.Generator().manual_seed(7)
     z = {m: torch.randn(9, 6, generator=gen, dtype=torch.float64, requires_grad=True) for m in mods}
     pairs = list(itertools.combinations(mods, 2))
-    ours = _contrastive_terms({"z_sha": z}, mods, pairs, 0.1)
+    ours = _contrastive_terms({"z_sha": z}, mods, pairs, temperature)
     ours_grad = torch.autograd.grad(sum(ours.values()), [z[m] for m in mods])
-    pml = SelfSupervisedLoss(NTXentLoss(temperature=0.1), symmetric=True)
+    pml = SelfSupervisedLoss(NTXentLoss(temperature=temperature), symmetric=True)
     ref = {f"con/{a}-{b}": pml(z[a], z[b]) for a, b in pairs}
     ref_grad = torch.autograd.grad(sum(ref.values()), [z[m] for m in mods])
     assert set(ours) == set(ref)
@@ -230,6 +231,32 @@ def test_contrastive_terms_never_index_or_zero_fill_pairwise_tensors():
     assert all(z[k].grad is not None and z[k].grad.abs().sum() > 0 for k in mods)
     big = [(f, size) for f, size in seen if size >= m * n * n]
     assert not big, big
+
+
+def test_contrastive_terms_allocate_one_pairwise_buffer():
+    """Forward + backward allocate one tensor of the [M·n, M·N] size (the similarity matmul's, turned
+    into exponentials and then into the softmax gradient in place), not one per elementwise pass."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    big: list[str] = []
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            inputs = {a.untyped_storage().data_ptr() for a in args if isinstance(a, torch.Tensor)}
+            fresh = isinstance(out, torch.Tensor) and out.untyped_storage().data_ptr() not in inputs  # no view, no in-place op
+            if fresh and out.numel() >= m * n * m * n:
+                big.append(str(func))
+            return out
+
+    m, n = 5, 12
+    mods = [f"s{i}" for i in range(m)]
+    z = {k: torch.randn(n, 8, requires_grad=True) for k in mods}
+    with Record():
+        terms = _contrastive_terms({"z_sha": z}, mods, list(itertools.combinations(mods, 2)), 0.1)
+        sum(terms.values()).backward()
+    assert all(z[k].grad.abs().sum() > 0 for k in mods)
+    assert big == ["aten.mm.default"], big
 
 
 # ----------------------------------------------------------------------------- MDiCo assembly
