@@ -7,7 +7,9 @@ batches in the same order):
   * a reference-shaped plain PyTorch MDiCo written here from the paper (one TempCNN / MLP per
     encoder, nn.Conv1d / nn.BatchNorm1d / nn.Linear modules called one by one, NT-Xent pair by pair),
     with the same sizes,
-and reports samples/s (median over rounds) and the fraction of the FLOP limit: FLOPs per sample of
+and reports samples/s (median over rounds; a round is one epoch, or as many as make 40 steps;
+the engine / plain and engine / reference columns are medians of the per-round ratios) and the
+fraction of the FLOP limit: FLOPs per sample of
 forward + backward counted with torch.utils.flop_counter, divided into the matmul GFLOP/s measured
 in the same process on the model's own matrix shapes (between rounds).
 
@@ -18,7 +20,7 @@ run. Each side reads the fuel_moisture config shipped with its own code, without
 alternating runs are what to read.
 
     python benchmarks/bench_train.py [--batches 32 256] [--sets s1,s2 s1,s2,era5,srtm,dw] [--rounds 3]
-                                     [--compile] [--baseline /path/to/other/checkout]
+                                     [--compile] [--baseline /path/to/other/checkout] [--profile]
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -42,6 +45,7 @@ from torch import Tensor, nn
 
 CONFIG = Path(__file__).resolve().parents[1] / "colearn_dist" / "configs" / "fuel_moisture.yaml"
 FIVE = "s1,s2,era5,srtm,dw"
+MIN_STEPS = 40  # each timed round runs whole epochs (passes) until at least this many steps
 
 
 def prepare_shards(root: Path) -> Path:
@@ -191,6 +195,34 @@ def flops_per_sample(step: Callable[[dict[str, Any]], None], batch: dict[str, An
     return counter.get_total_flops() / int(batch["target"].shape[0])
 
 
+def engine_round(trainer: Any, reps: int) -> tuple[float, float]:
+    """`reps` epochs of the engine: samples/s and the share of the time spent waiting for data."""
+    samples = seconds = wait = 0.0
+    for _ in range(reps):
+        trainer._train_epoch()
+        trainer.epoch += 1
+        s = trainer.epoch_stats
+        samples, seconds, wait = samples + s["samples"], seconds + s["seconds"], wait + s["wait_s"]
+    return samples / seconds, wait / seconds
+
+
+def profiled(fn: Callable[[], Any], steps: int) -> dict[str, float]:
+    """torch.profiler over `fn` (one round): per step, the CPU time of all ops, aten calls, and the
+    calls of the ops that re-lay out or fill memory."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    events = prof.key_averages()
+    out = {
+        "ms": sum(e.self_cpu_time_total for e in events) / 1000 / steps,
+        "aten_calls": sum(e.count for e in events if e.key.startswith("aten::")) / steps,
+    }
+    for op in ("stack", "copy_", "clone", "zeros", "zero_", "fill_", "transpose"):
+        out[op] = sum(e.count for e in events if e.key == f"aten::{op}") / steps
+    return out
+
+
 def run_case(args: argparse.Namespace) -> None:
     from colearn_dist.config import load_config
     from colearn_dist.engine import Trainer
@@ -209,15 +241,14 @@ def run_case(args: argparse.Namespace) -> None:
     cfg = load_config(config, overrides(shards, Path(tempfile.mkdtemp(prefix="bench-run-")), args.mods, args.batch, args.compile) + extra)
     trainer = Trainer(cfg)
     trainer.stop.install()
+    reps = max(1, math.ceil(MIN_STEPS / len(trainer.train_loader)))  # epochs (passes) per round
     if args.engine_only:
         rates, waits = [], []
         for epoch in range(args.rounds + 1):
-            trainer._train_epoch()
-            trainer.epoch += 1
-            s = trainer.epoch_stats
+            rate, wait = engine_round(trainer, reps)
             if epoch:
-                rates.append(s["samples"] / s["seconds"])
-                waits.append(s["wait_s"] / s["seconds"])
+                rates.append(rate)
+                waits.append(wait)
         print(json.dumps({"engine": statistics.median(rates), "data_wait": statistics.median(waits)}), flush=True)
         return
 
@@ -265,15 +296,13 @@ def run_case(args: argparse.Namespace) -> None:
     def timed(step: Callable[[dict[str, Any]], None]) -> float:
         batches = [to_device(b, torch.device("cpu"), torch.float32) for b in loader]
         t0 = time.perf_counter()
-        for b in batches:
-            step(b)
-        return sum(int(b["target"].shape[0]) for b in batches) / (time.perf_counter() - t0)
+        for _ in range(reps):
+            for b in batches:
+                step(b)
+        return reps * sum(int(b["target"].shape[0]) for b in batches) / (time.perf_counter() - t0)
 
     def engine_epoch() -> tuple[float, float]:
-        trainer._train_epoch()
-        trainer.epoch += 1
-        s = trainer.epoch_stats
-        return s["samples"] / s["seconds"], s["wait_s"] / s["seconds"]
+        return engine_round(trainer, reps)
 
     first = to_device(
         next(iter(ShardLoader(shards, "train", batch_size=args.batch, modalities=built.modalities))), torch.device("cpu"), torch.float32
@@ -283,6 +312,13 @@ def run_case(args: argparse.Namespace) -> None:
     optimizer.zero_grad(set_to_none=True)
     ref_opt.zero_grad(set_to_none=True)
     engine_epoch(), timed(plain_step), timed(ref_step)  # warm-up (and compilation)
+    if args.profile:
+        print(
+            json.dumps(
+                {"engine": profiled(engine_epoch, reps * len(loader)), "plain": profiled(lambda: timed(plain_step), reps * len(loader))}
+            )
+        )
+        return
     rows: dict[str, list[float]] = {"engine": [], "data_wait": [], "plain": [], "reference": [], "gflops": []}
     for _ in range(args.rounds):
         rate, wait = engine_epoch()
@@ -291,11 +327,16 @@ def run_case(args: argparse.Namespace) -> None:
         rows["plain"].append(timed(plain_step))
         rows["reference"].append(timed(ref_step))
         rows["gflops"].append(matmul_gflops(args.batch))
+    # Ratios per round (A, B and C ran back to back): steadier than ratios of medians on a shared machine.
+    paired = {
+        "engine_vs_plain": [e / p for e, p in zip(rows["engine"], rows["plain"])],
+        "engine_vs_reference": [e / r for e, r in zip(rows["engine"], rows["reference"])],
+    }
     t0 = time.perf_counter()
     n = sum(int(b["target"].shape[0]) for b in loader)
     loader_rate = n / (time.perf_counter() - t0)
-    result = {k: statistics.median(v) for k, v in rows.items()}
-    result.update(flops_per_sample=flops, ref_flops_per_sample=ref_flops, loader=loader_rate, compile_s=trainer.compile_seconds)
+    result = {k: statistics.median(v) for k, v in {**rows, **paired}.items()}
+    result.update(reps=reps, flops_per_sample=flops, ref_flops_per_sample=ref_flops, loader=loader_rate, compile_s=trainer.compile_seconds)
     print(json.dumps(result), flush=True)
 
 
@@ -320,6 +361,7 @@ def main() -> None:
     p.add_argument("--baseline", type=Path, help="another checkout whose engine to compare with (alternating subprocesses)")
     p.add_argument("--baseline-batch", type=int, default=32)
     p.add_argument("--only-baseline", action="store_true", help="skip the table; only the A/B against --baseline")
+    p.add_argument("--profile", action="store_true", help="instead of the table: torch.profiler per step (engine, plain loop)")
     p.add_argument("--case", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--engine-only", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--shards", help=argparse.SUPPRESS)
@@ -334,18 +376,23 @@ def main() -> None:
     shards = prepare_shards(root)
     print(f"MDiCo, TempCNN, embedding 128, Adam 1e-3, fp32, 1 thread; fuel_moisture train split; medians of {args.rounds} "
           f"alternating rounds after a warm-up{'; compiled' if args.compile else ''}; {os.cpu_count()} cores (shared)\n")  # fmt: skip
-    print(
-        "| batch | sensors | engine | plain loop | reference MDiCo | engine / plain | engine / reference | data wait | "
-        "loader alone | MFLOP/sample (ref) | matmul GFLOP/s | FLOP limit | engine share |"
-    )
-    print("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    if not args.profile:
+        print(
+            "| batch | sensors | engine | plain loop | reference MDiCo | engine / plain | engine / reference | data wait | "
+            "loader alone | MFLOP/sample (ref) | matmul GFLOP/s | FLOP limit | engine share |"
+        )
+        print("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for batch in [] if args.only_baseline else args.batches:
         for mods in args.sets:
             argv = ["--shards", str(shards), "--mods", mods, "--batch", str(batch), "--rounds", str(args.rounds)]
+            if args.profile:
+                for name, row in subprocess_case(argv + ["--profile"]).items():
+                    print(f"profile, batch {batch}, {mods}, {name}: " + ", ".join(f"{k} {v:,.2f}" for k, v in row.items()), flush=True)
+                continue
             r = subprocess_case(argv + (["--compile"] if args.compile else []))
             limit = r["gflops"] * 1e9 / r["flops_per_sample"]
-            print(f"| {batch} | {mods} | {r['engine']:,.0f} | {r['plain']:,.0f} | {r['reference']:,.0f} | {r['engine'] / r['plain']:.0%} | "
-                  f"{r['engine'] / r['reference']:.1f}× | {r['data_wait']:.1%} | {r['loader']:,.0f} | {r['flops_per_sample'] / 1e6:.2f} "
+            print(f"| {batch} | {mods} | {r['engine']:,.0f} | {r['plain']:,.0f} | {r['reference']:,.0f} | {r['engine_vs_plain']:.0%} | "
+                  f"{r['engine_vs_reference']:.1f}× | {r['data_wait']:.1%} | {r['loader']:,.0f} | {r['flops_per_sample'] / 1e6:.2f} "
                   f"({r['ref_flops_per_sample'] / 1e6:.2f}) | {r['gflops']:.0f} | {limit:,.0f} | {r['engine'] / limit:.0%} |"
                   + (f" compiled in {r['compile_s']:.0f} s" if r.get("compile_s") else ""), flush=True)  # fmt: skip
     if args.baseline:
