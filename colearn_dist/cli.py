@@ -188,7 +188,7 @@ def _launch(args: argparse.Namespace) -> int:
 def _crossval(args: argparse.Namespace) -> int:
     runs = plan_crossval(
         args.config, args.archive, args.root, folds=args.folds, methods=args.methods.split(","), seeds=args.seeds,
-        overrides=args.set, fold_seed=args.fold_seed,
+        overrides=args.set, fold_seed=args.fold_seed, inner=args.inner,
     )  # fmt: skip
     return run_sweep(runs, nproc=args.nproc, out=Path(args.root) / "results")
 
@@ -457,6 +457,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     s.add_argument("--folds", type=int, default=10)
     s.add_argument("--fold-seed", type=int, default=0, help="seed of the fold assignment")
+    s.add_argument(
+        "--inner",
+        action="store_true",
+        help="folds over the archive's train and val samples only, its test split left out: for choosing settings",
+    )
     s.add_argument("--methods", default="mdico,single")
     s.add_argument("--seeds", type=int, nargs="+", default=[0])
     s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")

@@ -56,3 +56,37 @@ def test_crossval_runs_every_fold_and_evaluate_aggregates_over_folds(tmp_path):
     # the plan is idempotent: a second call reuses the fold shards and skips finished runs
     again = plan_crossval(cfg, src, root, folds=2, methods=["mdico", "single"], seeds=[0])
     assert len(again) == 2 * 3 and all(r.done for r in again)
+
+
+def test_inner_folds_leave_the_test_split_out_of_every_fold_archive(tmp_path):
+    src = make_synthetic_archive(tmp_path / "a.zarr", n=180, groups=12, with_val=True)
+    source = open_archive(src)
+    test_ids = set(np.asarray(source.ids)[np.asarray(source.split[:]) == SPLIT_CODES["test"]].tolist())
+    kept_ids = set(np.asarray(source.ids).tolist()) - test_ids
+    assert test_ids and kept_ids
+    tested: list[str] = []
+    for i in range(3):
+        archive = open_archive(write_fold_archive(src, tmp_path / f"f{i}.zarr", 3, i, seed=0, inner=True))
+        ids = np.asarray(archive.ids)
+        assert set(ids.tolist()) == kept_ids  # the source's test samples are in no fold archive
+        assert archive.attrs["fold"]["inner"] is True
+        rows = {name: row for row, name in enumerate(np.asarray(source.ids).tolist())}
+        back = np.array([rows[name] for name in ids.tolist()])
+        assert np.array_equal(np.asarray(archive.target[:]), np.asarray(source.target[:])[back], equal_nan=True)  # rows stay aligned
+        tested += ids[np.asarray(archive.split[:]) == SPLIT_CODES["test"]].tolist()
+    assert sorted(tested) == sorted(kept_ids)  # every kept sample tested exactly once
+
+
+def test_crossval_inner_flag_reaches_the_fold_archives(tmp_path, monkeypatch):
+    import colearn_dist.cli as cli
+
+    src = make_synthetic_archive(tmp_path / "syn.zarr", n=120, t=4, groups=12)
+    cfg = write_config(tmp_path / "c.yaml", tmp_path / "unused", tmp_path / "unused-run", data={"modalities": ["s1", "s2"]})
+    planned: list = []
+    monkeypatch.setattr(cli, "run_sweep", lambda runs, **_: planned.extend(runs) or 0)
+    root = tmp_path / "cv"
+    assert cli.main(["crossval", str(cfg), str(src), "--root", str(root), "--folds", "2", "--inner", "--methods", "single"]) == 0
+    assert len(planned) == 2 * 2  # two folds × the single-sensor model of s1 and s2
+    source = open_archive(src)
+    kept = int((np.asarray(source.split[:]) != SPLIT_CODES["test"]).sum())
+    assert open_archive(root / "data" / "syn-fold0.zarr").num_samples == kept < source.num_samples
