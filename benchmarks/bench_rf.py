@@ -12,7 +12,9 @@ copied from elsewhere. The forests are fitted on the train split (the validation
 the sharder left out, as for the networks) with scikit-learn's defaults (100 trees) — nothing is
 tuned — and scored on the split asked for (`--split val` while choosing settings, `test` once).
 Output: one Markdown table per dataset (rows: sensor sets, columns: month-only and month + bands,
-RMSE mean ± std over seeds) and `--out` CSV rows.
+RMSE mean ± std over seeds), `--out` CSV rows and `--reference-out` the month + sensor forests
+as the reference YAML that `colearn-dist evaluate --reference` shows as a column
+(colearn_dist/configs/reference.yaml is this file for the test split).
 """
 
 from __future__ import annotations
@@ -133,6 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     p.add_argument("--split", default="test", choices=["val", "test"])
     p.add_argument("--out", help="CSV of every row")
+    p.add_argument("--reference-out", help="YAML {dataset: {sensor: mean RMSE of the month + sensor forest}} for `evaluate --reference`")
     args = p.parse_args(argv)
     rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -146,7 +149,22 @@ def main(argv: list[str] | None = None) -> int:
             w = csv.DictWriter(f, fieldnames=list(rows[0]))
             w.writeheader()
             w.writerows(rows)
+    if args.reference_out:
+        Path(args.reference_out).write_text(reference_yaml(rows))
     return 0
+
+
+def reference_yaml(rows: list[dict[str, Any]]) -> str:
+    """The month + sensor forests of `rows` as `evaluate --reference` reads them."""
+    by_dataset: dict[str, dict[str, float]] = {}
+    for r in rows:
+        if r["sensors"] != "none":
+            by_dataset.setdefault(r["dataset"], {})[r["sensors"]] = round(float(r["rmse_mean"]), 3)
+    head = (
+        f"# Written by `python benchmarks/bench_rf.py --split {rows[0]['split']} --reference-out ...`: a random forest on the\n"
+        "# calendar month (one-hot per step) and one sensor's bands, mean RMSE over seeds, per dataset and sensor.\n"
+    )
+    return head + "".join(f"{d}: {{{', '.join(f'{s}: {v}' for s, v in sensors.items())}}}\n" for d, sensors in by_dataset.items())
 
 
 if __name__ == "__main__":

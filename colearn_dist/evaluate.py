@@ -15,7 +15,7 @@ from .report import aggregate, cross_fold, cross_fold_markdown, markdown_table, 
 from .runs import RunDir
 from .scoring import evaluate_run, run_sensor_sets
 
-REFERENCE_NAME = "random forest, same sensors"
+REFERENCE_NAME = "random forest, month + same sensor"
 
 
 def load_records(run_dirs: Iterable[str | Path], split: str = "test", extra_sets: Iterable[str] | None = None) -> list[dict[str, Any]]:
