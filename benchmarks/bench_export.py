@@ -1,7 +1,7 @@
 """Prediction throughput of exported sensor models (torch.export .pt2, ONNX on onnxruntime) on CPU.
 
 Trains MDiCo briefly on the bundled fuel_moisture data with the paper's settings
-(colearn_dist/configs/fuel_moisture.yaml; throughput does not depend on how well it is trained), exports each
+(colearn_dist/configs/fuel_moisture_paper.yaml: the paper's TempCNN model; throughput does not depend on how well it is trained), exports each
 sensor in both formats and times batches of `--batch` raw samples (drawn from the archive, NaNs
 included) through each file, and through the eager model (normalisation + model.predict) as the
 reference. Threads: `--threads` (default 1) for torch and onnxruntime alike.
@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-CONFIG = Path(__file__).resolve().parents[1] / "colearn_dist" / "configs" / "fuel_moisture.yaml"
+CONFIG = Path(__file__).resolve().parents[1] / "colearn_dist" / "configs" / "fuel_moisture_paper.yaml"
 
 
 def train_run(root: Path, epochs: int) -> Path:

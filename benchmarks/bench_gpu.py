@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 HERE = Path(__file__).resolve().parent
-CONFIG = HERE.parent / "colearn_dist" / "configs" / "fuel_moisture.yaml"
+CONFIG = HERE.parent / "colearn_dist" / "configs" / "fuel_moisture_paper.yaml"
 SYNTH_MODALITIES = "s1,s2,era5,srtm"  # the synthetic archive's sensors
 BUNDLED_MODALITIES = "s1,s2,era5,srtm,dw"
 

@@ -43,7 +43,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-CONFIG = Path(__file__).resolve().parents[1] / "colearn_dist" / "configs" / "fuel_moisture.yaml"
+CONFIG = Path(__file__).resolve().parents[1] / "colearn_dist" / "configs" / "fuel_moisture_paper.yaml"
 FIVE = "s1,s2,era5,srtm,dw"
 MIN_STEPS = 40  # each timed round runs whole epochs (passes) until at least this many steps
 
@@ -237,6 +237,8 @@ def run_case(args: argparse.Namespace) -> None:
         from colearn_dist.config import ModelConfig
 
         config = Path(colearn_dist.__file__).parent / "configs" / CONFIG.name
+        if not config.exists():  # checkouts before fuel_moisture_paper.yaml shipped these settings as fuel_moisture.yaml
+            config = config.with_name("fuel_moisture.yaml")
         extra = ["model.context=null"] if "context" in {f.name for f in dataclasses.fields(ModelConfig)} else []
     cfg = load_config(config, overrides(shards, Path(tempfile.mkdtemp(prefix="bench-run-")), args.mods, args.batch, args.compile) + extra)
     trainer = Trainer(cfg)
