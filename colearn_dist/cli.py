@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .signals import catch_early
+from .signals import catch_early, ignore_from_now
 
 # `colearn-dist train` may be a Slurm rank: a stop signal that arrives during the imports below
 # (torch takes seconds) is kept for the trainer instead of killing the rank unsaved (exit 138).
@@ -168,6 +168,7 @@ def _train(args: argparse.Namespace) -> int:
     the job was cancelled or Slurm requeues it already (nothing to do)."""
     cfg = load_config(args.config, args.set)
     result = train(cfg, allow_config_change=args.allow_config_change, allow_shards_change=args.allow_shards_change)
+    ignore_from_now()  # the run is saved: a stop signal while the process exits must not kill it
     if result["status"] == "finished":
         return 0
     action, why = stop_action(result.get("signal"), cfg.run_dir)

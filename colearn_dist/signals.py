@@ -59,4 +59,15 @@ class StopRequested:
             self.signal = signum
 
 
-__all__ = ["STOP_SIGNALS", "WARNING_SIGNALS", "StopRequested", "catch_early"]
+def ignore_from_now() -> None:
+    """Ignore stop signals once the run is saved and the process only has to exit: Python gives the
+    default action (death) back to its handled signals while it shuts down, so a time-limit warning
+    arriving then turned a finished Slurm job into a FAILED one (seen in tests/test_slurm.py)."""
+    for sig in STOP_SIGNALS:
+        try:
+            signal.signal(sig, signal.SIG_IGN)
+        except ValueError:  # not the main thread
+            pass
+
+
+__all__ = ["STOP_SIGNALS", "WARNING_SIGNALS", "StopRequested", "catch_early", "ignore_from_now"]

@@ -31,7 +31,7 @@ from .engine import train
 from .manifest import ShardError, load_manifest
 from .methods import method
 from .runs import RunDir, resolve_modalities
-from .signals import WARNING_SIGNALS, catch_early
+from .signals import WARNING_SIGNALS, catch_early, ignore_from_now
 from .sweep import PlannedRun, plan_sweep
 
 
@@ -52,6 +52,7 @@ class TrainJob:
         result = train(cfg, allow_config_change=self.allow_config_change)
         if result["status"] == "stopped":
             self._after_stop(cfg, result)
+        ignore_from_now()  # finished (or cancelled, checkpoint written): a late warning must not kill the exit
         return result
 
     def _after_stop(self, cfg: RunConfig, result: dict[str, Any]) -> None:

@@ -8,7 +8,7 @@ import signal
 import subprocess
 import sys
 
-from colearn_dist.signals import StopRequested, catch_early
+from colearn_dist.signals import STOP_SIGNALS, StopRequested, catch_early
 
 from helpers import write_config
 
@@ -50,3 +50,31 @@ def test_an_early_signal_stops_training_at_its_first_step_with_a_checkpoint(run_
             signal.signal(sig, handler)
     assert result == {"status": "stopped", "step": 1, "signal": signal.SIGUSR2}
     assert "stop requested (signal 12): checkpoint step000000001 written" in (tmp_path / "run" / "train.log").read_text()
+
+
+def test_a_finished_run_ignores_late_stop_signals(monkeypatch, tmp_path):
+    """A time-limit warning that lands while a finished job's Python shuts down (when Python gives
+    signals their default, fatal action back) made Slurm mark the finished job FAILED: `train` and
+    the Slurm job ignore stop signals once the run is saved."""
+    import colearn_dist.cli as cli
+    import colearn_dist.slurm as slurm
+
+    saved = {sig: signal.getsignal(sig) for sig in STOP_SIGNALS}
+    try:
+        cfg = write_config(tmp_path / "c.yaml", tmp_path / "shards", tmp_path / "run")
+        monkeypatch.setattr(cli, "train", lambda *a, **k: {"status": "finished"})
+        assert cli.main(["train", str(cfg)]) == 0
+        assert all(signal.getsignal(sig) == signal.SIG_IGN for sig in STOP_SIGNALS)
+        os.kill(os.getpid(), signal.SIGUSR2)  # ignored: the test process lives on
+
+        for sig in STOP_SIGNALS:
+            signal.signal(sig, signal.SIG_DFL)
+        monkeypatch.setattr(slurm, "train", lambda *a, **k: {"status": "finished"})
+        monkeypatch.setattr(
+            slurm.submitit.helpers, "TorchDistributedEnvironment", lambda: type("E", (), {"export": lambda self, **k: None})()
+        )
+        assert slurm.TrainJob(str(cfg), [])()["status"] == "finished"
+        assert all(signal.getsignal(sig) == signal.SIG_IGN for sig in STOP_SIGNALS)
+    finally:
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)
