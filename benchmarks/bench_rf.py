@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import yaml
 
 
 def split_arrays(shards: Path, split: str) -> dict[str, Any]:
@@ -164,7 +165,7 @@ def reference_yaml(rows: list[dict[str, Any]]) -> str:
         f"# Written by `python benchmarks/bench_rf.py --split {rows[0]['split']} --reference-out ...`: a random forest on the\n"
         "# calendar month (one-hot per step) and one sensor's bands, mean RMSE over seeds, per dataset and sensor.\n"
     )
-    return head + "".join(f"{d}: {{{', '.join(f'{s}: {v}' for s, v in sensors.items())}}}\n" for d, sensors in by_dataset.items())
+    return head + yaml.safe_dump(by_dataset, default_flow_style=None, sort_keys=False, width=1000)
 
 
 if __name__ == "__main__":
