@@ -186,17 +186,20 @@ def _launch(args: argparse.Namespace) -> int:
     return launch_local(args.nproc, argv)
 
 
+JOBS_HELP = "runs trained at once, each in its own process on its own share of the cores (default 1: one after another)"
+
+
 def _crossval(args: argparse.Namespace) -> int:
     runs = plan_crossval(
         args.config, args.archive, args.root, folds=args.folds, methods=args.methods.split(","), seeds=args.seeds,
         overrides=args.set, fold_seed=args.fold_seed, inner=args.inner,
     )  # fmt: skip
-    return run_sweep(runs, nproc=args.nproc, out=Path(args.root) / "results")
+    return run_sweep(runs, nproc=args.nproc, out=Path(args.root) / "results", jobs=args.jobs)
 
 
 def _sweep(args: argparse.Namespace) -> int:
     runs = plan_sweep(args.config, methods=args.methods.split(","), seeds=args.seeds, overrides=args.set, root=args.root)
-    return run_sweep(runs, nproc=args.nproc, out=args.out, reference=args.reference)
+    return run_sweep(runs, nproc=args.nproc, out=args.out, reference=args.reference, jobs=args.jobs)
 
 
 def _evaluate(args: argparse.Namespace) -> int:
@@ -442,6 +445,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     s.add_argument("--root", help="runs go under ROOT/<method>/seed<k> (default: the config's run_dir)")
     s.add_argument("--nproc", type=int, default=1)
+    s.add_argument("--jobs", type=int, default=1, help=JOBS_HELP)
     s.add_argument("--out", help="where the tables and figures go (default ROOT/results)")
     s.add_argument("--reference", help="YAML of reference scores per dataset and sensor set")
     s.set_defaults(fn=_sweep)
@@ -467,6 +471,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seeds", type=int, nargs="+", default=[0])
     s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     s.add_argument("--nproc", type=int, default=1)
+    s.add_argument("--jobs", type=int, default=1, help=JOBS_HELP)
     s.set_defaults(fn=_crossval)
 
     s = sub.add_parser("evaluate", help="score runs on the test split: per method × inference sensor, mean ± std over seeds")

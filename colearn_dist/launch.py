@@ -118,9 +118,12 @@ def init_distributed() -> ProcessInfo:
     return info
 
 
-def launch_local(nproc: int, argv: list[str]) -> int:
-    """Run `colearn-dist <argv>` in `nproc` local processes through torchrun; returns its exit code."""
-    cmd = [
+def cli_command(argv: list[str], nproc: int | None = None) -> list[str]:
+    """The command line of `colearn-dist <argv>` in this interpreter; through torchrun with `nproc`
+    local processes if `nproc` is given."""
+    if nproc is None:
+        return [sys.executable, "-m", "colearn_dist.cli", *argv]
+    return [
         sys.executable,
         "-m",
         "torch.distributed.run",
@@ -131,4 +134,8 @@ def launch_local(nproc: int, argv: list[str]) -> int:
         "colearn_dist.cli",
         *argv,
     ]
-    return subprocess.call(cmd)
+
+
+def launch_local(nproc: int, argv: list[str]) -> int:
+    """Run `colearn-dist <argv>` in `nproc` local processes through torchrun; returns its exit code."""
+    return subprocess.call(cli_command(argv, nproc))

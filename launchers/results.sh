@@ -4,8 +4,9 @@
 # calendar (MDiCo, the single-sensor model, fine-tuned Presto per sensor), the same with calendar +
 # location (MDiCo, single), and the paper's S1 + S2 setting (MDiCo; its single-sensor rows are those
 # of the first table). The reference column is the month + sensor random forest of
-# benchmarks/bench_rf.py (colearn_dist/configs/reference.yaml). One core per dataset:
-#   bash launchers/results.sh fuel_moisture & bash launchers/results.sh algae_blooms; wait
+# benchmarks/bench_rf.py (colearn_dist/configs/reference.yaml). Runs train JOBS at a time (default:
+# one per core, each pinned to its core):
+#   bash launchers/results.sh fuel_moisture; bash launchers/results.sh algae_blooms
 # The cross-validated tables: launchers/crossval.sh.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -14,7 +15,7 @@ export OMP_NUM_THREADS=1
 [ -d "archives/$name.zarr" ] || colearn-dist import presto "$name" "archives/$name.zarr"
 [ -f "shards/$name/manifest.json" ] || colearn-dist shard "archives/$name.zarr" "shards/$name" --samples-per-shard 256 --workers 1
 ref=colearn_dist/configs/reference.yaml
-sweep() { colearn-dist sweep "$@" --seeds 0 1 2 --set train.threads=1 --reference "$ref"; }
+sweep() { colearn-dist sweep "$@" --seeds 0 1 2 --jobs "${JOBS:-$(nproc)}" --reference "$ref"; }
 sweep "colearn_dist/configs/$name.yaml" --methods mdico,single,presto --root "runs/results/$name"
 sweep "colearn_dist/configs/$name.yaml" --methods mdico,single --set "model.context=[calendar, location]" --root "runs/results/${name}_location"
 sweep "colearn_dist/configs/${name}_s1s2.yaml" --methods mdico --root "runs/results/${name}_s1s2"

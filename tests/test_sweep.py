@@ -43,3 +43,61 @@ def test_sweep_trains_and_scores_the_baselines(tiny_shards, tmp_path, capsys):
     assert "| dropout | distill | fusion |" in table  # the methods are the columns; rows s1, s2, all
     assert "| s1 |" in table and "| all |" in table
     assert (tmp_path / "results" / "results_test.csv").exists()
+
+
+def test_core_slots_split_the_cores_without_overlap():
+    from colearn_dist.sweep import core_slots
+
+    assert core_slots(2, cores=[0, 1, 2, 3, 4]) == [{0, 1}, {2, 3}]  # the fifth core stays idle
+    assert core_slots(2, nproc=2, cores=[4, 5, 6, 7]) == [{4, 5}, {6, 7}]
+    with pytest.raises(ValueError, match=r"--jobs 3 × --nproc 1 needs 3 cores; this process may use 2"):
+        core_slots(3, cores=[0, 1])
+
+
+def test_parallel_sweep_waits_for_the_teacher_and_pins_each_run(tiny_shards, tmp_path, capsys):
+    import os
+
+    from colearn_dist.sweep import plan_sweep, run_sweep
+
+    from helpers import write_config
+
+    cores = sorted(os.sched_getaffinity(0))
+    if len(cores) < 2:
+        pytest.skip("needs 2 cores")
+    cfg = write_config(tmp_path / "c.yaml", tiny_shards, tmp_path / "unused", data={"modalities": ["s1", "s2"]}, train={"epochs": 1})
+    runs = plan_sweep(cfg, ["distill", "fusion"], [0], root=tmp_path / "runs")
+    assert run_sweep(runs, out=tmp_path / "results", jobs=2) == 0
+    out = capsys.readouterr().out
+    lines = out.splitlines()
+    teacher_done = next(i for i, line in enumerate(lines) if "fusion/seed0: finished" in line)
+    students = [i for i, line in enumerate(lines) if "distill-s" in line and "started on cores" in line]
+    assert len(students) == 2 and min(students) > teacher_done  # a free slot does not start a student early
+    for run in runs:
+        assert (run.run_dir / "metrics_test.json").exists() and (run.run_dir / "console.log").stat().st_size > 0
+        # pinned to one core of its own: the run sized its torch threads from that core
+        assert "1 thread(s)/rank" in (run.run_dir / "train.log").read_text()
+    assert "| distill | fusion |" in out
+    # finished runs are skipped the next time
+    assert run_sweep(runs, out=tmp_path / "results", jobs=2) == 0
+    assert "3 of 3 runs done already; 0 to train" in capsys.readouterr().out
+
+
+def test_parallel_sweep_reports_a_failed_run_and_skips_its_students(tiny_shards, tmp_path, monkeypatch, capsys):
+    import sys
+
+    import colearn_dist.sweep as sweep
+
+    from helpers import write_config
+
+    cfg = write_config(tmp_path / "c.yaml", tiny_shards, tmp_path / "unused", data={"modalities": ["s1", "s2"]})
+    runs = sweep.plan_sweep(cfg, ["distill", "fusion"], [0], root=tmp_path / "runs")
+    monkeypatch.setattr(sweep, "core_slots", lambda jobs, nproc=1: [{0}, {0}])
+    monkeypatch.setattr(sweep, "cli_command", lambda argv, nproc=None: [sys.executable, "-c", "import sys; print('boom'); sys.exit(2)"])
+    assert sweep.run_sweep(runs, jobs=2) == 3
+    err = capsys.readouterr().err
+    teacher = runs[0].run_dir
+    assert f"{teacher}: FAILED (exit code 2)" in err and (teacher / "console.log").read_text() == "boom\n"
+    for student in runs[1:]:
+        assert f"{student.run_dir}: not trained, its teacher {teacher} failed" in err
+        assert not (student.run_dir / "console.log").exists()
+    assert "3 run(s) failed, nothing evaluated" in err
