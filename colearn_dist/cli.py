@@ -314,7 +314,7 @@ def _status(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    return demo(datasets=args.datasets.split(","), seeds=args.seeds, methods=args.methods.split(","), quick=args.quick)
+    return demo(datasets=args.datasets.split(","), seeds=args.seeds, methods=args.methods.split(","), quick=args.quick, jobs=args.jobs)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -540,6 +540,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--methods", default="mdico,single,presto", help="the README's table (add fusion,dropout,distill for every baseline)")
     s.add_argument("--seeds", type=int, nargs="+", default=[0])
     s.add_argument("--quick", action="store_true", help="few epochs: checks the pipeline, not the science")
+    s.add_argument("--jobs", type=int, default=1, help=JOBS_HELP)
     s.set_defaults(fn=_demo)
     return p
 

@@ -207,8 +207,9 @@ def load_reference(path: str | None) -> dict[str, dict[str, float]] | None:
     return {str(k): {str(s): float(v) for s, v in d.items()} for k, d in (data or {}).items()}
 
 
-def demo(datasets: list[str], seeds: list[int], methods: list[str], quick: bool = False) -> int:
-    """The main job on the bundled data: import → shard → train every method → evaluate → print the table."""
+def demo(datasets: list[str], seeds: list[int], methods: list[str], quick: bool = False, jobs: int = 1) -> int:
+    """The main job on the bundled data: import → shard → train every method (`jobs` runs at once, see
+    `run_parallel`) → evaluate → print the table."""
     from .importers.presto import BUNDLED, import_presto
 
     configs = CONFIGS
@@ -227,7 +228,7 @@ def demo(datasets: list[str], seeds: list[int], methods: list[str], quick: bool 
             overrides += ["train.epochs=3", "train.patience=0"]
         root = Path("runs") / ("demo-quick" if quick else "demo") / name
         runs = plan_sweep(configs / f"{name}.yaml", methods, seeds, overrides, root)
-        code = run_sweep(runs, out=root / "results", reference=str(configs / "reference.yaml"))
+        code = run_sweep(runs, out=root / "results", reference=str(configs / "reference.yaml"), jobs=jobs)
         if code:
             return code
     return 0

@@ -101,3 +101,15 @@ def test_parallel_sweep_reports_a_failed_run_and_skips_its_students(tiny_shards,
         assert f"{student.run_dir}: not trained, its teacher {teacher} failed" in err
         assert not (student.run_dir / "console.log").exists()
     assert "3 run(s) failed, nothing evaluated" in err
+
+
+def test_demo_passes_jobs_to_the_sweep(tmp_path, monkeypatch):
+    import colearn_dist.sweep as sweep
+
+    calls: list = []
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sweep, "run_sweep", lambda runs, **kw: calls.append((runs, kw)) or 0)
+    assert sweep.demo(["algae_blooms"], seeds=[0], methods=["mdico"], jobs=2) == 0
+    [(runs, kw)] = calls
+    assert kw["jobs"] == 2 and [r.method for r in runs] == ["mdico"]
+    assert (tmp_path / "shards" / "algae_blooms" / "manifest.json").exists()
