@@ -24,7 +24,7 @@ from colearn_dist.encoders import (
     month_encoding,
 )
 from colearn_dist.manifest import Modality, modality_inputs
-from colearn_dist.tempcnn_bank import LinearBank, TempCNNBank, batch_norm_stacked, fast_dropout
+from colearn_dist.tempcnn_bank import LinearBank, TempCNNBank, _dropout_mask, batch_norm_stacked, fast_dropout, norm_relu_dropout
 
 torch.set_num_threads(1)
 
@@ -376,3 +376,46 @@ def test_linear_bank_loads_the_module_dict_it_replaced(norm):
     broken = {k: v for k, v in old.state_dict().items() if k != "b.0.bias"}
     with pytest.raises(RuntimeError, match="b.0.weight"):  # incomplete: strict loading names the leftovers
         LinearBank(bank.names, bank.sizes, norm=norm).load_state_dict(broken)
+
+
+@pytest.mark.parametrize("p", [0.0, 0.2])
+def test_norm_relu_dropout_is_the_composed_ops_in_one_node(p):
+    """The fused BatchNorm + ReLU + dropout: the same output, running statistics and gradients as
+    fast_dropout(relu(batch_norm_stacked(...))) with the same random draws, as one autograd node."""
+    torch.manual_seed(0)
+    x = torch.randn(3, 40, 8, dtype=torch.float64, requires_grad=True)
+    w = (torch.rand(3, 8, dtype=torch.float64) + 0.5).requires_grad_()
+    b = torch.randn(3, 8, dtype=torch.float64).requires_grad_()
+    rm, rv = torch.randn(3, 8, dtype=torch.float64), torch.rand(3, 8, dtype=torch.float64) + 0.5
+    grad = torch.randn(3, 40, 8, dtype=torch.float64)
+    torch.manual_seed(5)
+    out, mean, var = norm_relu_dropout(x, w, b, rm, rv, True, 0.1, 1e-5, p)
+    assert type(out.grad_fn).__name__ == "_NormReluDropoutBackward"
+    fused = torch.autograd.grad(out, (x, w, b), grad)
+    torch.manual_seed(5)
+    ref, ref_mean, ref_var = batch_norm_stacked(x, w, b, rm, rv, True, 0.1, 1e-5)
+    ref = fast_dropout(F.relu(ref), p, True)
+    composed = torch.autograd.grad(ref, (x, w, b), grad)
+    assert (out == 0).any() and torch.allclose(out, ref, atol=1e-12)
+    assert torch.allclose(mean, ref_mean, atol=1e-12) and torch.allclose(var, ref_var, atol=1e-12)
+    for a, c in zip(fused, composed):
+        assert torch.allclose(a, c, atol=1e-12)
+    # evaluation: the running statistics, nothing updated
+    out, mean, var = norm_relu_dropout(x, w, b, rm, rv, False, 0.1, 1e-5, p)
+    assert mean is None and var is None
+    assert torch.allclose(out, F.relu(batch_norm_stacked(x, w, b, rm, rv, False, 0.1, 1e-5)[0]))
+
+
+def test_dropout_mask_is_the_threshold_of_16_bit_lanes():
+    """The mask keeps exactly the elements whose 16-bit random lane is at or above p·65536 − 32768."""
+    x = torch.empty(300, 70)
+    for p in (0.01, 0.2, 0.99):
+        torch.manual_seed(3)
+        mask = _dropout_mask(x, p)
+        torch.manual_seed(3)
+        bits = torch.randint(-(2**63), 2**63 - 1, ((x.numel() + 3) // 4,), dtype=torch.int64)
+        lanes = bits.view(torch.int16)[: x.numel()].view(x.shape)
+        keep = lanes >= int(round(p * 65536)) - 32768
+        assert torch.equal(mask, keep.float() / (1 - p))
+        torch.manual_seed(3)
+        assert _dropout_mask(x.bfloat16(), p).eq(0).equal(~keep)  # bf16 cannot hold int16 lanes: cast after
