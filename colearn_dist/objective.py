@@ -229,34 +229,36 @@ def _require(out: Mapping[str, Any], key: str, modality: str) -> Tensor:
         raise KeyError(f"model output {key!r} has no entry for modality {modality!r}") from exc
 
 
-def _modality_terms(out: Mapping[str, Any], mods: list[str], n: int, count: Tensor) -> dict[str, Tensor]:
-    """mod_spe/<m> and mod_second/<m>: cross-entropy of both modality classifiers (target: m's index),
-    all 2·M classifiers in one call, in rank-contribution form over the global sample count."""
+def _modality_terms(out: Mapping[str, Any], mods: list[str], n: int, count: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+    """L_mod, the mean cross-entropy of both modality classifiers of every modality (target: m's
+    index), all 2·M classifiers in one call, in rank-contribution form over the global sample count;
+    and each classifier's term `mod_spe/<m>`, `mod_second/<m>` (detached, for the logs)."""
     classifiers = [(key, i, m) for key in ("mod_spe", "mod_second") for i, m in enumerate(mods)]
     logits = torch.stack([_upcast(_require(out, key, m)) for key, _, m in classifiers])  # [2M, n, M]
     cls = torch.tensor([i for _, i, _ in classifiers], device=logits.device).repeat_interleave(n)
-    ce = F.cross_entropy(logits.flatten(0, 1), cls, reduction="none").view(len(classifiers), n).sum(dim=1)
-    return {f"{key}/{m}": value for (key, _, m), value in zip(classifiers, ce / count.to(ce.dtype))}
+    ce = F.cross_entropy(logits.flatten(0, 1), cls, reduction="none").view(len(classifiers), n).sum(dim=1) / count.to(logits.dtype)
+    return ce.mean(), {f"{key}/{m}": value for (key, _, m), value in zip(classifiers, ce.detach())}
 
 
-def _mean_modality_term(terms: Mapping[str, Tensor], mods: list[str]) -> Tensor:
-    total = sum(terms[f"mod_spe/{m}"] + terms[f"mod_second/{m}"] for m in mods)
-    return cast(Tensor, total) / (2 * len(mods))
-
-
-def _contrastive_terms(out: Mapping[str, Any], mods: list[str], pairs: list[tuple[str, str]], temperature: float) -> dict[str, Tensor]:
-    """con/<a>-<b>: symmetric NT-Xent between z_sha of a and b over the global batch; every modality in
-    one gather, every ordered pair in one similarity tensor."""
+def _contrastive(
+    out: Mapping[str, Any], mods: list[str], pairs: list[tuple[str, str]], temperature: float, mode: str
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """L_con, the symmetric NT-Xent between z_sha of every pair of modalities over the global batch,
+    combined as `mode` says; and each pair's term `con/<a>-<b>` (detached, for the logs). Every
+    modality in one gather, every ordered pair in one similarity tensor, the pairs summed in one
+    reduction (not a select and an add per pair, each with its own backward)."""
     local = F.normalize(torch.stack([_upcast(_require(out, "z_sha", m)) for m in mods], dim=1), dim=2)
     gathered, offset = gather_with_grad(local)
     sums = _pairwise_nt_xent_sums(local.transpose(0, 1), gathered.transpose(0, 1), offset, temperature)
+    scale = 1.0 / (2 * gathered.shape[0])
+    # Σ over pairs {a, b} of (sums[a, b] + sums[b, a]) · scale: every entry but the diagonal
+    diagonal = torch.eye(len(mods), dtype=torch.bool, device=sums.device)
+    con_sum = sums.masked_fill(diagonal, 0.0).sum() * scale
+    with torch.no_grad():
+        per_pair = (sums + sums.T) * scale
     index = {m: i for i, m in enumerate(mods)}
-    return {f"con/{a}-{b}": (sums[index[a], index[b]] + sums[index[b], index[a]]) / (2 * gathered.shape[0]) for a, b in pairs}
-
-
-def _combined_contrastive(terms: Mapping[str, Tensor], pairs: list[tuple[str, str]], mode: str) -> Tensor:
-    con_sum = cast(Tensor, sum(terms[f"con/{a}-{b}"] for a, b in pairs))
-    return {"reference": 2.0, "sum": 1.0}.get(mode, 1.0 / len(pairs)) * con_sum
+    logs = {f"con/{a}-{b}": per_pair[index[a], index[b]] for a, b in pairs}
+    return {"reference": 2.0, "sum": 1.0}.get(mode, 1.0 / len(pairs)) * con_sum, logs
 
 
 def _check_pairs_mode(cfg: ObjectiveConfig) -> None:
@@ -294,26 +296,21 @@ class MDiCoObjective:
         n = target.shape[0]
         weights = spec.sample_weights(target)
         count, weight_sum = _global_normalisers(n, weights)
-        terms: dict[str, Tensor] = {}
 
         # All task heads in one loss call, all modality classifiers in another (few kernels, not 5·M).
         heads = [(key, m) for key in ("pred", "aux_spe", "aux_sha") for m in mods]
         preds = torch.stack([_upcast(_require(out, key, m)) for key, m in heads])  # [3M, n, out]
         losses = spec.sample_losses(preds.flatten(0, 1), target.repeat(len(heads), *([1] * (target.dim() - 1))))
         task = (losses.view(len(heads), n) * weights).sum(dim=1) / weight_sum.to(losses.dtype)
-        for (key, m), value in zip(heads, task):
-            terms[f"{'main' if key == 'pred' else key}/{m}"] = value
-        terms.update(_modality_terms(out, mods, n, count))
-        terms.update(_contrastive_terms(out, mods, self.pairs, cfg.temperature))
-
         num_m = len(mods)
-        main = cast(Tensor, sum(terms[f"main/{m}"] for m in mods)) / num_m
-        aux = cast(Tensor, sum(terms[f"aux_spe/{m}"] + terms[f"aux_sha/{m}"] for m in mods)) / (2 * num_m)
-        mod = _mean_modality_term(terms, mods)
-        con = _combined_contrastive(terms, self.pairs, cfg.contrastive_pairs)
+        main, aux = task[:num_m].mean(), task[num_m:].mean()  # main/<m>, then aux_spe/<m> and aux_sha/<m>
+        mod, mod_logs = _modality_terms(out, mods, n, count)
+        con, con_logs = _contrastive(out, mods, self.pairs, cfg.temperature, cfg.contrastive_pairs)
         total = cfg.main * main + cfg.aux * aux + cfg.con * con + cfg.mod * mod
 
-        logs = {k: v.detach() for k, v in terms.items()}
+        logs = {f"{'main' if key == 'pred' else key}/{m}": value for (key, m), value in zip(heads, task.detach())}
+        logs.update(mod_logs)
+        logs.update(con_logs)
         logs.update(main=main.detach(), aux=aux.detach(), con=con.detach(), mod=mod.detach(), loss=total.detach())
         return total * world_size(), logs
 
@@ -342,12 +339,10 @@ class PretrainObjective:
         n = z0.shape[0]
         count, _ = _global_normalisers(n, torch.ones(n, device=z0.device))
         terms: dict[str, Tensor] = {}
-        terms.update(_modality_terms(out, mods, n, count))
-        terms.update(_contrastive_terms(out, mods, self.pairs, cfg.temperature))
-        mod = _mean_modality_term(terms, mods)
-        con = _combined_contrastive(terms, self.pairs, cfg.contrastive_pairs)
+        mod, mod_logs = _modality_terms(out, mods, n, count)
+        con, con_logs = _contrastive(out, mods, self.pairs, cfg.temperature, cfg.contrastive_pairs)
         total = cfg.con * con + cfg.mod * mod
-        logs: dict[str, Tensor] = {}
+        logs: dict[str, Tensor] = {**mod_logs, **con_logs}
         if cfg.masked > 0:
             if "z_sha_pred" not in out:
                 raise KeyError("objective.masked > 0 needs the model's predictor head (model output 'z_sha_pred')")
