@@ -125,6 +125,13 @@ class _NormReluDropout(torch.autograd.Function):
         return grad_x, grad_w, grad_b, None, None
 
 
+def fused_norm_applies() -> bool:
+    """Whether `norm_relu_dropout` runs the fused node: not across ranks (the composed ops hold the
+    global batch's statistics) and not under torch.compile, which fuses the composed ops itself and
+    whose speed-up was measured with them (README, Speed: the traced node was no faster)."""
+    return not global_batch_stats() and not torch.compiler.is_compiling()
+
+
 def norm_relu_dropout(
     x: Tensor,
     weight: Tensor,
@@ -137,10 +144,8 @@ def norm_relu_dropout(
     p: float,
 ) -> tuple[Tensor, Tensor | None, Tensor | None]:
     """`fast_dropout(relu(batch_norm_stacked(...)), p)`, same values and gradients, fewer passes: the
-    fused `_NormReluDropout` when the batch statistics are this process's (across ranks the composed
-    ops, whose statistics are the global batch's). torch.compile traces the fused function as well,
-    so a compiled step rounds as the eager one does (the compile test compares their training)."""
-    if not training or p >= 1.0 or global_batch_stats():
+    fused `_NormReluDropout` where `fused_norm_applies()`, else the composed ops."""
+    if not training or p >= 1.0 or not fused_norm_applies():
         out, new_mean, new_var = batch_norm_stacked(x, weight, bias, running_mean, running_var, training, momentum, eps)
         return fast_dropout(F.relu(out), p, training), new_mean, new_var
     out, mean, unbiased = _NormReluDropout.apply(x, weight, bias, eps, max(p, 0.0))

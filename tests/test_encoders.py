@@ -419,3 +419,20 @@ def test_dropout_mask_is_the_threshold_of_16_bit_lanes():
         assert torch.equal(mask, keep.float() / (1 - p))
         torch.manual_seed(3)
         assert _dropout_mask(x.bfloat16(), p).eq(0).equal(~keep)  # bf16 cannot hold int16 lanes: cast after
+
+
+def test_fused_norm_only_in_one_process_eager(monkeypatch):
+    """The fused node runs eagerly in one process; across ranks (global batch statistics) and under
+    torch.compile the composed ops run."""
+    import colearn_dist.tempcnn_bank as tempcnn_bank
+
+    x, w, b = torch.randn(2, 6, 3, requires_grad=True), torch.ones(2, 3), torch.zeros(2, 3)
+    stats = (torch.zeros(2, 3), torch.ones(2, 3))
+    out, _, _ = norm_relu_dropout(x, w, b, *stats, True, 0.1, 1e-5, 0.0)
+    assert type(out.grad_fn).__name__ == "_NormReluDropoutBackward"
+    monkeypatch.setattr(tempcnn_bank, "global_batch_stats", lambda: True)
+    out, _, _ = norm_relu_dropout(x, w, b, *stats, True, 0.1, 1e-5, 0.0)
+    assert type(out.grad_fn).__name__ != "_NormReluDropoutBackward"
+    monkeypatch.undo()
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    assert not tempcnn_bank.fused_norm_applies()
