@@ -437,8 +437,9 @@ class Trainer:
         self._steps_here += 1
         if self._stop_after and self._steps_here >= self._stop_after:
             self.stop.flag = True
-        flag = torch.tensor([1.0 if self.stop.flag else 0.0])
-        return bool(all_reduce_sum(flag).item() > 0) if self.world > 1 else self.stop.flag
+        if self.world == 1:
+            return self.stop.flag
+        return self.stop.agree(all_reduce_sum(torch.tensor(self.stop.votes())).tolist())
 
     def fit(self) -> dict[str, Any]:
         """Train to the end (or until stopped by a signal: then checkpoint and return status 'stopped')."""

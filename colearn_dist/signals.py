@@ -58,6 +58,23 @@ class StopRequested:
         if self.signal is None:
             self.signal = signum
 
+    def votes(self) -> list[float]:
+        """This rank's stop flag and first signal (one-hot over STOP_SIGNALS), to sum over ranks."""
+        return [float(self.flag), *(float(self.signal == sig) for sig in STOP_SIGNALS)]
+
+    def agree(self, summed: list[float]) -> bool:
+        """Adopt the stop of all ranks from their summed `votes`: Slurm signals a job's tasks one
+        node after another, so a rank can learn of the stop from another before its own signal
+        arrives (seen: rank 0 stopped with no signal, read it as a time limit and requeued a job
+        `scancel` had just cancelled). A time-limit warning on any rank names the stop, as it does
+        on one; then SIGTERM; no signal anywhere stays None (COLEARN_STOP_AFTER_STEPS)."""
+        if summed[0] <= 0:
+            return False
+        self.flag = True
+        counts = dict(zip(STOP_SIGNALS, summed[1:]))
+        self.signal = next((int(sig) for sig in (*WARNING_SIGNALS, signal.SIGTERM) if counts[sig] > 0), None)
+        return True
+
 
 def ignore_from_now() -> None:
     """Ignore stop signals once the run is saved and the process only has to exit: Python gives the

@@ -7,6 +7,8 @@ import os
 import signal
 import subprocess
 import sys
+from pathlib import Path
+from types import SimpleNamespace
 
 from colearn_dist.signals import STOP_SIGNALS, StopRequested, catch_early
 
@@ -33,6 +35,48 @@ def test_the_first_signal_names_the_stop():
     stop._handle(signal.SIGUSR2, None)
     stop._handle(signal.SIGTERM, None)  # Slurm's SIGTERM at the time limit after its warning
     assert stop.flag and stop.signal == signal.SIGUSR2
+
+
+def test_ranks_agree_on_the_signal_that_names_the_stop():
+    def summed(*ranks: StopRequested) -> list[float]:
+        return [sum(v) for v in zip(*(r.votes() for r in ranks))]
+
+    quiet, term, warned, drill = StopRequested(), StopRequested(), StopRequested(), StopRequested()
+    term._handle(signal.SIGTERM, None)
+    warned._handle(signal.SIGUSR2, None)
+    drill.flag = True  # COLEARN_STOP_AFTER_STEPS: a stop with no signal
+    assert not StopRequested().agree(summed(quiet, StopRequested())) and not quiet.flag
+    assert quiet.agree(summed(quiet, term)) and (quiet.flag, quiet.signal) == (True, signal.SIGTERM)
+    assert term.agree(summed(term, warned)) and term.signal == signal.SIGUSR2  # a warning anywhere names it
+    assert drill.agree(summed(drill, StopRequested())) and drill.signal is None
+
+
+def _agree_worker(rank: int, port: int, out_dir: str) -> None:
+    import torch.distributed as dist
+
+    from colearn_dist.engine import Trainer
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        trainer = SimpleNamespace(stop=StopRequested(), world=2, _stop_after=0, _steps_here=0)
+        first = Trainer._stop_agreed(trainer)  # nobody signalled yet
+        if rank == 1:
+            trainer.stop._handle(signal.SIGTERM, None)  # scancel's SIGTERM reached this node first
+        second = Trainer._stop_agreed(trainer)
+        Path(out_dir, f"r{rank}").write_text(f"{first} {second} {trainer.stop.signal}")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_rank_told_of_the_stop_by_another_stops_for_the_same_signal(tmp_path):
+    """Rank 0 learning of scancel's SIGTERM from rank 1 must not stop as for a time limit (signal None)."""
+    import torch.multiprocessing as mp
+
+    from colearn_dist.launch import free_port
+
+    mp.spawn(_agree_worker, args=(free_port(), str(tmp_path)), nprocs=2, join=True)
+    expected = f"False True {int(signal.SIGTERM)}"
+    assert [(tmp_path / f"r{r}").read_text() for r in (0, 1)] == [expected, expected]
 
 
 def test_an_early_signal_stops_training_at_its_first_step_with_a_checkpoint(run_shards, tmp_path):
