@@ -238,6 +238,10 @@ class Trainer:
         # this process: a deterministic stand-in for a time limit, for tests and drills.
         self._stop_after = int(os.environ.get("COLEARN_STOP_AFTER_STEPS", "0"))
         self._steps_here = 0
+        # COLEARN_STEP_DELAY_S=s sleeps s seconds at every step boundary: a run lasts long enough to
+        # be interrupted mid-way on any machine (the tests that preempt or cancel a Slurm job; on a
+        # fast machine their whole run had ended before Slurm's signal arrived).
+        self._step_delay = float(os.environ.get("COLEARN_STEP_DELAY_S", "0"))
         # Gradient norm for the logs where DeepSpeed computes none (a plain fp32 optimizer without
         # ZeRO): measured between backward and step, on logging steps only.
         self._grad_norm_due = False
@@ -437,6 +441,8 @@ class Trainer:
         self._steps_here += 1
         if self._stop_after and self._steps_here >= self._stop_after:
             self.stop.flag = True
+        if self._step_delay:
+            time.sleep(self._step_delay)
         if self.world == 1:
             return self.stop.flag
         return self.stop.agree(all_reduce_sum(torch.tensor(self.stop.votes())).tolist())

@@ -58,7 +58,7 @@ def _agree_worker(rank: int, port: int, out_dir: str) -> None:
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     try:
-        trainer = SimpleNamespace(stop=StopRequested(), world=2, _stop_after=0, _steps_here=0)
+        trainer = SimpleNamespace(stop=StopRequested(), world=2, _stop_after=0, _steps_here=0, _step_delay=0.0)
         first = Trainer._stop_agreed(trainer)  # nobody signalled yet
         if rank == 1:
             trainer.stop._handle(signal.SIGTERM, None)  # scancel's SIGTERM reached this node first
@@ -77,6 +77,18 @@ def test_a_rank_told_of_the_stop_by_another_stops_for_the_same_signal(tmp_path):
     mp.spawn(_agree_worker, args=(free_port(), str(tmp_path)), nprocs=2, join=True)
     expected = f"False True {int(signal.SIGTERM)}"
     assert [(tmp_path / f"r{r}").read_text() for r in (0, 1)] == [expected, expected]
+
+
+def test_step_delay_and_stop_after_drills_act_at_each_step_boundary(monkeypatch):
+    """COLEARN_STEP_DELAY_S slows every step (so a test can interrupt a run on any machine);
+    COLEARN_STOP_AFTER_STEPS stops at its step, with no signal (a time limit's stand-in)."""
+    import colearn_dist.engine as engine
+
+    slept: list[float] = []
+    monkeypatch.setattr(engine.time, "sleep", slept.append)
+    trainer = SimpleNamespace(stop=StopRequested(), world=1, _stop_after=3, _steps_here=0, _step_delay=0.25)
+    assert [engine.Trainer._stop_agreed(trainer) for _ in range(3)] == [False, False, True]
+    assert slept == [0.25] * 3 and trainer.stop.signal is None
 
 
 def test_an_early_signal_stops_training_at_its_first_step_with_a_checkpoint(run_shards, tmp_path):

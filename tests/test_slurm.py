@@ -84,8 +84,8 @@ def release_if_pending(job_id: str) -> None:
         subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], capture_output=True)
 
 
-def submit(cfg: Path, *extra: str) -> list[str]:
-    proc = run_cli(["submit", str(cfg), *extra], stdout=subprocess.PIPE, text=True)
+def submit(cfg: Path, *extra: str, env: dict[str, str] | None = None) -> list[str]:
+    proc = run_cli(["submit", str(cfg), *extra], env, stdout=subprocess.PIPE, text=True)
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode == 0, out
     return [line.split()[1] for line in out.splitlines() if line.startswith("submitted ")]
@@ -121,8 +121,11 @@ def wait_for_checkpoint(run: Path, step: int, timeout: float = 240) -> None:
     wait_for(lambda: latest.exists() and int(latest.read_text()[4:]) >= step, timeout, f"a checkpoint at step ≥ {step}")
 
 
-# 4 epochs of the small model with a checkpoint every 3 steps: long enough to interrupt mid-run.
+# 4 epochs of the small model (32 steps) with a checkpoint every 3 steps, to interrupt mid-run; a
+# test that interrupts it from outside slows its steps (the run trains the same), or on a fast
+# machine all 32 steps end in a second, before Slurm's signal arrives.
 INTERRUPTIBLE = {"epochs": 4, "checkpoint_every_steps": 3}
+SLOW_STEPS = {"COLEARN_STEP_DELAY_S": "0.25"}
 
 
 @pytest.fixture(scope="module")
@@ -281,7 +284,7 @@ def test_two_nodes_one_task_each_train_like_one_node_two_tasks(slurm, shards, re
 @pytest.mark.slurm
 def test_preempted_two_node_job_is_requeued_by_slurm_and_ends_like_an_uninterrupted_run(slurm, shards, reference, tmp_path):
     cfg = write_config(tmp_path / "c.yaml", shards, tmp_path / "run", train=INTERRUPTIBLE, slurm=slurm_sets(1, nodes=2))
-    (job,) = submit(cfg)
+    (job,) = submit(cfg, env=SLOW_STEPS)
     wait_for_checkpoint(tmp_path / "run", 6)
     # A job in the higher-priority partition takes node n2: Slurm (PreemptMode=REQUEUE) sends
     # SIGTERM and requeues ours; every rank checkpoints first, none requeues it a second time.
@@ -301,7 +304,7 @@ def test_preempted_two_node_job_is_requeued_by_slurm_and_ends_like_an_uninterrup
 def test_scancel_ends_the_job_at_a_checkpoint_and_it_resumes_onto_one_node(slurm, shards, reference, tmp_path):
     run = tmp_path / "run"
     cfg = write_config(tmp_path / "c.yaml", shards, run, train=INTERRUPTIBLE, slurm=slurm_sets(1, nodes=2))
-    (job,) = submit(cfg)
+    (job,) = submit(cfg, env=SLOW_STEPS)
     wait_for_checkpoint(run, 6)
     sh("scancel", job)
     wait_for(lambda: job_state(job) not in ("RUNNING", "COMPLETING"), 120, "the cancelled job to end", poll=0.5)
