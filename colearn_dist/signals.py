@@ -14,6 +14,7 @@ from __future__ import annotations
 import signal
 from typing import Any
 
+# In the order that names a stop seen on several ranks (`StopRequested.agree`): a warning, then SIGTERM.
 STOP_SIGNALS = (signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM)
 # Signals that warn of a time limit (or of a preemption, with Slurm's PreemptParameters=send_user_signal).
 WARNING_SIGNALS = (signal.SIGUSR1, signal.SIGUSR2)
@@ -71,8 +72,7 @@ class StopRequested:
         if summed[0] <= 0:
             return False
         self.flag = True
-        counts = dict(zip(STOP_SIGNALS, summed[1:]))
-        self.signal = next((int(sig) for sig in (*WARNING_SIGNALS, signal.SIGTERM) if counts[sig] > 0), None)
+        self.signal = next((int(sig) for sig, count in zip(STOP_SIGNALS, summed[1:]) if count > 0), None)
         return True
 
 
