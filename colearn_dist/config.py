@@ -129,6 +129,11 @@ class ModelConfig:
     # Where the context joins: "input" (concatenated to each step's features; static layers get it
     # flattened) or "output" (a linear map of it added to the encoder's embedding; images always).
     context_join: Literal["input", "output"] = "input"
+    # MDiCo's prediction when every sensor is present: "none" = the mean of the heads P_m (the paper);
+    # "detached" / "trained" = a joint head on every sensor's [z_spe ; z_sha], trained with the task
+    # loss (weight objective.main) on detached embeddings (the per-sensor models are untouched) or
+    # end to end. Per-sensor predictions never use it.
+    joint_head: Literal["none", "detached", "trained"] = "none"
 
     def encoder_for(self, modality: str, role: str | None = None) -> EncoderConfig:
         """The encoder of `modality` (in MDiCo's `role`, "unique" or "common"; None = the baselines')."""
@@ -274,6 +279,7 @@ _HASHED_WHEN_SET: dict[tuple[str, str], Any] = {
     ("model", "freeze_encoders"): False,
     ("model", "context"): None,
     ("model", "context_join"): "input",
+    ("model", "joint_head"): "none",
     ("objective", "masked"): 0.0,
     ("train", "max_steps"): 0,
     ("train", "min_epochs"): 0,

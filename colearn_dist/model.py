@@ -72,7 +72,8 @@ class MDiCo(nn.Module):
     (z_sha), and a head P_m on [z_spe ; z_sha]. Shared by all modalities: an auxiliary head (on z_spe
     and on z_sha alone) and two modality classifiers, on z_spe and on `second_classifier_on`
     ("unused": z_unu, the paper; "shared": z_sha, the public code's behaviour, kept for comparison).
-    Inference with modality m needs only m's input.
+    Inference with modality m needs only m's input. Optional (`model.joint_head`): a joint head on
+    every modality's [z_spe ; z_sha], the prediction when all modalities are present.
 
     TempCNN encoders (unique and common, all modalities) of one shape live in a `TempCNNBank`, the
     per-modality projections and heads in a `LinearBank` each (weights stacked by modality). With
@@ -136,6 +137,8 @@ class MDiCo(nn.Module):
         self.project = LinearBank(self.modalities, [emb, emb // 2], norm=True)
         self.heads = LinearBank(self.modalities, [emb, cfg.head_hidden, out_dim] if cfg.head_hidden > 0 else [emb, out_dim])
         self.aux_head = make_head(self.half, out_dim, cfg.head_hidden)
+        self.joint_detached = cfg.joint_head == "detached"
+        self.joint_head = make_head(len(inputs) * emb, out_dim, cfg.head_hidden) if cfg.joint_head != "none" else None
         self.mod_spe = nn.Linear(self.half, len(inputs))
         self.mod_second = nn.Linear(self.half, len(inputs))
         # Pretraining's masked-sensor term: the other sensors' mean z_sha → this sensor's z_sha.
@@ -205,6 +208,12 @@ class MDiCo(nn.Module):
     def _heads(self, names: list[str], spe: dict[str, Tensor], sha: dict[str, Tensor]) -> dict[str, Tensor]:
         return self._per_modality(self.heads, names, [torch.cat([spe[m], sha[m]], dim=1) for m in names])
 
+    def _joint(self, spe: dict[str, Tensor], sha: dict[str, Tensor]) -> Tensor:
+        """The joint head on every sensor's [z_spe ; z_sha] (all sensors must be present)."""
+        assert self.joint_head is not None
+        z = torch.cat([t for m in self.modalities for t in (spe[m], sha[m])], dim=1)
+        return self.joint_head(z.detach() if self.joint_detached else z)
+
     def _per_modality(self, bank: LinearBank, names: list[str], xs: list[Tensor]) -> dict[str, Tensor]:
         """Modality names[j]'s member of `bank` on xs[j]: one batched computation when fused."""
         members = [self.modalities.index(m) for m in names]
@@ -244,6 +253,8 @@ class MDiCo(nn.Module):
         out["aux_sha"] = dict(zip(names, aux[n:]))
         out["mod_spe"] = dict(zip(names, mod_spe))
         out["mod_second"] = dict(zip(names, mod_second))
+        if self.joint_head is not None and n == len(self.modalities):
+            out["pred_joint"] = {"all": self._joint(spe, sha)}
         if self.predictor is not None and n > 1:
             stacked = torch.stack([sha[m] for m in names])  # [M, B, half]
             others = (stacked.sum(dim=0, keepdim=True) - stacked) / (n - 1)  # leave-one-out means
@@ -257,7 +268,8 @@ class MDiCo(nn.Module):
         modalities: Optional[list[str]] = None,
         latlon: Optional[Tensor] = None,
     ) -> Tensor:
-        """Mean of the heads P_m over `modalities` (default: those in `inputs`): any subset of sensors.
+        """Mean of the heads P_m over `modalities` (default: those in `inputs`): any subset of sensors;
+        the joint head instead when it exists and every sensor is asked for.
         Raw outputs (logits / regression values) are averaged; apply softmax / sigmoid afterwards."""
         names = _present(self.modalities, inputs) if modalities is None else list(modalities)
         _check_known(self.modalities, names)
@@ -265,6 +277,8 @@ class MDiCo(nn.Module):
         if absent or not names:
             raise KeyError(f"predict needs inputs for {absent or 'at least one modality'} (got {list(inputs)})")
         spe, _, sha = self._embed(inputs, names, month, latlon)
+        if self.joint_head is not None and sorted(names) == sorted(self.modalities):
+            return self._joint(spe, sha)
         preds = self._heads(names, spe, sha)
         return torch.stack([preds[m] for m in names]).mean(dim=0)
 

@@ -309,6 +309,10 @@ class MDiCoObjective:
         total = cfg.main * main + cfg.aux * aux + cfg.con * con + cfg.mod * mod
 
         logs = {f"{'main' if key == 'pred' else key}/{m}": value for (key, m), value in zip(heads, task.detach())}
+        if "pred_joint" in out:  # the joint head (model.joint_head), weighed as one more main term
+            joint = _task_contribution(spec, _upcast(out["pred_joint"]["all"]), target, weights, weight_sum)
+            total = total + cfg.main * joint
+            logs["main/joint"] = joint.detach()
         logs.update(mod_logs)
         logs.update(con_logs)
         logs.update(main=main.detach(), aux=aux.detach(), con=con.detach(), mod=mod.detach(), loss=total.detach())

@@ -217,6 +217,19 @@ def test_context_key_absent_is_the_old_behaviour_and_the_old_hash(tmp_path):
     assert load_config(path, ["model.context_join=output"]).hash() != cfg.hash()
 
 
+def test_joint_head_off_keeps_the_old_hash(tmp_path):
+    """Run directories of before `model.joint_head` resume (same hash); setting it is another run."""
+    path = tmp_path / "old.yaml"
+    path.write_text("model: {method: mdico}\n")
+    cfg = load_config(path)
+    assert cfg.model.joint_head == "none"
+    assert load_config(path, ["model.joint_head=none"]).hash() == cfg.hash() == "ecbe68c7bf7f1416"
+    hashes = {load_config(path, [f"model.joint_head={mode}"]).hash() for mode in ("detached", "trained")}
+    assert len(hashes) == 2 and cfg.hash() not in hashes
+    with pytest.raises(ConfigError, match="model.joint_head"):
+        load_config(path, ["model.joint_head=sum"])
+
+
 def test_context_values_are_checked(tmp_path):
     with pytest.raises(ConfigError, match=r"model.context\[0\]: 'weather' is not one of \['calendar', 'location'\]"):
         load_config(CONFIGS / "fuel_moisture.yaml", ["model.context=[weather]"])

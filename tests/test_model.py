@@ -139,6 +139,29 @@ def test_mdico_predict_averages_heads_over_any_subset():
         model.predict(x, modalities=["nope"])
 
 
+@pytest.mark.parametrize("mode", ["detached", "trained"])
+def test_joint_head_predicts_all_sensors_only(mode):
+    """model.joint_head: every sensor present → one head on all [z_spe ; z_sha]; any subset → the
+    mean of the heads as before. "detached" keeps its loss out of the encoders, "trained" does not."""
+    model = mdico(joint_head=mode).eval()
+    x = batch()
+    out = model(x)
+    spe, sha = out["z_spe"], out["z_sha"]
+    expect = model.joint_head(torch.cat([t for m in INPUTS for t in (spe[m], sha[m])], dim=1))
+    assert torch.allclose(out["pred_joint"]["all"], expect, atol=1e-6)
+    assert torch.allclose(model.predict(x), expect, atol=1e-6)
+    assert not torch.allclose(model.predict(x), torch.stack(list(out["pred"].values())).mean(0), atol=1e-3)
+    subset = {m: x[m] for m in ("s1", "s2")}
+    assert "pred_joint" not in model(subset)
+    assert torch.allclose(model.predict(subset), (out["pred"]["s1"] + out["pred"]["s2"]) / 2, atol=1e-5)
+    model.train()
+    model(x)["pred_joint"]["all"].sum().backward()
+    assert model.joint_head[0].weight.grad.abs().sum() > 0
+    reached = [p.grad is not None and p.grad.abs().sum() > 0 for p in model.banks.parameters()]
+    assert any(reached) == (mode == "trained")
+    assert "pred_joint" not in mdico()(x) and mdico().joint_head is None
+
+
 def test_mdico_fused_equals_plain():
     """Same parameters, same outputs, gradients and updated statistics (dropout off: masks differ)."""
     fused = mdico()

@@ -298,6 +298,22 @@ def test_mdico_assembly_by_definition():
     assert loss.requires_grad
 
 
+def test_joint_head_adds_one_main_weighted_task_term():
+    mods = ["s1", "s2", "s3"]
+    cfg = ObjectiveConfig(main=0.7)
+    spec = TaskSpec("regression", 1, target_mean=5.0, target_std=2.0)
+    out, batch = make_outputs(7, spec, mods, seed=4)
+    joint = torch.randn(7, 1, dtype=torch.float64, requires_grad=True)
+    base, _ = MDiCoObjective(cfg, spec, mods)(out, batch)
+    loss, logs = MDiCoObjective(cfg, spec, mods)({**out, "pred_joint": {"all": joint}}, batch)
+    expected = float(SupervisedObjective(spec)({"pred": joint.detach()}, batch)[0])
+    assert math.isclose(float(logs["main/joint"]), expected, rel_tol=1e-10)
+    assert math.isclose(float((loss - base).detach()), 0.7 * expected, rel_tol=1e-10)
+    assert math.isclose(float(logs["loss"]), float(loss.detach()), rel_tol=1e-10)
+    loss.backward()
+    assert joint.grad is not None and joint.grad.abs().sum() > 0
+
+
 @pytest.mark.parametrize("mods", [["s1", "s2"], ["s1", "s2", "s3"]])
 def test_reference_pairs_double_count(mods):
     spec = TaskSpec("regression", 1, target_mean=5.0, target_std=2.0)
