@@ -206,7 +206,7 @@ def engine_round(trainer: Any, reps: int) -> tuple[float, float]:
     return samples / seconds, wait / seconds
 
 
-def profiled(fn: Callable[[], Any], steps: int) -> dict[str, float]:
+def profiled(fn: Callable[[], Any], steps: int) -> dict[str, Any]:
     """torch.profiler over `fn` (one round): per step, the CPU time of all ops, aten calls, and the
     calls of the ops that re-lay out or fill memory."""
     from torch.profiler import ProfilerActivity, profile
@@ -220,6 +220,9 @@ def profiled(fn: Callable[[], Any], steps: int) -> dict[str, float]:
     }
     for op in ("stack", "copy_", "clone", "zeros", "zero_", "fill_", "transpose"):
         out[op] = sum(e.count for e in events if e.key == f"aten::{op}") / steps
+    # where the step goes: the ops with the most self time, "name ms calls" per step
+    top = sorted(events, key=lambda e: e.self_cpu_time_total, reverse=True)[:12]
+    out["top"] = "; ".join(f"{e.key} {e.self_cpu_time_total / 1000 / steps:.2f} ms ×{e.count / steps:.0f}" for e in top)
     return out
 
 
@@ -389,7 +392,9 @@ def main() -> None:
             argv = ["--shards", str(shards), "--mods", mods, "--batch", str(batch), "--rounds", str(args.rounds)]
             if args.profile:
                 for name, row in subprocess_case(argv + ["--profile"]).items():
+                    top = row.pop("top")
                     print(f"profile, batch {batch}, {mods}, {name}: " + ", ".join(f"{k} {v:,.2f}" for k, v in row.items()), flush=True)
+                    print(f"  most self time per step: {top}", flush=True)
                 continue
             r = subprocess_case(argv + (["--compile"] if args.compile else []))
             limit = r["gflops"] * 1e9 / r["flops_per_sample"]
