@@ -269,7 +269,8 @@ def _check_pairs_mode(cfg: ObjectiveConfig) -> None:
 class MDiCoObjective:
     """main·L_main + aux·L_aux + con·L_con + mod·L_mod (Mena et al. 2025).
 
-    * L_main: task loss of each modality's prediction P_m, mean over modalities.
+    * L_main: task loss of each modality's prediction P_m, mean over modalities; with a joint head
+      (`model.joint_head`, output `pred_joint`) its task loss is added with the same weight.
     * L_aux: task loss of the shared auxiliary head on z_spe and on z_sha, mean over the 2·M
       (modality, input) terms — an average rather than a sum so that `aux` weighs the same as `main`.
     * L_con: NT-Xent between z_sha of every unordered modality pair over the global batch, mean over

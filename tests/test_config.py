@@ -217,7 +217,7 @@ def test_context_key_absent_is_the_old_behaviour_and_the_old_hash(tmp_path):
     assert load_config(path, ["model.context_join=output"]).hash() != cfg.hash()
 
 
-def test_joint_head_off_keeps_the_old_hash(tmp_path):
+def test_joint_head_none_keeps_the_old_hash(tmp_path):
     """Run directories of before `model.joint_head` resume (same hash); setting it is another run."""
     path = tmp_path / "old.yaml"
     path.write_text("model: {method: mdico}\n")
