@@ -97,6 +97,9 @@ class EncoderConfig:
     # pooled embedding learns), and the weights file (None = the bundled public Presto weights).
     freeze: bool = False
     weights: str | None = None
+    # presto only: the pretrained backbone learns at train.lr × lr_scale (its new output Linear at
+    # train.lr); below 1 a fine-tuned backbone moves less far from its pretraining.
+    lr_scale: float = 1.0
 
 
 @dataclass
@@ -289,7 +292,7 @@ _HASHED_WHEN_SET: dict[tuple[str, str], Any] = {
 }
 
 ENCODER_ROLES = ("unique", "common")
-_ENCODER_HASHED_WHEN_SET: dict[str, Any] = {"freeze": False, "weights": None}
+_ENCODER_HASHED_WHEN_SET: dict[str, Any] = {"freeze": False, "weights": None, "lr_scale": 1.0}
 
 # How a run executes, not what it computes: never part of the hash.
 _EXECUTION: tuple[tuple[str, str], ...] = (
@@ -425,9 +428,15 @@ def validate(cfg: RunConfig, where: str = "config") -> RunConfig:
     for modality, enc in cfg.model.encoders.items():
         if "/" in modality and modality.split("/", 1)[0] not in ENCODER_ROLES:
             raise ConfigError(f"{where}: model.encoders.{modality}: a key with '/' is <role>/<modality>, role one of {list(ENCODER_ROLES)}")
-        if enc.type != "presto" and (enc.freeze or enc.weights):
-            key = "freeze" if enc.freeze else "weights"
+        if enc.type != "presto" and (enc.freeze or enc.weights or enc.lr_scale != 1.0):
+            key = "freeze" if enc.freeze else "weights" if enc.weights else "lr_scale"
             raise ConfigError(f"{where}: model.encoders.{modality}.{key} applies to type 'presto' only, got type {enc.type!r}")
+        if not 0 < enc.lr_scale < float("inf"):
+            raise ConfigError(f"{where}: model.encoders.{modality}.lr_scale must be a finite number > 0, got {enc.lr_scale}")
+        if enc.freeze and enc.lr_scale != 1.0:
+            raise ConfigError(
+                f"{where}: model.encoders.{modality}: lr_scale {enc.lr_scale} has no effect with freeze: true (a frozen backbone does not learn)"
+            )
     if cfg.train.max_steps < 0:
         raise ConfigError(f"{where}: train.max_steps must be ≥ 0, got {cfg.train.max_steps}")
     if cfg.train.max_steps and cfg.model.method != "pretrain":

@@ -256,7 +256,7 @@ def build_encoder(cfg: EncoderConfig, inp: Modality, out_dim: int, context: Cont
             raise ValueError(f"encoder 'presto' for {inp.name!r} needs the manifest's band stats (modality_inputs(..., stats=...))")
         presto = PrestoEncoder(
             inp.name, inp.kind, inp.bands, out_dim, inp.mean, inp.std,
-            freeze=cfg.freeze, weights=cfg.weights, missing_value=inp.missing_value,
+            freeze=cfg.freeze, weights=cfg.weights, missing_value=inp.missing_value, lr_scale=cfg.lr_scale,
         )  # fmt: skip
         if context is not None and context.kinds:
             return WithContext(presto, context, out_dim, join="output")

@@ -32,6 +32,7 @@ from .logs import RunLogger
 from .manifest import load_manifest
 from .methods import build_objective, method, sensor_sets, set_name
 from .metrics import PRIMARY
+from .model import param_groups
 from .norm import set_batch_stats
 from .runlock import RunLockedError, describe
 from .runs import RunDir, build
@@ -186,7 +187,7 @@ class Trainer:
         # fused: one kernel for all parameters instead of one update per tensor (3 ms a step on CPU
         # for MDiCo with 5 sensors); bf16/fp16 runs keep DeepSpeed's own wrapping on top of it.
         optimizer = torch.optim.Adam(
-            [p for p in self.built.model.parameters() if p.requires_grad],
+            param_groups(self.built.model, cfg.train.lr),
             lr=cfg.train.lr,
             weight_decay=cfg.train.weight_decay,
             fused=True,

@@ -34,6 +34,25 @@ def make_head(in_dim: int, out_dim: int, hidden: int = 0) -> nn.Sequential:
     return nn.Sequential(nn.Linear(in_dim, out_dim))
 
 
+def param_groups(model: nn.Module, lr: float) -> list[dict[str, Any]]:
+    """The optimizer's parameter groups: a module with an `lr_scale` other than 1 (a fine-tuned Presto
+    encoder) puts its pretrained `backbone` in a group at lr × lr_scale; the rest trains at `lr`.
+    One group when nothing is scaled, so optimizer states saved before the option load unchanged."""
+    scaled: dict[float, list[nn.Parameter]] = {}
+    seen: set[int] = set()
+    for module in model.modules():
+        scale = getattr(module, "lr_scale", 1.0)
+        backbone = getattr(module, "backbone", None)
+        if scale == 1.0 or not isinstance(backbone, nn.Module):
+            continue
+        for p in backbone.parameters():
+            if p.requires_grad and id(p) not in seen:
+                seen.add(id(p))
+                scaled.setdefault(float(scale), []).append(p)
+    rest = [p for p in model.parameters() if p.requires_grad and id(p) not in seen]
+    return [{"params": rest, "lr": lr}] + [{"params": ps, "lr": lr * s} for s, ps in sorted(scaled.items())]
+
+
 def _present(modalities: list[str], inputs: dict[str, Tensor]) -> list[str]:
     """The model's modalities found in `inputs`, in model order; other keys are ignored (e.g. a teacher's)."""
     return [m for m in modalities if m in inputs]
@@ -503,4 +522,4 @@ def freeze_encoders(model: nn.Module) -> None:
     raise TypeError(f"cannot freeze the encoders of a {type(model).__name__}")
 
 
-__all__ = ["FusionModel", "MDiCo", "OUTPUT_KEYS", "freeze_encoders", "load_pretrained", "make_head"]
+__all__ = ["FusionModel", "MDiCo", "OUTPUT_KEYS", "freeze_encoders", "load_pretrained", "make_head", "param_groups"]

@@ -297,7 +297,8 @@ class PrestoEncoder(nn.Module):
     [B, out_dim] (a Linear on Presto's pooled 128-d embedding, trained even when `freeze`).
 
     `mean` / `std` are the manifest's per-band statistics the loader z-scored with (None for a
-    categorical modality); `freeze` keeps the pretrained weights fixed (no gradient)."""
+    categorical modality); `freeze` keeps the pretrained weights fixed (no gradient); `lr_scale`
+    multiplies the backbone's learning rate (`param_groups`)."""
 
     scale: Tensor
     offset: Tensor
@@ -316,9 +317,11 @@ class PrestoEncoder(nn.Module):
         freeze: bool = False,
         weights: str | Path | None = None,
         missing_value: Optional[int] = None,
+        lr_scale: float = 1.0,
     ):
         super().__init__()
         self.name, self.kind = name, kind
+        self.lr_scale = lr_scale  # of the backbone's learning rate; read by param_groups
         self.plan = band_plan(name, kind, bands)
         self.categorical = kind == "categorical"
         self.missing_value = -1 if missing_value is None else int(missing_value)

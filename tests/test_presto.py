@@ -196,6 +196,46 @@ def test_config_keys(tmp_path):
     assert load_config(path).hash() == old
     path.write_text(yaml.safe_dump({**base, "model": {"encoders": {"default": {"type": "presto", "freeze": True}}}}))
     assert load_config(path, ["model.encoders.default.freeze=false"]).hash() != load_config(path).hash()
+    path.write_text(yaml.safe_dump({**base, "model": {"encoders": {"default": {"type": "presto"}}}}))
+    presto = load_config(path).hash()
+    assert load_config(path, ["model.encoders.default.lr_scale=1.0"]).hash() == presto
+    assert load_config(path, ["model.encoders.default.lr_scale=0.1"]).hash() != presto
+
+
+@pytest.mark.parametrize(
+    "encoder, message",
+    [
+        ({"type": "tempcnn", "lr_scale": 0.1}, "model.encoders.default.lr_scale applies to type 'presto' only"),
+        ({"type": "presto", "lr_scale": 0.0}, "model.encoders.default.lr_scale must be a finite number > 0, got 0.0"),
+        ({"type": "presto", "lr_scale": -1}, "lr_scale must be a finite number > 0, got -1"),
+        ({"type": "presto", "freeze": True, "lr_scale": 0.1}, "lr_scale 0.1 has no effect with freeze: true"),
+    ],
+)
+def test_lr_scale_errors_name_the_key(tmp_path, encoder, message):
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump({"data": {"modalities": ["s1", "s2"]}, "model": {"encoders": {"default": encoder}}}))
+    with pytest.raises(ConfigError, match=message):
+        load_config(path)
+
+
+def test_param_groups_scale_only_the_pretrained_backbone():
+    """The backbone of a Presto encoder with lr_scale trains at lr × lr_scale; its new output Linear,
+    the other encoders and a frozen backbone are not in that group; each parameter is in one group."""
+    from colearn_dist.model import param_groups
+
+    inp = Modality("s1", "series", 3, 2, bands=("VV", "VH"), mean=(-12.0, -18.0), std=(4.0, 4.0))
+    tuned = build_encoder(EncoderConfig(type="presto", lr_scale=0.1), inp, 8)
+    plain = build_encoder(EncoderConfig(type="presto"), inp, 8)
+    frozen = build_encoder(EncoderConfig(type="presto", freeze=True), inp, 8)
+    model = torch.nn.ModuleDict({"tuned": tuned, "plain": plain, "frozen": frozen})
+    groups = param_groups(model, 1e-3)
+    assert [g["lr"] for g in groups] == [1e-3, pytest.approx(1e-4)]
+    ids = [{id(p) for p in g["params"]} for g in groups]
+    assert ids[1] == {id(p) for p in tuned.backbone.parameters()}
+    trainable = {id(p) for p in model.parameters() if p.requires_grad}
+    assert ids[0] | ids[1] == trainable and not ids[0] & ids[1]
+    assert id(tuned.out.weight) in ids[0] and id(plain.backbone.blocks[0].attn.qkv.weight) in ids[0]
+    assert len(param_groups(torch.nn.ModuleDict({"plain": plain}), 1e-3)) == 1  # old optimizer states load
 
 
 PRESTO_MODALITIES = {
@@ -259,3 +299,29 @@ def test_presto_encoders_train_end_to_end(synthetic_shards, tmp_path, method):
             exported = load_exported(export_sensor(tmp_path / "run", "s1", fmt=fmt))
             got = exported.run(x.numpy(), month.numpy().astype(np.int64))
             assert np.allclose(got, want, atol=1e-4), fmt
+
+
+def test_engine_trains_the_backbone_at_the_scaled_rate(synthetic_shards, tmp_path):
+    """The engine's optimizer honours lr_scale: at lr 1e-2 × 1e-4 the backbone moves by at most one
+    scaled Adam step (≈ 1e-6) per optimizer step; unscaled, each step would move it by ≈ 1e-2."""
+    from colearn_dist.engine import train
+
+    manifest = synthetic_shards(n=64, t=3, groups=8, with_val=True, modalities={"s1": PRESTO_MODALITIES["s1"]}, samples_per_shard=32)
+    cfg = {
+        "run_dir": str(tmp_path / "run"),
+        "data": {"shards": str(manifest.path), "batch_size": 16, "workers": 0, "shuffle_buffer": 32},
+        "model": {"method": "presto", "modality": "s1", "embedding_dim": 16, "encoders": {"default": {"type": "presto", "lr_scale": 1e-4}}},
+        "train": {"epochs": 1, "patience": 0, "threads": 1, "lr": 1e-2, "log_every_steps": 100, "evaluate_test": False},
+    }
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    assert train(load_config(path))["status"] == "finished"
+    state = torch.load(tmp_path / "run" / "best" / "s1.pt", map_location="cpu", weights_only=False)
+    weights = state.get("model", state)
+    steps = manifest.splits["train"]["num_samples"] // 16 + 1
+    moved = {
+        k: (v - encoder_state()[k.split("backbone.", 1)[1]]).abs().max().item()
+        for k, v in weights.items()
+        if "backbone.blocks.0." in k and k.endswith("weight") and v.dim() == 2
+    }
+    assert moved and max(moved.values()) <= steps * 1e-6 * 1.01 and max(moved.values()) > 0, moved
