@@ -421,6 +421,32 @@ def test_dropout_mask_is_the_threshold_of_16_bit_lanes():
         assert _dropout_mask(x.bfloat16(), p).eq(0).equal(~keep)  # bf16 cannot hold int16 lanes: cast after
 
 
+def test_compiled_dropout_mask_is_opaque_with_eager_draws():
+    """Under torch.compile on CPU the mask is one opaque op: no int16 lane enters the traced graph
+    (inductor's CPU kernels reading int16 ran scalar, README: Speed), and inductor draws nothing
+    itself: the masks are eager mode's, the same generator's."""
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    traced: list[torch.fx.GraphModule] = []
+
+    def record(gm: torch.fx.GraphModule, example_inputs: list[torch.Tensor]):
+        traced.append(gm)
+        return gm.forward
+
+    x = torch.ones(40, 30)
+    torch.compile(lambda x: fast_dropout(x, 0.2, True), backend=record, fullgraph=True)(x)
+    values = [n.meta.get("example_value") for gm in traced for n in gm.graph.nodes]
+    assert torch.int16 not in {v.dtype for v in values if isinstance(v, torch.Tensor)}
+    compiled = torch.compile(lambda x: fast_dropout(x, 0.2, True), backend="inductor", dynamic=False)
+    for seed in (5, 6):
+        torch.manual_seed(seed)
+        got = compiled(x)
+        torch.manual_seed(seed)
+        assert torch.equal(got, fast_dropout(x, 0.2, True))
+    torch._dynamo.reset()
+
+
 def test_fused_norm_only_in_one_process_eager(monkeypatch):
     """The fused node runs eagerly in one process; across ranks (global batch statistics) and under
     torch.compile the composed ops run."""
