@@ -72,8 +72,8 @@ def _compiled_dropout_mask(x: Tensor, p: float) -> Tensor:
     """`_draw_dropout_mask` as one opaque op for torch.compile. Traced, its int16 lanes would enter
     inductor's kernels, whose CPU vectoriser has no int16 loads: every kernel reading them (the
     dropout and batch-norm backward) ran scalar. Opaque, the kernels read a float mask, and the
-    draws are eager mode's (same generator, same masks). The compiled step: 1.17–1.62× at batch 32,
-    1.31–1.63× at 256 (README, Speed, round 11)."""
+    draws are eager mode's (same generator, same masks). The compiled plain step: a median 1.20×
+    at batch 32 (10 pairs), 1.31× at 256 (5 pairs; README, Speed, round 11)."""
     return _draw_dropout_mask(x, p)
 
 
@@ -85,7 +85,7 @@ def _(x: Tensor, p: float) -> Tensor:
 def _dropout_mask(x: Tensor, p: float) -> Tensor:
     """`_draw_dropout_mask`; under torch.compile on CPU through the opaque op (GPU kernels load int16)."""
     if torch.compiler.is_compiling() and x.device.type == "cpu":
-        return _compiled_dropout_mask(x.detach(), p)
+        return _compiled_dropout_mask(x.detach(), p)  # x gives the shape only: the op has no gradient
     return _draw_dropout_mask(x, p)
 
 
