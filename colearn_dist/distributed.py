@@ -1,4 +1,5 @@
-"""Rank / world helpers, a gradient-exact all-gather for uneven local batches, and thread budgeting.
+"""Rank / world helpers, a gradient-exact all-gather for uneven local batches, and the process's
+thread and host-memory settings.
 
 Everything here degrades to the identity without `torch.distributed`, so the objective and the
 engine run the same code on 1 process and on N.
@@ -6,6 +7,7 @@ engine run the same code on 1 process and on N.
 
 from __future__ import annotations
 
+import ctypes
 import os
 
 import torch
@@ -169,6 +171,33 @@ def configure_threads(n: int) -> None:
     except RuntimeError:
         # only settable before the first inter-op parallel work; harmless to keep the default then
         pass
+
+
+# glibc's mallopt parameters (malloc.h)
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+_MALLOC_ENV = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_", "MALLOC_MMAP_MAX_")
+
+
+def keep_freed_memory(mmap_threshold: int = 32 << 20, trim_threshold: int = 1 << 30) -> bool:
+    """Make glibc's malloc keep freed blocks for reuse instead of handing them back to the kernel.
+
+    By default glibc serves a block above a moving threshold with its own mmap, unmaps it when it is
+    freed and trims the heap's free top, so a training step that frees and re-allocates the same
+    activations page-faults them in again every step: measured up to 4,800 minor faults and 7 ms of
+    system time per batch-256 MDiCo step on one CPU thread. Blocks up to `mmap_threshold` (32 MiB,
+    glibc's most) then come from the heap, which keeps up to `trim_threshold` free: the process holds
+    its peak working set, as a caching allocator does. Returns whether it took effect: not with
+    another C library, nor where the user set malloc tunables (GLIBC_TUNABLES, MALLOC_*_), which stay
+    in charge.
+    """
+    if any(v in os.environ for v in _MALLOC_ENV) or "glibc.malloc" in os.environ.get("GLIBC_TUNABLES", ""):
+        return False
+    try:
+        libc = ctypes.CDLL(None)
+        libc.gnu_get_libc_version  # noqa: B018 - raises AttributeError off glibc
+    except (OSError, AttributeError):
+        return False
+    return bool(libc.mallopt(_M_MMAP_THRESHOLD, mmap_threshold)) and bool(libc.mallopt(_M_TRIM_THRESHOLD, trim_threshold))
 
 
 def agree_with_rank0(module: torch.nn.Module) -> dict[str, float]:

@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import os
+import platform
+import resource
 import socket
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -81,6 +85,43 @@ def test_configure_threads_sets_torch_and_child_env(monkeypatch):
         assert torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(before)
+
+
+_REALLOC_FAULTS = """
+import ctypes, resource, sys
+from colearn_dist.distributed import keep_freed_memory
+took = keep_freed_memory() if sys.argv[1] == "1" else False
+libc = ctypes.CDLL(None)
+libc.malloc.restype, libc.malloc.argtypes, libc.free.argtypes = ctypes.c_void_p, [ctypes.c_size_t], [ctypes.c_void_p]
+faults = []
+for _ in range(2):  # 64 blocks of 1 MiB, written, freed; then the same again
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    blocks = [libc.malloc(1 << 20) for _ in range(64)]
+    for b in blocks:
+        ctypes.memset(b, 1, 1 << 20)
+    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+    for b in reversed(blocks):
+        libc.free(b)
+print(took, faults[1])
+"""
+
+
+def _realloc_faults(keep: bool, env: dict[str, str] | None = None) -> tuple[str, int]:
+    out = subprocess.run([sys.executable, "-c", _REALLOC_FAULTS, "1" if keep else "0"], capture_output=True, text=True, env=env, check=True)
+    took, faults = out.stdout.split()
+    return took, int(faults)
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc's malloc")
+def test_keep_freed_memory_reuses_freed_blocks_without_page_faults():
+    pages = 64 * (1 << 20) // resource.getpagesize()
+    took, faults = _realloc_faults(keep=True)
+    assert took == "True" and faults < pages // 8  # the freed MiBs come back already mapped
+    _, default = _realloc_faults(keep=False)
+    assert default > pages // 2  # glibc's default maps them afresh: the case the setting is for
+    # a user's own malloc tunables stay in charge
+    took, _ = _realloc_faults(keep=True, env={**os.environ, "MALLOC_TRIM_THRESHOLD_": "131072"})
+    assert took == "False"
 
 
 # ----------------------------------------------------------------------------- 2 processes (gloo)
