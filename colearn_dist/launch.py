@@ -8,6 +8,7 @@ training code path is the same everywhere.
 
 from __future__ import annotations
 
+import atexit
 import os
 import socket
 import subprocess
@@ -115,7 +116,18 @@ def init_distributed() -> ProcessInfo:
         store = tempfile.NamedTemporaryFile(prefix="colearn-pg-", delete=False).name
         torch.distributed.init_process_group(backend, init_method=f"file://{store}", rank=0, world_size=1)
     deepspeed.init_distributed(dist_backend=backend, verbose=False)
+    atexit.unregister(close_distributed)  # one entry however many trainers a process makes
+    atexit.register(close_distributed)
     return info
+
+
+def close_distributed() -> None:
+    """Destroy the process group at a normal exit, while the interpreter is still whole: left to the
+    interpreter's teardown, gloo's worker threads can abort the process after a finished run
+    ("terminate called without an active exception", exit -6: seen on a 2-rank test run here;
+    pytorch/pytorch#190489), which a scheduler reads as a failed job."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 def cli_command(argv: list[str], nproc: int | None = None) -> list[str]:
