@@ -4,8 +4,8 @@ child trains fuel_moisture (the benchmark's config, five sensors) for EP epochs 
 reports its median ms per step over the epochs after the first two, and its minor page faults per
 step; the driver prints both sides per pair and the ratio off / on (> 1: the setting is faster):
 
-    OMP_NUM_THREADS=1 TORCHINDUCTOR_CACHE_DIR=/tmp/ind taskset -c 1 \
-        python docs/results/round12/malloc_ab.py --batch 256 [--compile] --rounds 4
+    OMP_NUM_THREADS=1 TORCHINDUCTOR_CACHE_DIR=/tmp/ind \
+        python docs/results/round12/malloc_ab.py --batch 256 [--compile] --rounds 3
 """
 
 import argparse
