@@ -95,3 +95,20 @@ def test_a_corrupt_shard_is_a_one_line_error(run_shards, tmp_path, capsys):
     err = capsys.readouterr().err
     last = err.strip().splitlines()[-1]
     assert last.startswith("colearn-dist train: error: ") and str(victim) in last and "Traceback" not in err
+
+
+def test_a_torchrun_rank_exits_with_its_code_and_its_output(tmp_path):
+    """A rank (TORCHELASTIC_RUN_ID set) ends without the interpreter's teardown, and loses neither its
+    exit code nor its buffered output (stdout to a pipe is block-buffered)."""
+
+    def run(*args: str, rank: bool) -> subprocess.CompletedProcess[str]:
+        env = {k: v for k, v in os.environ.items() if k not in ("TORCHELASTIC_RUN_ID", "PYTHONUNBUFFERED")}
+        if rank:
+            env["TORCHELASTIC_RUN_ID"] = "test"
+        return subprocess.run([sys.executable, "-m", "colearn_dist.cli", *args], capture_output=True, text=True, env=env, timeout=300)
+
+    for args in (("status", str(tmp_path / "none")), ("train", str(tmp_path / "none.yaml"))):
+        plain, rank = run(*args, rank=False), run(*args, rank=True)
+        assert (rank.returncode, rank.stdout, rank.stderr) == (plain.returncode, plain.stdout, plain.stderr)
+    assert "no checkpoint yet" in run("status", str(tmp_path / "none"), rank=True).stdout
+    assert run("train", str(tmp_path / "none.yaml"), rank=True).returncode == 2
