@@ -122,10 +122,10 @@ def init_distributed() -> ProcessInfo:
 
 
 def close_distributed() -> None:
-    """Destroy the process group at a normal exit, while the interpreter is still whole: left to the
-    interpreter's teardown, gloo's worker threads can abort the process after a finished run
-    ("terminate called without an active exception", exit -6: seen on a 2-rank test run here;
-    pytorch/pytorch#190489), which a scheduler reads as a failed job."""
+    """Destroy the process group at a normal exit, while the interpreter is still whole (what PyTorch
+    asks of a program, pytorch/pytorch#190489). It did not alone stop the teardown abort of finished
+    2-rank runs ("terminate called without an active exception", exit -6: seen again with it in
+    place); torchrun ranks skip the teardown, and with it this handler, through `cli.exit_rank`."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
 

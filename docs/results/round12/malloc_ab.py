@@ -1,6 +1,6 @@
 """Round 12's A/B: the engine with and without `distributed.keep_freed_memory` (glibc's malloc kept
 from handing freed blocks back to the kernel), alternating subprocesses, same code otherwise. Each
-child trains fuel_moisture (the benchmark's config, five sensors) for EP epochs with `Trainer` and
+child trains fuel_moisture (the benchmark's config, five sensors) for `--epochs` epochs with `Trainer` and
 reports its median ms per step over the epochs after the first two, and its minor page faults per
 step; the driver prints both sides per pair and the ratio off / on (> 1: the setting is faster):
 
